@@ -1,0 +1,1 @@
+//! Datasets: sources, subsets, tokenization and packed batches.
