@@ -61,8 +61,12 @@ impl RawTensor {
                 .chunks_exact(8)
                 .map(|c| f64::from_le_bytes(c.try_into().expect("chunk of 8")) as f32)
                 .collect(),
-            DType::F16 => d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            DType::BF16 => d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            DType::F16 => {
+                d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+            }
+            DType::BF16 => {
+                d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+            }
             other => bail!("expected a floating-point tensor, found {other:?}"),
         })
     }
