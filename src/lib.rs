@@ -3,7 +3,10 @@
 //!
 //! Dependency direction: `main -> {study, search, train} -> {model, data} -> {cpu, cuda}`.
 
+pub mod config;
 pub mod cpu;
 pub mod cuda;
 pub mod data;
+pub mod hub;
 pub mod model;
+pub mod train;

@@ -1,1 +1,4 @@
-//! Datasets: sources, subsets, tokenization and packed batches.
+//! Datasets: sources, HF-exact subsets, tokenization and packed batches.
+
+pub mod batch;
+pub mod tokenize;

@@ -1,0 +1,972 @@
+//! The CPU reference of transformers' `BertForSequenceClassification`: forward, backward and loss,
+//! in plain Rust, generic over f32 (training) and f64 (finite-difference checks).
+//!
+//! This file is the model. It is meant to be read in one sitting and is the oracle every GPU kernel
+//! is checked against, so it favours clarity over speed: no processor-specific code, only
+//! multithreaded GEMMs (`real::gemm`) and rayon over rows or (sequence, head) pairs.
+//!
+//! Shapes legend: B = sequences in the batch, N = packed token rows (the sum of the sequences'
+//! lengths), H = hidden size, A = attention heads, D = H/A head size, I = intermediate (FFN) size,
+//! C = labels, V = vocabulary. Matrices are row-major; linear weights are `[out, in]` as in torch.
+//!
+//! **Unpadded execution.** A batch's tokens are packed end to end: sequence `s` owns rows
+//! `start..start+len`. Token-wise ops (embeddings, LayerNorm, linears, GELU) run over real rows
+//! only; attention runs per sequence over its own keys. A padded batch is the special case
+//! `len = padded length`, `valid = real length`: keys past `valid` are masked, exactly as
+//! transformers' additive attention mask does (its `finfo.min` makes their softmax weight 0).
+//!
+//! **The last layer computes only the [CLS] rows** after its key/value projections: the pooler
+//! reads nothing else, so this gives the same logits and gradients as computing every row.
+//!
+//! Dropout sites (for the counter-based generator): 0 = embeddings; for layer l, 1+3l = attention
+//! probabilities, 2+3l = attention output, 3+3l = FFN output; 1+3L = pooled output.
+
+use rayon::prelude::*;
+
+use super::philox::DropoutRng;
+use super::real::{Mat, Real, gemm, gemm_serial_raw};
+use crate::config::BertConfig;
+use crate::model::layout::{LayerParams, ParamLayout};
+
+/// Rows per chunk in the deterministic parallel reductions (bias and LayerNorm gradients):
+/// partial sums are formed per fixed chunk and added in order, so results do not depend on how
+/// rayon schedules the work.
+const REDUCE_CHUNK: usize = 64;
+
+/// One sequence of a packed batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sequence {
+    /// First row of the sequence in the packed token arrays.
+    pub start: usize,
+    /// Rows (positions) the sequence occupies.
+    pub len: usize,
+    /// Leading rows that are real tokens and may be attended to (`len` when unpadded).
+    pub valid: usize,
+}
+
+/// A batch: packed token rows, the sequences over them and one label per sequence.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Batch {
+    pub input_ids: Vec<u32>,
+    pub token_type_ids: Vec<u32>,
+    pub seqs: Vec<Sequence>,
+    pub labels: Vec<usize>,
+}
+
+impl Batch {
+    /// Packs sequences of token ids end to end (token type 0), unpadded.
+    pub fn packed(sequences: &[&[u32]], labels: &[usize]) -> Batch {
+        let mut b = Batch::default();
+        for s in sequences {
+            b.seqs.push(Sequence { start: b.input_ids.len(), len: s.len(), valid: s.len() });
+            b.input_ids.extend_from_slice(s);
+        }
+        b.token_type_ids = vec![0; b.input_ids.len()];
+        b.labels = labels.to_vec();
+        b
+    }
+
+    /// Number of packed rows (N).
+    pub fn rows(&self) -> usize {
+        self.input_ids.len()
+    }
+}
+
+/// Dropout probabilities and the generator for one training forward pass. `None` = eval mode.
+#[derive(Clone, Copy, Debug)]
+pub struct Dropout {
+    pub rng: DropoutRng,
+    pub hidden: f64,
+    pub attention: f64,
+    pub classifier: f64,
+}
+
+impl Dropout {
+    pub fn from_config(c: &BertConfig, rng: DropoutRng) -> Self {
+        Dropout {
+            rng,
+            hidden: c.hidden_dropout_prob,
+            attention: c.attention_probs_dropout_prob,
+            classifier: c.classifier_dropout_prob(),
+        }
+    }
+}
+
+fn apply_dropout<F: Real>(
+    d: Option<&Dropout>,
+    p: impl Fn(&Dropout) -> f64,
+    site: u32,
+    base: usize,
+    x: &mut [F],
+) {
+    if let Some(d) = d {
+        d.rng.apply(p(d), site, base, x);
+    }
+}
+
+fn site_embeddings() -> u32 {
+    0
+}
+fn site_attn_probs(l: usize) -> u32 {
+    1 + 3 * l as u32
+}
+fn site_attn_out(l: usize) -> u32 {
+    2 + 3 * l as u32
+}
+fn site_ffn_out(l: usize) -> u32 {
+    3 + 3 * l as u32
+}
+fn site_pooled(layers: usize) -> u32 {
+    1 + 3 * layers as u32
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear: y = x·Wᵀ + b
+// ---------------------------------------------------------------------------------------------
+
+/// x is (n, k), w is (m, k), b is (m), y is (n, m).
+pub fn linear_forward<F: Real>(x: &[F], w: &[F], b: &[F], n: usize, k: usize, m: usize, y: &mut [F]) {
+    gemm(F::one(), Mat::rm(x, n, k), Mat::rm_t(w, m, k), F::zero(), y, m);
+    y.par_chunks_mut(m).for_each(|row| row.iter_mut().zip(b).for_each(|(v, bb)| *v += *bb));
+}
+
+/// Accumulates dw += dyᵀ·x and db += Σ rows of dy; writes dx = dy·w when asked
+/// (`accumulate_dx` adds instead of overwriting).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward<F: Real>(
+    x: &[F],
+    w: &[F],
+    dy: &[F],
+    n: usize,
+    k: usize,
+    m: usize,
+    dx: Option<(&mut [F], bool)>,
+    dw: &mut [F],
+    db: &mut [F],
+) {
+    gemm(F::one(), Mat::rm_t(dy, n, m), Mat::rm(x, n, k), F::one(), dw, k);
+    add_column_sums(dy, m, db);
+    if let Some((dx, accumulate)) = dx {
+        let beta = if accumulate { F::one() } else { F::zero() };
+        gemm(F::one(), Mat::rm(dy, n, m), Mat::rm(w, m, k), beta, dx, k);
+    }
+}
+
+/// out[j] += Σ_i x[i, j] for x of row width `m`, summed deterministically.
+fn add_column_sums<F: Real>(x: &[F], m: usize, out: &mut [F]) {
+    let partials: Vec<Vec<F>> = x
+        .par_chunks(REDUCE_CHUNK * m)
+        .map(|chunk| {
+            let mut s = vec![F::zero(); m];
+            for row in chunk.chunks_exact(m) {
+                s.iter_mut().zip(row).for_each(|(a, v)| *a += *v);
+            }
+            s
+        })
+        .collect();
+    for p in partials {
+        out.iter_mut().zip(&p).for_each(|(a, v)| *a += *v);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm
+// ---------------------------------------------------------------------------------------------
+
+/// x, y, xhat are (n, h); rstd is (n). y = xhat·γ + β with xhat = (x − mean)·rstd.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_forward<F: Real>(
+    x: &[F],
+    gamma: &[F],
+    beta: &[F],
+    eps: f64,
+    h: usize,
+    y: &mut [F],
+    xhat: &mut [F],
+    rstd: &mut [F],
+) {
+    let hf = F::of(h as f64);
+    y.par_chunks_mut(h).zip(xhat.par_chunks_mut(h)).zip(rstd.par_iter_mut()).zip(x.par_chunks(h)).for_each(
+        |(((y, xh), rs), x)| {
+            let mean = x.iter().copied().sum::<F>() / hf;
+            let var = x.iter().map(|v| (*v - mean) * (*v - mean)).sum::<F>() / hf;
+            *rs = F::one() / (var + F::of(eps)).sqrt();
+            for j in 0..h {
+                xh[j] = (x[j] - mean) * *rs;
+                y[j] = xh[j] * gamma[j] + beta[j];
+            }
+        },
+    );
+}
+
+/// dy, xhat, dx are (n, h): dx = rstd/h · (h·g − Σg − xhat·Σ(g·xhat)) with g = dy·γ;
+/// accumulates dγ += Σ dy·xhat, dβ += Σ dy.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward<F: Real>(
+    dy: &[F],
+    xhat: &[F],
+    rstd: &[F],
+    gamma: &[F],
+    h: usize,
+    dx: &mut [F],
+    dgamma: &mut [F],
+    dbeta: &mut [F],
+) {
+    let hf = F::of(h as f64);
+    dx.par_chunks_mut(h).zip(dy.par_chunks(h)).zip(xhat.par_chunks(h)).zip(rstd.par_iter()).for_each(
+        |(((dx, dy), xh), rs)| {
+            let mut sum_g = F::zero();
+            let mut sum_gx = F::zero();
+            for j in 0..h {
+                let g = dy[j] * gamma[j];
+                sum_g += g;
+                sum_gx += g * xh[j];
+            }
+            for j in 0..h {
+                let g = dy[j] * gamma[j];
+                dx[j] = *rs / hf * (hf * g - sum_g - xh[j] * sum_gx);
+            }
+        },
+    );
+    let partials: Vec<(Vec<F>, Vec<F>)> = dy
+        .par_chunks(REDUCE_CHUNK * h)
+        .zip(xhat.par_chunks(REDUCE_CHUNK * h))
+        .map(|(dy, xh)| {
+            let (mut dg, mut db) = (vec![F::zero(); h], vec![F::zero(); h]);
+            for (dyr, xr) in dy.chunks_exact(h).zip(xh.chunks_exact(h)) {
+                for j in 0..h {
+                    dg[j] += dyr[j] * xr[j];
+                    db[j] += dyr[j];
+                }
+            }
+            (dg, db)
+        })
+        .collect();
+    for (dg, db) in partials {
+        dgamma.iter_mut().zip(&dg).for_each(|(a, v)| *a += *v);
+        dbeta.iter_mut().zip(&db).for_each(|(a, v)| *a += *v);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU (exact, erf-based, as BERT's "gelu")
+// ---------------------------------------------------------------------------------------------
+
+pub fn gelu<F: Real>(x: F) -> F {
+    F::of(0.5) * x * (F::one() + (x * F::of(std::f64::consts::FRAC_1_SQRT_2)).erf())
+}
+
+pub fn gelu_grad<F: Real>(x: F) -> F {
+    let cdf = F::of(0.5) * (F::one() + (x * F::of(std::f64::consts::FRAC_1_SQRT_2)).erf());
+    let pdf = (-F::of(0.5) * x * x).exp() * F::of(1.0 / (2.0 * std::f64::consts::PI).sqrt());
+    cdf + x * pdf
+}
+
+pub fn gelu_forward<F: Real>(x: &[F], y: &mut [F]) {
+    y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(y, x)| {
+        y.iter_mut().zip(x).for_each(|(y, x)| *y = gelu(*x));
+    });
+}
+
+/// dx = dy · gelu'(x) (overwrites dx).
+pub fn gelu_backward<F: Real>(x: &[F], dy: &[F], dx: &mut [F]) {
+    dx.par_chunks_mut(4096).zip(x.par_chunks(4096)).zip(dy.par_chunks(4096)).for_each(|((dx, x), dy)| {
+        for i in 0..dx.len() {
+            dx[i] = dy[i] * gelu_grad(x[i]);
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+// ---------------------------------------------------------------------------------------------
+
+/// Where one sequence's queries and keys live, and where its probabilities are stored.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnSeq {
+    /// First row of the sequence's queries in Q (and of its context rows).
+    pub q_start: usize,
+    pub q_len: usize,
+    /// First row of its keys/values in K and V; `k_len` keys are attended (the valid ones).
+    pub k_start: usize,
+    pub k_len: usize,
+    /// Offset of its `[A, q_len, k_len]` probability block.
+    pub p_offset: usize,
+}
+
+/// Lays out attention blocks for `seqs`; `cls_only` selects one query row per sequence (query
+/// row s in Q) instead of all its rows. Returns the blocks and the total probability count.
+pub fn attention_layout(seqs: &[Sequence], heads: usize, cls_only: bool) -> (Vec<AttnSeq>, usize) {
+    let mut out = Vec::with_capacity(seqs.len());
+    let mut p = 0;
+    for (i, s) in seqs.iter().enumerate() {
+        let (q_start, q_len) = if cls_only { (i, 1) } else { (s.start, s.len) };
+        out.push(AttnSeq { q_start, q_len, k_start: s.start, k_len: s.valid, p_offset: p });
+        p += heads * q_len * s.valid;
+    }
+    (out, p)
+}
+
+#[derive(Clone, Copy)]
+struct SyncPtr<F>(*mut F);
+unsafe impl<F> Send for SyncPtr<F> {}
+unsafe impl<F> Sync for SyncPtr<F> {}
+impl<F> SyncPtr<F> {
+    fn get(self) -> *mut F {
+        self.0
+    }
+}
+
+/// q and ctx are (Nq, H); k and v are (N, H); probs holds each sequence's `[A, q_len, k_len]`
+/// softmax(q·kᵀ/√D) block (before dropout). ctx = dropout(probs)·v per head.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward<F: Real>(
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    seqs: &[AttnSeq],
+    heads: usize,
+    h: usize,
+    probs: &mut [F],
+    ctx: &mut [F],
+    dropout: Option<(&DropoutRng, f64, u32)>,
+) {
+    let d = h / heads;
+    let scale = F::of(1.0 / (d as f64).sqrt());
+    let (pp, cp) = (SyncPtr(probs.as_mut_ptr()), SyncPtr(ctx.as_mut_ptr()));
+    let (plen, clen) = (probs.len(), ctx.len());
+    assert!(seqs.iter().all(|s| s.q_len > 0 && s.k_len > 0), "every sequence needs a query and a key");
+    let work: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|s| (0..heads).map(move |a| (s, a))).collect();
+    work.into_par_iter().for_each(|(s, a)| {
+        let sq = seqs[s];
+        let (lq, lk) = (sq.q_len, sq.k_len);
+        let off = sq.p_offset + a * lq * lk;
+        assert!(off + lq * lk <= plen && (sq.q_start + lq) * h <= clen);
+        // SAFETY: each (sequence, head) owns its probability block and the head's columns of its
+        // own query rows in ctx; no two work items touch the same elements, and ctx is only
+        // reached through raw pointers.
+        let p = unsafe { std::slice::from_raw_parts_mut(pp.get().add(off), lq * lk) };
+        let qv = Mat { data: &q[sq.q_start * h + a * d..], rows: lq, cols: d, rs: h, cs: 1 };
+        let kt = Mat { data: &k[sq.k_start * h + a * d..], rows: d, cols: lk, rs: 1, cs: h };
+        gemm(scale, qv, kt, F::zero(), p, lk);
+        for row in p.chunks_exact_mut(lk) {
+            let max = row.iter().copied().fold(F::neg_infinity(), F::max);
+            let mut sum = F::zero();
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            row.iter_mut().for_each(|x| *x /= sum);
+        }
+        let mut pd;
+        let pv: &[F] = match dropout {
+            Some((rng, prob, site)) if prob > 0.0 => {
+                pd = p.to_vec();
+                rng.apply(prob, site, off, &mut pd);
+                &pd
+            }
+            _ => p,
+        };
+        let vv = Mat { data: &v[sq.k_start * h + a * d..], rows: lk, cols: d, rs: h, cs: 1 };
+        unsafe {
+            gemm_serial_raw(
+                F::one(),
+                Mat::rm(pv, lq, lk),
+                vv,
+                F::zero(),
+                cp.get().add(sq.q_start * h + a * d),
+                h,
+            )
+        };
+    });
+}
+
+/// Backward of `attention_forward`: given dctx (Nq, H), writes dq (Nq, H) and dk, dv (N, H).
+/// Rows of dk/dv outside every sequence's valid keys are set to zero.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward<F: Real>(
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    probs: &[F],
+    dctx: &[F],
+    seqs: &[AttnSeq],
+    heads: usize,
+    h: usize,
+    dq: &mut [F],
+    dk: &mut [F],
+    dv: &mut [F],
+    dropout: Option<(&DropoutRng, f64, u32)>,
+) {
+    let d = h / heads;
+    let scale = F::of(1.0 / (d as f64).sqrt());
+    dk.fill(F::zero());
+    dv.fill(F::zero());
+    assert!(seqs.iter().all(|s| s.q_len > 0 && s.k_len > 0), "every sequence needs a query and a key");
+    assert!(dk.len() == dv.len());
+    let (nq_len, nk_len) = (dq.len(), dk.len());
+    let (qp, kp, vp) = (SyncPtr(dq.as_mut_ptr()), SyncPtr(dk.as_mut_ptr()), SyncPtr(dv.as_mut_ptr()));
+    let work: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|s| (0..heads).map(move |a| (s, a))).collect();
+    work.into_par_iter().for_each(|(s, a)| {
+        let sq = seqs[s];
+        let (lq, lk) = (sq.q_len, sq.k_len);
+        let off = sq.p_offset + a * lq * lk;
+        let p = &probs[off..off + lq * lk];
+        let mut pd;
+        let pv: &[F] = match dropout {
+            Some((rng, prob, site)) if prob > 0.0 => {
+                pd = p.to_vec();
+                rng.apply(prob, site, off, &mut pd);
+                &pd
+            }
+            _ => p,
+        };
+        let dc = Mat { data: &dctx[sq.q_start * h + a * d..], rows: lq, cols: d, rs: h, cs: 1 };
+        assert!((sq.q_start + lq) * h <= nq_len && (sq.k_start + lk) * h <= nk_len);
+        // SAFETY: as in the forward, each (sequence, head) owns disjoint elements of dq, dk, dv,
+        // reached only through raw pointers.
+        // dv = dropout(p)ᵀ · dctx
+        unsafe {
+            gemm_serial_raw(
+                F::one(),
+                Mat::rm_t(pv, lq, lk),
+                dc,
+                F::zero(),
+                vp.get().add(sq.k_start * h + a * d),
+                h,
+            )
+        };
+        // dp = dctx · vᵀ, then through the dropout mask
+        let mut dp = vec![F::zero(); lq * lk];
+        let vt = Mat { data: &v[sq.k_start * h + a * d..], rows: d, cols: lk, rs: 1, cs: h };
+        gemm(F::one(), dc, vt, F::zero(), &mut dp, lk);
+        if let Some((rng, prob, site)) = dropout {
+            rng.apply(prob, site, off, &mut dp);
+        }
+        // softmax backward: ds = p ⊙ (dp − Σ dp⊙p), then the 1/√D scale
+        for (dsr, pr) in dp.chunks_exact_mut(lk).zip(p.chunks_exact(lk)) {
+            let dot: F = dsr.iter().zip(pr).map(|(a, b)| *a * *b).sum();
+            for (x, pp) in dsr.iter_mut().zip(pr) {
+                *x = *pp * (*x - dot) * scale;
+            }
+        }
+        let kv = Mat { data: &k[sq.k_start * h + a * d..], rows: lk, cols: d, rs: h, cs: 1 };
+        unsafe {
+            gemm_serial_raw(
+                F::one(),
+                Mat::rm(&dp, lq, lk),
+                kv,
+                F::zero(),
+                qp.get().add(sq.q_start * h + a * d),
+                h,
+            )
+        };
+        let qv = Mat { data: &q[sq.q_start * h + a * d..], rows: lq, cols: d, rs: h, cs: 1 };
+        unsafe {
+            gemm_serial_raw(
+                F::one(),
+                Mat::rm_t(&dp, lq, lk),
+                qv,
+                F::zero(),
+                kp.get().add(sq.k_start * h + a * d),
+                h,
+            )
+        };
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embeddings
+// ---------------------------------------------------------------------------------------------
+
+/// out (N, H) = word[id] + position[row − start] + token_type[type], before LayerNorm.
+pub fn embedding_forward<F: Real>(p: &[F], layout: &ParamLayout, batch: &Batch, h: usize, out: &mut [F]) {
+    let e = &layout.embeddings;
+    let (word, pos, typ) = (&p[e.word.clone()], &p[e.position.clone()], &p[e.token_type.clone()]);
+    for s in &batch.seqs {
+        for r in 0..s.len {
+            let row = s.start + r;
+            let (t, ty) = (batch.input_ids[row] as usize, batch.token_type_ids[row] as usize);
+            let o = &mut out[row * h..(row + 1) * h];
+            for j in 0..h {
+                o[j] = word[t * h + j] + pos[r * h + j] + typ[ty * h + j];
+            }
+        }
+    }
+}
+
+/// Scatter-adds d (N, H) into the word, position and token-type gradient rows. The padding
+/// token's row gets no gradient (`nn.Embedding(padding_idx=pad_token_id)`).
+pub fn embedding_backward<F: Real>(
+    d: &[F],
+    layout: &ParamLayout,
+    batch: &Batch,
+    h: usize,
+    pad_token_id: usize,
+    grads: &mut [F],
+) {
+    let e = &layout.embeddings;
+    for s in &batch.seqs {
+        for r in 0..s.len {
+            let row = s.start + r;
+            let (t, ty) = (batch.input_ids[row] as usize, batch.token_type_ids[row] as usize);
+            let dr = &d[row * h..(row + 1) * h];
+            for j in 0..h {
+                if t != pad_token_id {
+                    grads[e.word.start + t * h + j] += dr[j];
+                }
+                grads[e.position.start + r * h + j] += dr[j];
+                grads[e.token_type.start + ty * h + j] += dr[j];
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole model
+// ---------------------------------------------------------------------------------------------
+
+/// What one encoder layer keeps for its backward pass.
+#[derive(Default)]
+pub struct LayerCache<F> {
+    /// Input rows the queries come from (Nq, H): all of x, or the [CLS] rows in the last layer.
+    pub xq: Vec<F>,
+    pub q: Vec<F>,
+    pub k: Vec<F>,
+    pub v: Vec<F>,
+    pub attn: Vec<AttnSeq>,
+    pub probs: Vec<F>,
+    pub ctx: Vec<F>,
+    pub ln1_xhat: Vec<F>,
+    pub ln1_rstd: Vec<F>,
+    pub h1: Vec<F>,
+    pub inter_pre: Vec<F>,
+    pub inter_act: Vec<F>,
+    pub ln2_xhat: Vec<F>,
+    pub ln2_rstd: Vec<F>,
+    /// Query rows (Nq).
+    pub rows: usize,
+}
+
+/// Everything the forward pass produced; the caches are empty in eval mode.
+pub struct Forward<F> {
+    /// (B, C)
+    pub logits: Vec<F>,
+    /// Cross-entropy per sequence (B).
+    pub losses: Vec<F>,
+    emb_xhat: Vec<F>,
+    emb_rstd: Vec<F>,
+    /// Each layer's input (N, H), then the last layer's output ([CLS] rows only).
+    layer_inputs: Vec<Vec<F>>,
+    layers: Vec<LayerCache<F>>,
+    /// pooled = tanh(cls·Wpᵀ + bp) (B, H), and after dropout.
+    pooled: Vec<F>,
+    pooled_dropped: Vec<F>,
+    dropout: Option<Dropout>,
+}
+
+impl<F: Real> Forward<F> {
+    pub fn mean_loss(&self) -> F {
+        self.losses.iter().copied().sum::<F>() / F::of(self.losses.len().max(1) as f64)
+    }
+}
+
+fn gather_rows<F: Real>(x: &[F], rows: impl Iterator<Item = usize>, h: usize) -> Vec<F> {
+    let mut out = Vec::new();
+    for r in rows {
+        out.extend_from_slice(&x[r * h..(r + 1) * h]);
+    }
+    out
+}
+
+/// Runs the model on `batch`. With `dropout` (training) every activation the backward needs is
+/// kept; without it (evaluation) they are dropped as soon as they are used.
+pub fn forward<F: Real>(
+    c: &BertConfig,
+    layout: &ParamLayout,
+    p: &[F],
+    batch: &Batch,
+    dropout: Option<Dropout>,
+) -> Forward<F> {
+    let (h, nl) = (c.hidden_size, c.num_labels);
+    let n = batch.rows();
+    let b = batch.seqs.len();
+    let train = dropout.is_some();
+    let dr = dropout.as_ref();
+
+    // Embeddings → LayerNorm → dropout
+    let mut emb = vec![F::zero(); n * h];
+    embedding_forward(p, layout, batch, h, &mut emb);
+    let (mut x, mut emb_xhat, mut emb_rstd) =
+        (vec![F::zero(); n * h], vec![F::zero(); n * h], vec![F::zero(); n]);
+    let e = &layout.embeddings;
+    layernorm_forward(
+        &emb,
+        &p[e.ln_weight.clone()],
+        &p[e.ln_bias.clone()],
+        c.layer_norm_eps,
+        h,
+        &mut x,
+        &mut emb_xhat,
+        &mut emb_rstd,
+    );
+    apply_dropout(dr, |d| d.hidden, site_embeddings(), 0, &mut x);
+
+    let mut layer_inputs = Vec::new();
+    let mut layers = Vec::new();
+    for (l, lp) in layout.layers.iter().enumerate() {
+        let last = l + 1 == layout.layers.len();
+        let (out, cache) = layer_forward(c, lp, p, batch, &x, last, dr, l);
+        if train {
+            layer_inputs.push(std::mem::replace(&mut x, out));
+            layers.push(cache);
+        } else {
+            x = out;
+        }
+    }
+    // After the last layer x holds the B [CLS] rows.
+    let cls = x;
+
+    // Pooler: tanh(dense(cls)) → dropout → classifier
+    let mut pooled = vec![F::zero(); b * h];
+    linear_forward(&cls, &p[layout.pooler_w.clone()], &p[layout.pooler_b.clone()], b, h, h, &mut pooled);
+    pooled.iter_mut().for_each(|v| *v = v.tanh());
+    let mut pooled_dropped = pooled.clone();
+    apply_dropout(dr, |d| d.classifier, site_pooled(layout.layers.len()), 0, &mut pooled_dropped);
+    let mut logits = vec![F::zero(); b * nl];
+    linear_forward(
+        &pooled_dropped,
+        &p[layout.classifier_w.clone()],
+        &p[layout.classifier_b.clone()],
+        b,
+        h,
+        nl,
+        &mut logits,
+    );
+    let losses = cross_entropy(&logits, &batch.labels, nl);
+
+    if train {
+        layer_inputs.push(cls);
+    }
+    Forward {
+        logits,
+        losses,
+        emb_xhat: if train { emb_xhat } else { Vec::new() },
+        emb_rstd: if train { emb_rstd } else { Vec::new() },
+        layer_inputs,
+        layers,
+        pooled: if train { pooled } else { Vec::new() },
+        pooled_dropped: if train { pooled_dropped } else { Vec::new() },
+        dropout,
+    }
+}
+
+/// Cross-entropy of each row of `logits` (B, C) against `labels`; empty when there are no labels.
+pub fn cross_entropy<F: Real>(logits: &[F], labels: &[usize], c: usize) -> Vec<F> {
+    labels
+        .iter()
+        .zip(logits.chunks_exact(c))
+        .map(|(&y, row)| {
+            let max = row.iter().copied().fold(F::neg_infinity(), F::max);
+            let lse = row.iter().map(|v| (*v - max).exp()).sum::<F>().ln() + max;
+            lse - row[y]
+        })
+        .collect()
+}
+
+/// One encoder layer on x (N, H). Returns the output rows (N, H), or (B, H) [CLS] rows when
+/// `last`, and the cache for its backward.
+#[allow(clippy::too_many_arguments)]
+fn layer_forward<F: Real>(
+    c: &BertConfig,
+    lp: &LayerParams,
+    p: &[F],
+    batch: &Batch,
+    x: &[F],
+    last: bool,
+    dropout: Option<&Dropout>,
+    l: usize,
+) -> (Vec<F>, LayerCache<F>) {
+    let (h, heads, inter) = (c.hidden_size, c.num_attention_heads, c.intermediate_size);
+    let n = batch.rows();
+    let xq = if last { gather_rows(x, batch.seqs.iter().map(|s| s.start), h) } else { x.to_vec() };
+    let nq = xq.len() / h;
+
+    let mut q = vec![F::zero(); nq * h];
+    let mut k = vec![F::zero(); n * h];
+    let mut v = vec![F::zero(); n * h];
+    linear_forward(&xq, &p[lp.query_w.clone()], &p[lp.query_b.clone()], nq, h, h, &mut q);
+    linear_forward(x, &p[lp.key_w.clone()], &p[lp.key_b.clone()], n, h, h, &mut k);
+    linear_forward(x, &p[lp.value_w.clone()], &p[lp.value_b.clone()], n, h, h, &mut v);
+
+    let (attn, nprobs) = attention_layout(&batch.seqs, heads, last);
+    let mut probs = vec![F::zero(); nprobs];
+    let mut ctx = vec![F::zero(); nq * h];
+    let attn_drop = dropout.map(|d| (&d.rng, d.attention, site_attn_probs(l)));
+    attention_forward(&q, &k, &v, &attn, heads, h, &mut probs, &mut ctx, attn_drop);
+
+    // Attention output: dense → dropout → + residual → LayerNorm
+    let mut y = vec![F::zero(); nq * h];
+    linear_forward(&ctx, &p[lp.attn_out_w.clone()], &p[lp.attn_out_b.clone()], nq, h, h, &mut y);
+    apply_dropout(dropout, |d| d.hidden, site_attn_out(l), 0, &mut y);
+    y.iter_mut().zip(&xq).for_each(|(a, b)| *a += *b);
+    let (mut h1, mut ln1_xhat, mut ln1_rstd) =
+        (vec![F::zero(); nq * h], vec![F::zero(); nq * h], vec![F::zero(); nq]);
+    layernorm_forward(
+        &y,
+        &p[lp.attn_ln_weight.clone()],
+        &p[lp.attn_ln_bias.clone()],
+        c.layer_norm_eps,
+        h,
+        &mut h1,
+        &mut ln1_xhat,
+        &mut ln1_rstd,
+    );
+
+    // FFN: dense → GELU → dense → dropout → + residual → LayerNorm
+    let mut inter_pre = vec![F::zero(); nq * inter];
+    linear_forward(&h1, &p[lp.inter_w.clone()], &p[lp.inter_b.clone()], nq, h, inter, &mut inter_pre);
+    let mut inter_act = vec![F::zero(); nq * inter];
+    gelu_forward(&inter_pre, &mut inter_act);
+    let mut z = vec![F::zero(); nq * h];
+    linear_forward(&inter_act, &p[lp.out_w.clone()], &p[lp.out_b.clone()], nq, inter, h, &mut z);
+    apply_dropout(dropout, |d| d.hidden, site_ffn_out(l), 0, &mut z);
+    z.iter_mut().zip(&h1).for_each(|(a, b)| *a += *b);
+    let (mut out, mut ln2_xhat, mut ln2_rstd) =
+        (vec![F::zero(); nq * h], vec![F::zero(); nq * h], vec![F::zero(); nq]);
+    layernorm_forward(
+        &z,
+        &p[lp.out_ln_weight.clone()],
+        &p[lp.out_ln_bias.clone()],
+        c.layer_norm_eps,
+        h,
+        &mut out,
+        &mut ln2_xhat,
+        &mut ln2_rstd,
+    );
+
+    let cache = if dropout.is_some() {
+        LayerCache {
+            xq,
+            q,
+            k,
+            v,
+            attn,
+            probs,
+            ctx,
+            ln1_xhat,
+            ln1_rstd,
+            h1,
+            inter_pre,
+            inter_act,
+            ln2_xhat,
+            ln2_rstd,
+            rows: nq,
+        }
+    } else {
+        LayerCache::default()
+    };
+    (out, cache)
+}
+
+/// Backward of the loss `Σ_b loss_b · loss_scale` (loss_scale = 1/batch size gives the batch mean,
+/// as the Trainer's loss is). Accumulates into `grads` (same layout as `p`).
+pub fn backward<F: Real>(
+    c: &BertConfig,
+    layout: &ParamLayout,
+    p: &[F],
+    batch: &Batch,
+    fwd: &Forward<F>,
+    loss_scale: F,
+    grads: &mut [F],
+) {
+    assert!(!fwd.layers.is_empty(), "backward needs a training forward (with dropout settings)");
+    let (h, nl) = (c.hidden_size, c.num_labels);
+    let b = batch.seqs.len();
+    let n = batch.rows();
+    let dr = fwd.dropout.as_ref();
+
+    // d loss / d logits = (softmax − onehot) · scale
+    let mut dlogits = vec![F::zero(); b * nl];
+    for ((row, d), &y) in fwd.logits.chunks_exact(nl).zip(dlogits.chunks_exact_mut(nl)).zip(&batch.labels) {
+        let max = row.iter().copied().fold(F::neg_infinity(), F::max);
+        let sum: F = row.iter().map(|v| (*v - max).exp()).sum();
+        for j in 0..nl {
+            d[j] = (row[j] - max).exp() / sum * loss_scale;
+        }
+        d[y] -= loss_scale;
+    }
+
+    // Classifier and pooler
+    let (cw, cb) = (layout.classifier_w.clone(), layout.classifier_b.clone());
+    let mut dpooled = vec![F::zero(); b * h];
+    {
+        let (dw, db) = two_ranges(grads, cw.clone(), cb);
+        linear_backward(&fwd.pooled_dropped, &p[cw], &dlogits, b, h, nl, Some((&mut dpooled, false)), dw, db);
+    }
+    apply_dropout(dr, |d| d.classifier, site_pooled(layout.layers.len()), 0, &mut dpooled);
+    dpooled.iter_mut().zip(&fwd.pooled).for_each(|(d, y)| *d *= F::one() - *y * *y);
+    let cls = &fwd.layer_inputs[layout.layers.len()];
+    let mut dx = vec![F::zero(); b * h];
+    {
+        let (pw, pb) = (layout.pooler_w.clone(), layout.pooler_b.clone());
+        let (dw, db) = two_ranges(grads, pw.clone(), pb);
+        linear_backward(cls, &p[pw], &dpooled, b, h, h, Some((&mut dx, false)), dw, db);
+    }
+
+    // Encoder layers, last to first; dx is the gradient of the current layer's output.
+    for l in (0..layout.layers.len()).rev() {
+        dx = layer_backward(
+            c,
+            &layout.layers[l],
+            p,
+            batch,
+            &fwd.layer_inputs[l],
+            &fwd.layers[l],
+            &dx,
+            dr,
+            l,
+            grads,
+        );
+    }
+
+    // Embeddings: dropout → LayerNorm → scatter
+    apply_dropout(dr, |d| d.hidden, site_embeddings(), 0, &mut dx);
+    let e = &layout.embeddings;
+    let mut demb = vec![F::zero(); n * h];
+    {
+        let (dg, dbeta) = two_ranges(grads, e.ln_weight.clone(), e.ln_bias.clone());
+        layernorm_backward(
+            &dx,
+            &fwd.emb_xhat,
+            &fwd.emb_rstd,
+            &p[e.ln_weight.clone()],
+            h,
+            &mut demb,
+            dg,
+            dbeta,
+        );
+    }
+    embedding_backward(&demb, layout, batch, h, c.pad_token_id, grads);
+}
+
+/// Two disjoint mutable parameter ranges of one buffer.
+fn two_ranges<F>(g: &mut [F], a: std::ops::Range<usize>, b: std::ops::Range<usize>) -> (&mut [F], &mut [F]) {
+    assert!(a.end <= b.start, "parameter ranges must be ordered and disjoint");
+    let (lo, hi) = g.split_at_mut(b.start);
+    (&mut lo[a], &mut hi[..b.end - b.start])
+}
+
+/// Backward of one layer given dout, the gradient of its output rows; returns d(input) (N, H).
+#[allow(clippy::too_many_arguments)]
+fn layer_backward<F: Real>(
+    c: &BertConfig,
+    lp: &LayerParams,
+    p: &[F],
+    batch: &Batch,
+    x: &[F],
+    lc: &LayerCache<F>,
+    dout: &[F],
+    dropout: Option<&Dropout>,
+    l: usize,
+    grads: &mut [F],
+) -> Vec<F> {
+    let (h, heads, inter) = (c.hidden_size, c.num_attention_heads, c.intermediate_size);
+    let n = batch.rows();
+    let nq = lc.rows;
+    let last = l + 1 == c.num_hidden_layers;
+
+    // Output LayerNorm
+    let mut dz = vec![F::zero(); nq * h];
+    {
+        let (dg, db) = two_ranges(grads, lp.out_ln_weight.clone(), lp.out_ln_bias.clone());
+        layernorm_backward(
+            dout,
+            &lc.ln2_xhat,
+            &lc.ln2_rstd,
+            &p[lp.out_ln_weight.clone()],
+            h,
+            &mut dz,
+            dg,
+            db,
+        );
+    }
+    // dz flows to the residual (h1) and, through dropout, into the FFN output dense.
+    let mut dh1 = dz.clone();
+    apply_dropout(dropout, |d| d.hidden, site_ffn_out(l), 0, &mut dz);
+    let mut dact = vec![F::zero(); nq * inter];
+    {
+        let (dw, db) = two_ranges(grads, lp.out_w.clone(), lp.out_b.clone());
+        linear_backward(
+            &lc.inter_act,
+            &p[lp.out_w.clone()],
+            &dz,
+            nq,
+            inter,
+            h,
+            Some((&mut dact, false)),
+            dw,
+            db,
+        );
+    }
+    let mut dpre = vec![F::zero(); nq * inter];
+    gelu_backward(&lc.inter_pre, &dact, &mut dpre);
+    {
+        let (dw, db) = two_ranges(grads, lp.inter_w.clone(), lp.inter_b.clone());
+        linear_backward(&lc.h1, &p[lp.inter_w.clone()], &dpre, nq, h, inter, Some((&mut dh1, true)), dw, db);
+    }
+
+    // Attention output LayerNorm
+    let mut dy = vec![F::zero(); nq * h];
+    {
+        let (dg, db) = two_ranges(grads, lp.attn_ln_weight.clone(), lp.attn_ln_bias.clone());
+        layernorm_backward(
+            &dh1,
+            &lc.ln1_xhat,
+            &lc.ln1_rstd,
+            &p[lp.attn_ln_weight.clone()],
+            h,
+            &mut dy,
+            dg,
+            db,
+        );
+    }
+    let mut dxq = dy.clone();
+    apply_dropout(dropout, |d| d.hidden, site_attn_out(l), 0, &mut dy);
+    let mut dctx = vec![F::zero(); nq * h];
+    {
+        let (dw, db) = two_ranges(grads, lp.attn_out_w.clone(), lp.attn_out_b.clone());
+        linear_backward(&lc.ctx, &p[lp.attn_out_w.clone()], &dy, nq, h, h, Some((&mut dctx, false)), dw, db);
+    }
+
+    // Attention
+    let (mut dq, mut dk, mut dv) = (vec![F::zero(); nq * h], vec![F::zero(); n * h], vec![F::zero(); n * h]);
+    let attn_drop = dropout.map(|d| (&d.rng, d.attention, site_attn_probs(l)));
+    attention_backward(
+        &lc.q, &lc.k, &lc.v, &lc.probs, &dctx, &lc.attn, heads, h, &mut dq, &mut dk, &mut dv, attn_drop,
+    );
+
+    // Q, K, V projections
+    {
+        let (dw, db) = two_ranges(grads, lp.query_w.clone(), lp.query_b.clone());
+        linear_backward(&lc.xq, &p[lp.query_w.clone()], &dq, nq, h, h, Some((&mut dxq, true)), dw, db);
+    }
+    let mut dx = vec![F::zero(); n * h];
+    {
+        let (dw, db) = two_ranges(grads, lp.key_w.clone(), lp.key_b.clone());
+        linear_backward(x, &p[lp.key_w.clone()], &dk, n, h, h, Some((&mut dx, false)), dw, db);
+    }
+    {
+        let (dw, db) = two_ranges(grads, lp.value_w.clone(), lp.value_b.clone());
+        linear_backward(x, &p[lp.value_w.clone()], &dv, n, h, h, Some((&mut dx, true)), dw, db);
+    }
+    if last {
+        for (i, s) in batch.seqs.iter().enumerate() {
+            let (dst, src) = (&mut dx[s.start * h..(s.start + 1) * h], &dxq[i * h..(i + 1) * h]);
+            dst.iter_mut().zip(src).for_each(|(a, b)| *a += *b);
+        }
+    } else {
+        dx.iter_mut().zip(&dxq).for_each(|(a, b)| *a += *b);
+    }
+    dx
+}

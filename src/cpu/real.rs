@@ -1,0 +1,223 @@
+//! The floating-point type the CPU reference is generic over (f32 for training, f64 for
+//! finite-difference gradient checks), and its matrix multiply.
+
+use std::fmt::Debug;
+use std::iter::Sum;
+use std::ops::{AddAssign, DivAssign, MulAssign, SubAssign};
+
+use rayon::prelude::*;
+
+pub trait Real:
+    num_traits::Float
+    + Default
+    + Debug
+    + Send
+    + Sync
+    + AddAssign
+    + SubAssign
+    + MulAssign
+    + DivAssign
+    + Sum
+    + 'static
+{
+    fn of(x: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn erf(self) -> Self;
+    /// C = alpha·A·B + beta·C for strided row/column layouts (matrixmultiply's convention:
+    /// `rs*` is the row stride, `cs*` the column stride; A is m×k, B is k×n, C is m×n).
+    ///
+    /// # Safety
+    /// The strides must keep every addressed element inside the given slices.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: Self,
+        a: *const Self,
+        rsa: isize,
+        csa: isize,
+        b: *const Self,
+        rsb: isize,
+        csb: isize,
+        beta: Self,
+        c: *mut Self,
+        rsc: isize,
+        csc: isize,
+    );
+}
+
+impl Real for f32 {
+    fn of(x: f64) -> Self {
+        x as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn erf(self) -> Self {
+        libm::erff(self)
+    }
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f32,
+        a: *const f32,
+        rsa: isize,
+        csa: isize,
+        b: *const f32,
+        rsb: isize,
+        csb: isize,
+        beta: f32,
+        c: *mut f32,
+        rsc: isize,
+        csc: isize,
+    ) {
+        unsafe { matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
+    }
+}
+
+impl Real for f64 {
+    fn of(x: f64) -> Self {
+        x
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn erf(self) -> Self {
+        libm::erf(self)
+    }
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f64,
+        a: *const f64,
+        rsa: isize,
+        csa: isize,
+        b: *const f64,
+        rsb: isize,
+        csb: isize,
+        beta: f64,
+        c: *mut f64,
+        rsc: isize,
+        csc: isize,
+    ) {
+        unsafe { matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
+    }
+}
+
+/// A read-only row-major or transposed view: element (i, j) is at `i*rs + j*cs`.
+#[derive(Clone, Copy)]
+pub struct Mat<'a, F> {
+    pub data: &'a [F],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a, F> Mat<'a, F> {
+    /// A row-major `rows × cols` matrix.
+    pub fn rm(data: &'a [F], rows: usize, cols: usize) -> Self {
+        Mat { data, rows, cols, rs: cols, cs: 1 }
+    }
+    /// The transpose of a row-major `rows × cols` matrix (so this view is `cols × rows`).
+    pub fn rm_t(data: &'a [F], rows: usize, cols: usize) -> Self {
+        Mat { data, rows: cols, cols: rows, rs: 1, cs: cols }
+    }
+    fn extent(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            0
+        } else {
+            (self.rows - 1) * self.rs + (self.cols - 1) * self.cs + 1
+        }
+    }
+}
+
+/// C (m×n, row stride `ldc`) = alpha·A·B + beta·C. Large products are split across threads
+/// by rows (or columns when there are few rows); each part is an independent block of C, so the
+/// result does not depend on the thread count.
+pub fn gemm<F: Real>(alpha: F, a: Mat<F>, b: Mat<F>, beta: F, c: &mut [F], ldc: usize) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(k, b.rows, "gemm: inner dimensions differ");
+    assert!(a.data.len() >= a.extent() && b.data.len() >= b.extent(), "gemm: operand too small");
+    assert!(m == 0 || n == 0 || c.len() >= (m - 1) * ldc + n, "gemm: output too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let work = m * n * k.max(1);
+    let threads = rayon::current_num_threads();
+    if work < 1 << 18 || threads == 1 {
+        unsafe { gemm_block(alpha, a, b, beta, c.as_mut_ptr(), ldc, 0..m, 0..n) };
+        return;
+    }
+    let cp = SendPtr(c.as_mut_ptr());
+    if m >= 4 * threads {
+        let chunk = m.div_ceil(threads * 4).max(16);
+        (0..m.div_ceil(chunk)).into_par_iter().for_each(|t| {
+            let r = t * chunk..((t + 1) * chunk).min(m);
+            unsafe { gemm_block(alpha, a, b, beta, cp.get(), ldc, r, 0..n) };
+        });
+    } else {
+        let chunk = n.div_ceil(threads * 2).max(16);
+        (0..n.div_ceil(chunk)).into_par_iter().for_each(|t| {
+            let cr = t * chunk..((t + 1) * chunk).min(n);
+            unsafe { gemm_block(alpha, a, b, beta, cp.get(), ldc, 0..m, cr) };
+        });
+    }
+}
+
+/// Single-threaded C = alpha·A·B + beta·C into raw memory with row stride `ldc`, for callers
+/// that write disjoint, interleaved blocks of one buffer from several threads.
+///
+/// # Safety
+/// `c` must be valid for writes at every `i*ldc + j` (i < A.rows, j < B.cols), and no other
+/// thread may access those elements during the call.
+pub unsafe fn gemm_serial_raw<F: Real>(alpha: F, a: Mat<F>, b: Mat<F>, beta: F, c: *mut F, ldc: usize) {
+    assert_eq!(a.cols, b.rows, "gemm: inner dimensions differ");
+    assert!(a.data.len() >= a.extent() && b.data.len() >= b.extent(), "gemm: operand too small");
+    unsafe { gemm_block(alpha, a, b, beta, c, ldc, 0..a.rows, 0..b.cols) }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr<F>(*mut F);
+unsafe impl<F> Send for SendPtr<F> {}
+unsafe impl<F> Sync for SendPtr<F> {}
+impl<F> SendPtr<F> {
+    fn get(self) -> *mut F {
+        self.0
+    }
+}
+
+/// One block of C: rows `r` and columns `cr`. Blocks of different calls never overlap.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_block<F: Real>(
+    alpha: F,
+    a: Mat<F>,
+    b: Mat<F>,
+    beta: F,
+    c: *mut F,
+    ldc: usize,
+    r: std::ops::Range<usize>,
+    cr: std::ops::Range<usize>,
+) {
+    unsafe {
+        F::gemm_raw(
+            r.len(),
+            a.cols,
+            cr.len(),
+            alpha,
+            a.data.as_ptr().add(r.start * a.rs),
+            a.rs as isize,
+            a.cs as isize,
+            b.data.as_ptr().add(cr.start * b.cs),
+            b.rs as isize,
+            b.cs as isize,
+            beta,
+            c.add(r.start * ldc + cr.start),
+            ldc as isize,
+            1,
+        )
+    }
+}

@@ -1,0 +1,145 @@
+//! Tokenization with the `tokenizers` crate: from `tokenizer.json`, or built as a BERT WordPiece
+//! tokenizer from `vocab.txt` + `tokenizer_config.json` (lower-casing), truncating to
+//! `max_length` with [CLS] … [SEP] kept, as transformers' `truncation=True` does.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
+use tokenizers::models::wordpiece::WordPiece;
+use tokenizers::normalizers::bert::BertNormalizer;
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::processors::bert::BertProcessing;
+use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+use crate::model::files::ModelFiles;
+
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    pub max_length: usize,
+    /// Where it came from, for messages.
+    pub origin: String,
+}
+
+impl TextTokenizer {
+    /// The tokenizer of a model: `override_path` (a tokenizer.json or a directory holding one or a
+    /// vocab.txt) if given, else the model's own files.
+    pub fn load(files: &ModelFiles, override_path: Option<&Path>, max_length: usize) -> Result<Self> {
+        if let Some(p) = override_path {
+            if p.is_dir() {
+                let dir_files = ModelFiles {
+                    origin: p.display().to_string(),
+                    tokenizer_json: Some(p.join("tokenizer.json")).filter(|f| f.is_file()),
+                    vocab_txt: Some(p.join("vocab.txt")).filter(|f| f.is_file()),
+                    tokenizer_config: Some(p.join("tokenizer_config.json")).filter(|f| f.is_file()),
+                    ..Default::default()
+                };
+                return Self::load(&dir_files, None, max_length);
+            }
+            return Self::from_tokenizer_json(p, max_length);
+        }
+        if let Some(p) = &files.tokenizer_json {
+            return Self::from_tokenizer_json(p, max_length);
+        }
+        if let Some(v) = &files.vocab_txt {
+            let lower = match &files.tokenizer_config {
+                Some(c) => read_do_lower_case(c)?,
+                None => true,
+            };
+            return Self::from_vocab(v, lower, max_length);
+        }
+        bail!("{}: no tokenizer.json or vocab.txt (pass --tokenizer PATH)", files.origin)
+    }
+
+    pub fn from_tokenizer_json(path: &Path, max_length: usize) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let inner = Tokenizer::from_bytes(&bytes)
+            .map_err(|e| anyhow!("{}: invalid tokenizer.json: {e}", path.display()))?;
+        Self::finish(inner, path.display().to_string(), max_length)
+    }
+
+    /// BERT's WordPiece tokenizer from a vocab.txt (one token per line, id = line number).
+    pub fn from_vocab(path: &Path, lowercase: bool, max_length: usize) -> Result<Self> {
+        let text = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let text = String::from_utf8(text).map_err(|e| anyhow!("{}: not UTF-8 ({e})", path.display()))?;
+        let mut vocab = std::collections::HashMap::new();
+        for (i, line) in text.lines().enumerate() {
+            vocab.insert(line.trim_end_matches('\r').to_string(), i as u32);
+        }
+        for special in ["[UNK]", "[CLS]", "[SEP]"] {
+            if !vocab.contains_key(special) {
+                bail!("{}: vocabulary lacks the special token {special}", path.display());
+            }
+        }
+        let (cls, sep) = (vocab["[CLS]"], vocab["[SEP]"]);
+        let wp = WordPiece::builder()
+            .files(path.display().to_string())
+            .unk_token("[UNK]".into())
+            .build()
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let mut inner = Tokenizer::new(wp);
+        let _ = inner.with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)));
+        inner.with_pre_tokenizer(Some(BertPreTokenizer));
+        inner.with_post_processor(Some(BertProcessing::new(("[SEP]".into(), sep), ("[CLS]".into(), cls))));
+        inner.with_decoder(Some(WordPieceDecoder::default()));
+        Self::finish(inner, path.display().to_string(), max_length)
+    }
+
+    fn finish(mut inner: Tokenizer, origin: String, max_length: usize) -> Result<Self> {
+        if max_length < 2 {
+            bail!("--max-length must be at least 2 ([CLS] and [SEP])");
+        }
+        // A tokenizer.json may carry its own truncation/padding (all-MiniLM-L6-v2's pads to 128):
+        // ours replaces it, and padding is never wanted since batches are packed.
+        inner
+            .with_truncation(Some(TruncationParams {
+                max_length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|e| anyhow!("{origin}: {e}"))?;
+        inner.with_padding(None);
+        Ok(TextTokenizer { inner, max_length, origin })
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Largest token id the tokenizer can produce, plus one.
+    pub fn id_bound(&self) -> usize {
+        self.inner.get_vocab(true).values().map(|v| *v as usize + 1).max().unwrap_or(0)
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let e =
+            self.inner.encode(text, true).map_err(|e| anyhow!("{}: cannot tokenize: {e}", self.origin))?;
+        Ok(e.get_ids().to_vec())
+    }
+
+    /// Tokenizes many texts in parallel.
+    pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        let enc = self
+            .inner
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| anyhow!("{}: cannot tokenize: {e}", self.origin))?;
+        Ok(enc.into_iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+
+    /// Writes tokenizer.json without our truncation setting (a saved model should tokenize like
+    /// its source tokenizer).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut t = self.inner.clone();
+        t.with_truncation(None).map_err(|e| anyhow!("{e}"))?;
+        t.save(path, false).map_err(|e| anyhow!("{}: cannot write tokenizer: {e}", path.display()))
+    }
+}
+
+fn read_do_lower_case(path: &Path) -> Result<bool> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid JSON: {e}", path.display()))?;
+    Ok(v.get("do_lower_case").and_then(|b| b.as_bool()).unwrap_or(true))
+}
