@@ -3,10 +3,12 @@
 //!
 //! Dependency direction: `main -> {study, search, train} -> {model, data} -> {cpu, cuda}`.
 
+pub mod cli;
 pub mod config;
 pub mod cpu;
 pub mod cuda;
 pub mod data;
 pub mod hub;
 pub mod model;
+pub mod pipeline;
 pub mod train;

@@ -1,3 +1,64 @@
+//! The `hpo-gpu` command line: parse, call the library, print. Errors become one line on stderr
+//! and a non-zero exit code; nothing panics across this boundary.
+
+use clap::{Parser, Subcommand};
+
+use hpo_gpu::cli;
+
+#[derive(Parser)]
+#[command(
+    name = "hpo-gpu",
+    version,
+    args_override_self = true,
+    about = "Hyperparameter search for BERT fine-tuning, many trials at once on one GPU"
+)]
+struct Cli {
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fine-tune one model and save it in the Hugging Face format.
+    Train(cli::TrainArgs),
+    /// Classify texts with a saved model.
+    Predict(cli::PredictArgs),
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(t) = cli.threads {
+        if t == 0 {
+            anyhow::bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
+    }
+    let mut out = std::io::stdout().lock();
+    match cli.command {
+        Command::Train(a) => cli::run_train(&a, &mut out),
+        Command::Predict(a) => cli::run_predict(&a, &mut out),
+    }
+}
+
 fn main() {
-    println!("hpo-gpu");
+    let cli = Cli::parse();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli)));
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            eprintln!("error: {}", format_chain(&e));
+            std::process::exit(1);
+        }
+        Err(_) => {
+            eprintln!("error: internal error (a bug in hpo-gpu; please report it with the command you ran)");
+            std::process::exit(101);
+        }
+    }
+}
+
+/// "outer: inner: innermost" on one line.
+fn format_chain(e: &anyhow::Error) -> String {
+    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
 }

@@ -1,1 +1,51 @@
-//! GPU backend.
+//! GPU backend. The kernels in `kernels/*.cu` are compiled to PTX by build.rs and embedded here;
+//! this module finds out at run time whether they, libcuda and a device are all present.
+
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+use anyhow::{Result, bail};
+
+/// Why the GPU cannot be used, or Ok with the device's name.
+pub fn availability() -> Result<String> {
+    if !BUILT_WITH_NVCC || KERNEL_PTX.is_empty() {
+        bail!("this hpo-gpu was built without CUDA kernels (nvcc was not found at build time)");
+    }
+    // cudarc panics instead of returning an error when libcuda cannot be loaded: check first.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        bail!("libcuda.so was not found: no NVIDIA driver on this machine");
+    }
+    let ctx =
+        cudarc::driver::CudaContext::new(0).map_err(|e| anyhow::anyhow!("no usable CUDA device: {e:?}"))?;
+    let name = ctx.name().map_err(|e| anyhow::anyhow!("cannot query the CUDA device: {e:?}"))?;
+    Ok(name)
+}
+
+/// The compute device a command runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// The GPU when one is usable, else the CPU reference.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// Resolves `--device` to the backend that will run: `cuda` must be usable; `auto` falls back to
+/// the CPU (saying why on stderr).
+pub fn resolve_device(requested: Device) -> Result<Device> {
+    match requested {
+        Device::Cpu => Ok(Device::Cpu),
+        Device::Cuda => {
+            let name = availability().map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?;
+            bail!(
+                "--device cuda: found {name}, but the GPU trial array is not implemented yet; use --device cpu"
+            )
+        }
+        Device::Auto => {
+            if let Err(why) = availability() {
+                eprintln!("note: running on the CPU ({why})");
+            }
+            Ok(Device::Cpu)
+        }
+    }
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command (README, CI): sets up what the tests need, then runs them all.
+# - .venv: torch, transformers, optuna … for the interop tests (created once, ~3 min, ~6 GB)
+# - cargo test: unit, parity, gradient, data, storage, CLI and interop tests
+# Tests that need ../shared/data or the Python environment say SKIPPED when those are absent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import torch, transformers, optuna, matplotlib' 2>/dev/null; then
+  echo "== setting up .venv (Python test dependencies)"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -r scripts/requirements-test.txt
+fi
+export HPO_GPU_PYTHON="$PWD/.venv/bin/python"
+echo "== cargo test"
+cargo test --all-targets "$@"

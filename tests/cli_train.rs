@@ -1,0 +1,321 @@
+//! End-to-end tests of `hpo-gpu train` / `predict` on a tiny model and dataset made in the test,
+//! the export loaded back by transformers, and bad input at the command line.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const WORDS: [&str; 12] =
+    ["good", "great", "fine", "superb", "lovely", "nice", "bad", "awful", "poor", "dull", "boring", "weak"];
+
+/// A small BERT folder: vocab.txt, tokenizer_config.json and config.json (random init).
+fn tiny_model(dir: &Path) -> PathBuf {
+    let m = dir.join("tiny-bert");
+    std::fs::create_dir_all(&m).unwrap();
+    let mut vocab: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie", "was", "."]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    vocab.extend(WORDS.iter().map(|s| s.to_string()));
+    std::fs::write(m.join("vocab.txt"), vocab.join("\n") + "\n").unwrap();
+    std::fs::write(m.join("tokenizer_config.json"), r#"{"do_lower_case": true}"#).unwrap();
+    std::fs::write(
+        m.join("config.json"),
+        r#"{"model_type": "bert", "vocab_size": 32, "hidden_size": 16, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64,
+            "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}"#,
+    )
+    .unwrap();
+    m
+}
+
+/// train.jsonl / test.jsonl: sentiment from the words used (first six positive).
+fn tiny_data(dir: &Path) -> PathBuf {
+    let d = dir.join("data");
+    std::fs::create_dir_all(&d).unwrap();
+    for (split, n) in [("train", 64), ("test", 32)] {
+        let mut lines = Vec::new();
+        for i in 0..n {
+            let label = (i * 7 + 3) % 2;
+            let w1 = WORDS[(i * 5) % 6 + if label == 1 { 0 } else { 6 }];
+            let w2 = WORDS[(i * 11 + 1) % 6 + if label == 1 { 0 } else { 6 }];
+            let label_name = if label == 1 { "pos" } else { "neg" };
+            lines.push(format!(r#"{{"text": "The movie was {w1}, {w2}.", "label": "{label_name}"}}"#));
+        }
+        std::fs::write(d.join(format!("{split}.jsonl")), lines.join("\n") + "\n").unwrap();
+    }
+    d
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hpo-gpu"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn train_tiny(dir: &Path) -> (PathBuf, Output) {
+    let model = tiny_model(dir);
+    let data = tiny_data(dir);
+    let out = dir.join("final");
+    let o = run(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--random-init",
+        "--dataset",
+        data.to_str().unwrap(),
+        "--train-samples",
+        "0",
+        "--eval-samples",
+        "0",
+        "--learning-rate",
+        "2e-2",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "5",
+        "--max-length",
+        "16",
+        "--output",
+        out.to_str().unwrap(),
+        "--quiet",
+        "--device",
+        "cpu",
+    ]);
+    (out, o)
+}
+
+#[test]
+fn train_learns_saves_and_predicts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, o) = train_tiny(tmp.path());
+    assert!(o.status.success(), "train failed: {}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("epoch ")).count(), 5, "{stdout}");
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "training_metrics.json"] {
+        assert!(out.join(f).is_file(), "{f} missing from the export");
+    }
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("training_metrics.json")).unwrap()).unwrap();
+    let epochs = metrics["epochs"].as_array().unwrap();
+    assert_eq!(epochs.len(), 5);
+    let last_acc = epochs[4]["eval_accuracy"].as_f64().unwrap();
+    assert!(last_acc >= 0.9, "the task is trivially learnable; accuracy {last_acc}");
+    assert!(epochs[4]["train_loss"].as_f64().unwrap() < epochs[0]["train_loss"].as_f64().unwrap());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["id2label"]["0"], "neg");
+    assert_eq!(config["id2label"]["1"], "pos");
+    assert_eq!(config["architectures"][0], "BertForSequenceClassification");
+
+    let p = run(&[
+        "predict",
+        "--model",
+        out.to_str().unwrap(),
+        "--json",
+        "the movie was great, lovely.",
+        "the movie was awful, dull.",
+    ]);
+    assert!(p.status.success(), "{}", stderr(&p));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&p.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0]["label"], "pos");
+    assert_eq!(lines[1]["label"], "neg");
+    let probs = lines[0]["probabilities"].as_object().unwrap();
+    let total: f64 = probs.values().map(|v| v.as_f64().unwrap()).sum();
+    assert!((total - 1.0).abs() < 1e-9);
+}
+
+#[test]
+fn export_loads_in_transformers_with_the_same_logits() {
+    let Some(python) = common::python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, o) = train_tiny(tmp.path());
+    assert!(o.status.success(), "train failed: {}", stderr(&o));
+    let texts = ["the movie was great, lovely.", "the movie was awful, dull.", "the movie was fine."];
+    let mut args = vec!["predict", "--model", out.to_str().unwrap(), "--json"];
+    args.extend(texts);
+    let p = run(&args);
+    assert!(p.status.success(), "{}", stderr(&p));
+    let ours: Vec<Vec<f64>> = String::from_utf8_lossy(&p.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+        })
+        .collect();
+    let script = r#"
+import json, sys, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+d, texts = sys.argv[1], json.loads(sys.argv[2])
+tok = AutoTokenizer.from_pretrained(d)
+model = AutoModelForSequenceClassification.from_pretrained(d).eval()
+enc = tok(texts, padding=True, return_tensors="pt")
+with torch.no_grad():
+    print(json.dumps({"logits": model(**enc).logits.tolist(), "labels": model.config.id2label}))
+"#;
+    let py = Command::new(python)
+        .args(["-c", script, out.to_str().unwrap(), &serde_json::to_string(&texts).unwrap()])
+        .output()
+        .unwrap();
+    assert!(py.status.success(), "transformers could not load the export: {}", stderr(&py));
+    let theirs: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
+    assert_eq!(theirs["labels"]["1"], "pos");
+    for (i, row) in theirs["logits"].as_array().unwrap().iter().enumerate() {
+        for (j, v) in row.as_array().unwrap().iter().enumerate() {
+            let (a, b) = (ours[i][j], v.as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                "text {i} logit {j}: ours {a} vs transformers {b}"
+            );
+        }
+    }
+}
+
+/// Runs a failing command: exit code 1, one line on stderr containing `want`, no panic.
+fn expect_error(args: &[&str], want: &str) {
+    let o = run(args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{args:?} should fail cleanly; stderr: {err}");
+    assert!(err.contains(want), "{args:?}: expected {want:?} in: {err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    let error_lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(error_lines.len(), 1, "one error line expected: {err}");
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let data = tiny_data(tmp.path());
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let base = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "train",
+            "--model",
+            m,
+            "--random-init",
+            "--dataset",
+            d,
+            "--train-samples",
+            "0",
+            "--eval-samples",
+            "0",
+            "--max-length",
+            "16",
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let call = |extra: &[&str], want: &str| {
+        let v = base(extra);
+        let args: Vec<&str> = v.iter().map(|s| s.as_str()).collect();
+        expect_error(&args, want);
+    };
+    call(&["--learning-rate", "0"], "--learning-rate must be a positive number");
+    call(&["--learning-rate=-1e-5"], "--learning-rate must be a positive number");
+    call(&["--batch-size", "0"], "--batch-size must be at least 1");
+    call(&["--epochs", "0"], "--epochs must be at least 1");
+    call(&["--weight-decay", "2"], "--weight-decay must be in [0, 1]");
+    call(&["--max-length", "65"], "exceeds the model's max_position_embeddings 64");
+    call(&["--train-samples", "1000"], "1000");
+    call(&["--text-column", "review"], "review");
+    call(&["--hidden-dropout", "1.5"], "--hidden-dropout must be in [0, 1)");
+    expect_error(&["train", "--model", "./does/not/exist", "--quiet"], "no such directory");
+
+    // Model files that are broken in various ways.
+    let broken = tmp.path().join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    for f in ["vocab.txt", "tokenizer_config.json"] {
+        std::fs::copy(model.join(f), broken.join(f)).unwrap();
+    }
+    let b = broken.to_str().unwrap();
+    let train_broken = |want: &str| {
+        expect_error(
+            &[
+                "train",
+                "--model",
+                b,
+                "--dataset",
+                d,
+                "--max-length",
+                "16",
+                "--quiet",
+                "--train-samples",
+                "0",
+                "--eval-samples",
+                "0",
+            ],
+            want,
+        )
+    };
+    train_broken("no config.json");
+    std::fs::write(
+        broken.join("config.json"),
+        "{\"vocab_size\": 32, \"hidden_size\": 16, \"num_attention_heads\": 3}",
+    )
+    .unwrap();
+    train_broken("hidden_size 16 is not a multiple of num_attention_heads 3");
+    std::fs::write(broken.join("config.json"), "{\"vocab_size\": 10, \"hidden_size\": 16, \"num_attention_heads\": 2, \"max_position_embeddings\": 64}").unwrap();
+    train_broken("tokenizer and model do not match");
+    std::fs::write(broken.join("config.json"), "{not json").unwrap();
+    train_broken("invalid JSON");
+    std::fs::copy(model.join("config.json"), broken.join("config.json")).unwrap();
+    train_broken("no model.safetensors or pytorch_model.bin");
+    std::fs::write(broken.join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
+    train_broken("not a valid safetensors file");
+
+    // Data problems.
+    let bad = tmp.path().join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::copy(data.join("test.jsonl"), bad.join("test.jsonl")).unwrap();
+    let bd = bad.to_str().unwrap();
+    let train_bad = |want: &str| {
+        expect_error(
+            &[
+                "train",
+                "--model",
+                m,
+                "--random-init",
+                "--dataset",
+                bd,
+                "--max-length",
+                "16",
+                "--quiet",
+                "--train-samples",
+                "0",
+                "--eval-samples",
+                "0",
+            ],
+            want,
+        )
+    };
+    std::fs::write(
+        bad.join("train.jsonl"),
+        b"{\"text\": \"ok\", \"label\": \"pos\"}\n{\"text\": \"\xff\xfe\", \"label\": \"neg\"}\n",
+    )
+    .unwrap();
+    train_bad("line 2");
+    std::fs::write(
+        bad.join("train.jsonl"),
+        "{\"text\": \"ok\", \"label\": \"pos\"}\n{\"text\": \"fine\", \"label\": \"neg\"}\n",
+    )
+    .unwrap();
+    std::fs::write(bad.join("test.jsonl"), "{\"text\": \"ok\", \"label\": \"maybe\"}\n").unwrap();
+    train_bad("maybe");
+    std::fs::write(bad.join("test.jsonl"), "{\"text\": \"\", \"label\": \"pos\"}\n").unwrap();
+    train_bad("empty");
+}
