@@ -6,4 +6,5 @@
 pub mod cpu;
 pub mod cuda;
 pub mod data;
+pub mod hub;
 pub mod model;

@@ -1,1 +1,4 @@
 //! Datasets: sources, subsets, tokenization and packed batches.
+
+pub mod numpy_rng;
+pub mod source;
