@@ -378,7 +378,8 @@ fn read_all(path: &Path, gz: bool) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Reads one local file: .jsonl / .json (JSON Lines) / .csv / .tsv / .parquet, each optionally .gz
+/// Reads one local file: .jsonl / .ndjson / .json (JSON Lines, or one JSON array of objects), .csv, .tsv
+/// (header line required) or .parquet, each optionally .gz. Row order is file order.
 pub fn read_file(path: &Path, columns: &ColumnSpec, label_names: Option<&[String]>) -> Result<Dataset> {
     columns.validate()?;
     let mut sink = Sink::new(label_names)?;
@@ -882,10 +883,15 @@ fn load_hub(id: &str, split: &str, columns: &ColumnSpec, label_names: Option<&[S
     read_many(&paths, columns, label_names, format!("{id} ({split})"))
 }
 
-/// `--dataset` resolution: "imdb" (alias of "stanfordnlp/imdb") or another Hub dataset id → its parquet files
-/// via crate::hub (stanfordnlp/imdb: `plain_text/{split}-00000-of-00001.parquet`; label names neg,pos);
-/// a local directory → the file for `split` inside it (stem `split`, or ending in `_split`/`-split`, or starting `split-`; e.g. ../shared/data/imdb_train.jsonl.gz);
-/// a local file → that file (used for whichever split is asked).
+/// `--dataset` resolution, in this order:
+/// - a local directory: the file for `split` inside it, whose stem is `split`, ends in `_split` / `-split`,
+///   or starts with `split-` (e.g. `../shared/data/imdb_train.jsonl.gz`); HF-style shards
+///   (`train-00000-of-00002.parquet`, ...) are read in name order into one dataset;
+/// - a local file: that file, whichever split is asked;
+/// - "imdb" (alias of "stanfordnlp/imdb"): `plain_text/{split}-00000-of-00001.parquet` via [`crate::hub`],
+///   label names neg, pos unless others are given;
+/// - another Hub dataset id: its data files for `split` (same naming rules, or inside a `split/` folder),
+///   listed on the Hub, or in the cached snapshot when `HF_HUB_OFFLINE` is set.
 pub fn load_split(
     dataset: &str,
     split: &str,
