@@ -1,3 +1,5 @@
 //! BERT parameters: the named-tensor layout shared by both backends, checkpoint IO and export.
 
+mod pickle;
 pub mod tensor;
+pub mod torch_bin;
