@@ -471,6 +471,16 @@ fn zip_storage_shorter_than_declared() {
 }
 
 #[test]
+fn corrupted_tensor_bytes_fail_the_checksum() {
+    let mut bytes = fixture("tiny_zip.bin");
+    let storage = unzip(&bytes).into_iter().find(|(n, _)| n == "tiny_zip/data/0").unwrap().1;
+    let at = bytes.windows(storage.len()).position(|w| w == storage.as_slice()).unwrap();
+    bytes[at + 5] ^= 0x01;
+    let e = err(&bytes);
+    assert!(e.contains("cannot read zip entry 'tiny_zip/data/0'") && e.contains("checksum"), "{e}");
+}
+
+#[test]
 fn big_endian_checkpoints_are_refused() {
     let bytes =
         edited_zip(|name, data| Some(if name.ends_with("/byteorder") { b"big".to_vec() } else { data }));

@@ -1075,6 +1075,42 @@ mod tests {
     }
 
     #[test]
+    fn less_common_opcodes() {
+        // NEWOBJ OrderedDict, text PUT/GET, POP, DUP, MARK/POP_MARK, BINFLOAT, SETITEM, BUILD.
+        let p = b"\x80\x02ccollections\nOrderedDict\n)\x81p0\n0g0\n20(N1X\x01\x00\x00\x00kG\x3f\xf0\0\0\0\0\0\0s}b.";
+        let u = run(p).unwrap();
+        let Value::Obj(i) = u.root else { panic!("root") };
+        let Obj::Dict(d) = &u.heap[i] else { panic!("dict") };
+        assert!(matches!(d.items.as_slice(), [(Value::Str(k), Value::Float)] if &**k == "k"));
+        // Protocol 4 FRAME, MEMOIZE, bytes and string forms, BININT/BININT2/LONG1.
+        let p = b"\x80\x04\x95\x10\0\0\0\0\0\0\0]\x94(C\x02abU\x01a\x8d\x01\0\0\0\0\0\0\0bJ\xff\xff\xff\xffM\x01\x01\x8a\0e.";
+        let u = run(p).unwrap();
+        let Value::Obj(i) = u.root else { panic!("root") };
+        let Obj::List(l) = &u.heap[i] else { panic!("list") };
+        assert!(matches!(
+            l.as_slice(),
+            [Value::Bytes, Value::Str(a), Value::Str(b), Value::Int(-1), Value::Int(257), Value::Int(0)]
+                if &**a == "a" && &**b == "b"
+        ));
+        // Protocol 2's spelling of bytes.
+        let p = b"c_codecs\nencode\nX\x03\0\0\0abcX\x06\0\0\0latin1\x86R.";
+        assert!(matches!(run(p).unwrap().root, Value::Bytes));
+        let e = run(b"c_codecs\nencode\nX\x03\0\0\0abcX\x05\0\0\0utf-8\x86R.").unwrap_err().to_string();
+        assert!(e.contains("only (text, 'latin1')"), "{e}");
+        // A FRAME longer than the pickle.
+        let e = run(b"\x80\x04\x95\xff\0\0\0\0\0\0\0N.").unwrap_err().to_string();
+        assert!(e.contains("frame of 255 bytes, 2 remain"), "{e}");
+        // Calling something that is not a global, instantiating something other than OrderedDict.
+        assert!(run(b"N)R.").unwrap_err().to_string().contains("cannot call None"));
+        let e = run(b"ctorch\nFloatStorage\n)\x81.").unwrap_err().to_string();
+        assert!(e.contains("cannot instantiate"), "{e}");
+        let e = run(b"ctorch\nFloatStorage\n)R.").unwrap_err().to_string();
+        assert!(e.contains("cannot be called"), "{e}");
+        // Memo keys that were never set.
+        assert!(run(b"h\x05.").unwrap_err().to_string().contains("memo key 5 is not set"));
+    }
+
+    #[test]
     fn duplicate_string_keys_replace_in_place() {
         let p = b"}(X\x01\x00\x00\x00aK\x01X\x01\x00\x00\x00bK\x02X\x01\x00\x00\x00aK\x03u.";
         let u = run(p).unwrap();

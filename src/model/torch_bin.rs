@@ -82,6 +82,9 @@ fn detect_format(head: &[u8]) -> Result<Format> {
     if head.starts_with(LEGACY_MAGIC_PICKLE) {
         return Ok(Format::Legacy);
     }
+    if LEGACY_MAGIC_PICKLE.starts_with(head) {
+        bail!("truncated: the file ends inside the legacy torch magic number ({} bytes)", head.len());
+    }
     if head.first() == Some(&0x80) {
         bail!(
             "the file is a pickle but not a PyTorch checkpoint (no legacy torch magic number); \
@@ -182,7 +185,8 @@ fn load_zip<R: Read + Seek>(reader: R, archive_len: u64) -> Result<Vec<(String, 
 }
 
 /// Reads one zip entry whole. The declared size is checked against the archive's length before
-/// allocating, and the read stops at the declared size, so a lying header cannot grow memory.
+/// allocating, and the zip reader refuses data past the declared size, so a lying header cannot
+/// grow memory.
 fn read_entry<R: Read + Seek>(
     archive: &mut ZipArchive<R>,
     name: &str,
@@ -207,7 +211,10 @@ fn read_entry<R: Read + Seek>(
     let mut buf = Vec::new();
     buf.try_reserve_exact(usize::try_from(reserve).unwrap_or(usize::MAX))
         .map_err(|_| anyhow!("cannot allocate {reserve} bytes for zip entry '{name}'"))?;
-    entry.take(declared).read_to_end(&mut buf).map_err(|e| anyhow!("cannot read zip entry '{name}': {e}"))?;
+    // The zip reader fails past the declared size and checks the CRC at the end, so corrupted
+    // tensor bytes are caught here.
+    let mut entry = entry;
+    entry.read_to_end(&mut buf).map_err(|e| anyhow!("cannot read zip entry '{name}': {e}"))?;
     if buf.len() as u64 != declared {
         bail!("zip entry '{name}' is truncated: {} of {declared} bytes", buf.len());
     }
@@ -586,6 +593,7 @@ mod tests {
         assert!(detect_format(b"\x80\x02}q\x00.").unwrap_err().to_string().contains("not a PyTorch"));
         let e = detect_format(b"{\"__metadata__\"").unwrap_err().to_string();
         assert!(e.contains("starts with bytes [7b 22 5f 5f"), "{e}");
+        assert!(detect_format(b"\x80\x02\x8a").unwrap_err().to_string().contains("truncated"));
         assert!(matches!(detect_format(b"PK\x03\x04rest"), Ok(Format::Zip)));
         assert!(matches!(detect_format(LEGACY_MAGIC_PICKLE), Ok(Format::Legacy)));
     }
