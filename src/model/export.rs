@@ -39,9 +39,9 @@ pub fn export_model(
     let write = || -> Result<()> {
         let config = serde_json::to_string_pretty(&model.config.to_export_json())?;
         std::fs::write(tmp.join("config.json"), config + "\n")?;
-        let tensors: Vec<(String, Vec<usize>, &[f32])> =
-            model.named_tensors().map(|(n, s, v)| (n.to_string(), s.to_vec(), v)).collect();
-        save_safetensors(&tmp.join("model.safetensors"), &tensors)?;
+        let tensors: Vec<(String, &[f32], Vec<usize>)> =
+            model.named_tensors().map(|(n, s, v)| (n.to_string(), v, s.to_vec())).collect();
+        save_safetensors(&tmp.join("model.safetensors"), &tensors, &Default::default())?;
         tokenizer.save(&tmp.join("tokenizer.json"))?;
         for (src, file) in [
             (&source.vocab_txt, "vocab.txt"),

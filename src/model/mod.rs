@@ -4,6 +4,7 @@
 pub mod export;
 pub mod files;
 pub mod layout;
+mod pickle;
 pub mod safetensors_io;
 pub mod tensor;
 pub mod torch_bin;
