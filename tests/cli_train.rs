@@ -276,7 +276,7 @@ fn bad_input_is_a_clear_error() {
     std::fs::copy(model.join("config.json"), broken.join("config.json")).unwrap();
     train_broken("no model.safetensors or pytorch_model.bin");
     std::fs::write(broken.join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
-    train_broken("not a valid safetensors file");
+    train_broken("model.safetensors: the header claims 16 bytes but the file has only 5: truncated");
 
     // Data problems.
     let bad = tmp.path().join("bad");
