@@ -29,6 +29,7 @@ enum Command {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    hpo_gpu::tune_allocator();
     if let Some(t) = cli.threads {
         if t == 0 {
             anyhow::bail!("--threads must be at least 1");
