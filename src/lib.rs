@@ -7,3 +7,5 @@ pub mod cpu;
 pub mod cuda;
 pub mod data;
 pub mod model;
+pub mod search;
+pub mod study;
