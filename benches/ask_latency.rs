@@ -26,7 +26,14 @@ fn history_trial(i: usize, space: &SearchSpace) -> NewTrial {
     let lr = 10f64.powf(-6.0 + 2.0 * frac(0.618034 * i as f64));
     let bs = [16i64, 32, 64, 128][i % 4];
     let wd = 0.3 * frac(0.414214 * i as f64);
-    let value = 0.5 + 0.45 * (1.0 - ((lr.log10() + 4.5).powi(2) + ((bs as f64).log2() - 5.0).powi(2) / 4.0 + (wd - 0.1).powi(2) * 25.0) / 3.0).max(0.0);
+    let value = 0.5
+        + 0.45
+            * (1.0
+                - ((lr.log10() + 4.5).powi(2)
+                    + ((bs as f64).log2() - 5.0).powi(2) / 4.0
+                    + (wd - 0.1).powi(2) * 25.0)
+                    / 3.0)
+                .max(0.0);
     let mut t = NewTrial::new(TrialState::Complete);
     t.values = Some(vec![value]);
     for (name, dist) in space.iter() {
@@ -65,7 +72,8 @@ fn bench_ask(c: &mut Criterion) {
         let mut sampler = TpeSampler::new(TpeOptions { seed: Some(0), ..TpeOptions::default() });
         group.bench_function(BenchmarkId::new("memory", n), |b| {
             b.iter(|| {
-                let view = StudyView { study_name: "bench", direction: StudyDirection::Maximize, trials: &history };
+                let view =
+                    StudyView { study_name: "bench", direction: StudyDirection::Maximize, trials: &history };
                 black_box(suggest_params(&mut sampler, &view, &current, &space).unwrap())
             })
         });

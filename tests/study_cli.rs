@@ -2,8 +2,8 @@
 
 use clap::Parser;
 use hpo_gpu::study::cli::{
-    AskArgs, BestArgs, DirectionArg, SamplerKind, StudyArgs, TellArgs, TellState, TrialsArgs, run_ask, run_best, run_tell,
-    run_trials,
+    AskArgs, BestArgs, DirectionArg, SamplerKind, StudyArgs, TellArgs, TellState, TrialsArgs, run_ask,
+    run_best, run_tell, run_trials,
 };
 use hpo_gpu::study::storage::Storage;
 use hpo_gpu::study::{StudyDirection, TrialState};
@@ -31,8 +31,13 @@ fn ask(url: &str, direction: Option<DirectionArg>, n: usize) -> anyhow::Result<V
 }
 
 fn tell(url: &str, number: u64, values: &[f64], state: Option<TellState>) -> anyhow::Result<String> {
-    let args =
-        TellArgs { study: study_args(url), trial_number: number, values: values.to_vec(), state, skip_if_finished: false };
+    let args = TellArgs {
+        study: study_args(url),
+        trial_number: number,
+        values: values.to_vec(),
+        state,
+        skip_if_finished: false,
+    };
     let mut out = Vec::new();
     run_tell(&args, &mut out)?;
     Ok(String::from_utf8(out).unwrap())
@@ -96,7 +101,13 @@ fn ask_tell_round_trip() {
         let e = format!("{:#}", tell(&url, n, values, state).unwrap_err());
         assert!(e.contains(want), "{e}");
     }
-    let skip = TellArgs { study: study_args(&url), trial_number: 0, values: vec![1.0], state: None, skip_if_finished: true };
+    let skip = TellArgs {
+        study: study_args(&url),
+        trial_number: 0,
+        values: vec![1.0],
+        state: None,
+        skip_if_finished: true,
+    };
     let mut out = Vec::new();
     run_tell(&skip, &mut out).unwrap();
     assert!(String::from_utf8(out).unwrap().contains("skipped"));
@@ -144,9 +155,12 @@ fn trials_and_best_tables_and_json() {
     assert!(rows.contains(&vec!["number", "1"]) && rows.contains(&vec!["value", "0.750000"]), "{text}");
     assert!(rows.iter().any(|r| r[0] == "params.opt"), "{text}");
 
-    let err = run_best(&BestArgs { study: StudyArgs { storage: url.clone(), study_name: "nope".into() }, json: false }, &mut Vec::new())
-        .unwrap_err()
-        .to_string();
+    let err = run_best(
+        &BestArgs { study: StudyArgs { storage: url.clone(), study_name: "nope".into() }, json: false },
+        &mut Vec::new(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("no study named \"nope\"") && err.contains("studies: cli"), "{err}");
 }
 
@@ -163,7 +177,8 @@ fn bad_flags_give_clear_errors() {
     };
     let e = format!("{:#}", run_ask(&bad_space, &mut Vec::new()).unwrap_err());
     assert!(e.contains("--search-space: parameter \"x\"") && e.contains("`low <= high`"), "{e}");
-    let bad_storage = TrialsArgs { study: StudyArgs { storage: "mysql://x".into(), study_name: "s".into() }, json: false };
+    let bad_storage =
+        TrialsArgs { study: StudyArgs { storage: "mysql://x".into(), study_name: "s".into() }, json: false };
     let e = run_trials(&bad_storage, &mut Vec::new()).unwrap_err().to_string();
     assert!(e.contains("unsupported database \"mysql\""), "{e}");
 }
@@ -177,16 +192,37 @@ fn args_parse_like_the_cli() {
         Tell(TellArgs),
     }
     let Cmd::Ask(a) = Cmd::try_parse_from([
-        "hpo-gpu", "ask", "--study-name", "s", "--search-space", "{}", "--sampler", "random", "--direction", "maximize",
+        "hpo-gpu",
+        "ask",
+        "--study-name",
+        "s",
+        "--search-space",
+        "{}",
+        "--sampler",
+        "random",
+        "--direction",
+        "maximize",
     ])
     .unwrap() else {
         panic!()
     };
-    assert_eq!((a.study.storage.as_str(), a.sampler, a.n), ("sqlite:///optuna_trials.db", SamplerKind::Random, 1));
-    let Cmd::Tell(t) =
-        Cmd::try_parse_from(["hpo-gpu", "tell", "--study-name", "s", "--trial-number", "3", "--values", "0.5", "--state", "complete"])
-            .unwrap()
-    else {
+    assert_eq!(
+        (a.study.storage.as_str(), a.sampler, a.n),
+        ("sqlite:///optuna_trials.db", SamplerKind::Random, 1)
+    );
+    let Cmd::Tell(t) = Cmd::try_parse_from([
+        "hpo-gpu",
+        "tell",
+        "--study-name",
+        "s",
+        "--trial-number",
+        "3",
+        "--values",
+        "0.5",
+        "--state",
+        "complete",
+    ])
+    .unwrap() else {
         panic!()
     };
     assert_eq!((t.trial_number, t.values.as_slice(), t.state), (3, &[0.5][..], Some(TellState::Complete)));

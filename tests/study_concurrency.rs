@@ -124,9 +124,17 @@ fn four_threads_ask_and_tell_on_separate_connections() {
                 let space = SearchSpace::recipe_default();
                 let mut told = Vec::new();
                 for _ in 0..15 {
-                    let t = ask_batch(&mut storage, &study, &space, &mut sampler, None, 1, &AskOptions::default())
-                        .unwrap()
-                        .remove(0);
+                    let t = ask_batch(
+                        &mut storage,
+                        &study,
+                        &space,
+                        &mut sampler,
+                        None,
+                        1,
+                        &AskOptions::default(),
+                    )
+                    .unwrap()
+                    .remove(0);
                     let v = t.param("weight_decay").unwrap().internal;
                     storage.report(t.trial_id, 1, v, &[]).unwrap();
                     storage.set_trial_state(t.trial_id, TrialState::Complete, Some(&[v]), &[]).unwrap();
@@ -159,6 +167,8 @@ fn nop_pruner_is_the_default_for_ask() {
     let study = storage.create_study("s", StudyDirection::Minimize, false).unwrap();
     let mut sampler = TpeSampler::new(TpeOptions { seed: Some(1), ..TpeOptions::default() });
     let space = SearchSpace::recipe_default();
-    let t = ask_batch(&mut storage, &study, &space, &mut sampler, Some(&NopPruner), 2, &AskOptions::default()).unwrap();
+    let t =
+        ask_batch(&mut storage, &study, &space, &mut sampler, Some(&NopPruner), 2, &AskOptions::default())
+            .unwrap();
     assert_eq!(t.iter().map(|t| t.number).collect::<Vec<_>>(), vec![0, 1]);
 }

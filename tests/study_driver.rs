@@ -45,15 +45,27 @@ fn study_runs_to_n_trials_with_failures_recorded() {
     let mut opts = fast_options(25);
     opts.max_consecutive_failures = 100;
     let mut sampler = tpe(1);
-    let out = run_study(&mut storage, &study, &space, &mut sampler, &mut NopPruner, &opts, &mut runner, &mut NoProgress)
-        .unwrap();
+    let out = run_study(
+        &mut storage,
+        &study,
+        &space,
+        &mut sampler,
+        &mut NopPruner,
+        &opts,
+        &mut runner,
+        &mut NoProgress,
+    )
+    .unwrap();
     assert_eq!(out.stop, StopReason::TargetReached);
     let trials = storage.trials(study.study_id, None).unwrap();
     let complete: Vec<&FrozenTrial> = trials.iter().filter(|t| t.state == TrialState::Complete).collect();
     let failed: Vec<&FrozenTrial> = trials.iter().filter(|t| t.state == TrialState::Fail).collect();
     assert_eq!(complete.len(), 25, "FAIL trials do not count towards n_trials");
     assert_eq!(out.trials_run as usize, trials.len());
-    assert_eq!(trials.iter().map(|t| t.number).collect::<Vec<_>>(), (0..trials.len() as u64).collect::<Vec<_>>());
+    assert_eq!(
+        trials.iter().map(|t| t.number).collect::<Vec<_>>(),
+        (0..trials.len() as u64).collect::<Vec<_>>()
+    );
     for t in &failed {
         let reason = t.system_attrs["fail_reason"].as_str().unwrap();
         assert!(reason.contains("simulated CUDA out of memory") || reason.contains("NaN"), "{reason}");
@@ -68,7 +80,10 @@ fn study_runs_to_n_trials_with_failures_recorded() {
         assert_eq!(t.intermediate_values.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
         assert_eq!(t.intermediate_values[&3], t.value().unwrap());
         assert_eq!(t.user_attrs["epoch_3_eval_accuracy"].as_f64().unwrap(), t.value().unwrap());
-        assert!((t.user_attrs["epoch_1_train_loss"].as_f64().unwrap() - (1.0 - t.intermediate_values[&1])).abs() < 1e-12);
+        assert!(
+            (t.user_attrs["epoch_1_train_loss"].as_f64().unwrap() - (1.0 - t.intermediate_values[&1])).abs()
+                < 1e-12
+        );
         assert_eq!(t.user_attrs["epoch_2_runtime"].as_f64().unwrap(), 0.02);
         assert!(t.datetime_complete.unwrap() >= t.datetime_start.unwrap());
     }
@@ -76,8 +91,17 @@ fn study_runs_to_n_trials_with_failures_recorded() {
     let max = complete.iter().map(|t| t.value().unwrap()).fold(f64::MIN, f64::max);
     assert_eq!(best.value().unwrap(), max);
     // Running again with the same target does nothing: the study is complete.
-    let out = run_study(&mut storage, &study, &space, &mut sampler, &mut NopPruner, &opts, &mut runner, &mut NoProgress)
-        .unwrap();
+    let out = run_study(
+        &mut storage,
+        &study,
+        &space,
+        &mut sampler,
+        &mut NopPruner,
+        &opts,
+        &mut runner,
+        &mut NoProgress,
+    )
+    .unwrap();
     assert_eq!(out.trials_run, 0);
     // TPE beats the start-up phase: the best value after start-up is near the optimum 0.95.
     assert!(max > 0.9, "best {max}");
@@ -105,7 +129,10 @@ fn a_broken_configuration_stops_the_study() {
     )
     .unwrap_err()
     .to_string();
-    assert!(err.contains("5 trials in a row failed") && err.contains("simulated CUDA out of memory"), "{err}");
+    assert!(
+        err.contains("5 trials in a row failed") && err.contains("simulated CUDA out of memory"),
+        "{err}"
+    );
     assert_eq!(storage.trial_counts(study.study_id).unwrap().fail, 5);
 }
 
@@ -118,8 +145,17 @@ fn median_pruner_prunes_bad_trials_with_their_last_value() {
     let mut pruner = MedianPruner::default();
     let mut opts = fast_options(30);
     opts.max_consecutive_failures = 100;
-    run_study(&mut storage, &study, &space, &mut RandomSampler::new(Some(3)), &mut pruner, &opts, &mut runner, &mut NoProgress)
-        .unwrap();
+    run_study(
+        &mut storage,
+        &study,
+        &space,
+        &mut RandomSampler::new(Some(3)),
+        &mut pruner,
+        &opts,
+        &mut runner,
+        &mut NoProgress,
+    )
+    .unwrap();
     let trials = storage.trials(study.study_id, None).unwrap();
     let pruned: Vec<&FrozenTrial> = trials.iter().filter(|t| t.state == TrialState::Pruned).collect();
     assert!(!pruned.is_empty(), "random search on this objective must prune some trials");
@@ -132,7 +168,8 @@ fn median_pruner_prunes_bad_trials_with_their_last_value() {
     }
     // No trial is pruned before 5 trials completed (n_startup_trials).
     let first_pruned = pruned.iter().map(|t| t.number).min().unwrap();
-    let completed_before = trials.iter().filter(|t| t.number < first_pruned && t.state == TrialState::Complete).count();
+    let completed_before =
+        trials.iter().filter(|t| t.number < first_pruned && t.state == TrialState::Complete).count();
     assert!(completed_before >= 5, "{completed_before}");
     let c = storage.trial_counts(study.study_id).unwrap();
     assert_eq!(c.finished_ok(), 30);
@@ -147,8 +184,17 @@ fn restart_after_crash_fails_stale_trial_and_reruns_its_params() {
         let mut storage = Storage::open(&url).unwrap();
         let study = storage.create_study("s", StudyDirection::Maximize, false).unwrap();
         let mut runner = FakeRunner::new(2);
-        run_study(&mut storage, &study, &space, &mut tpe(5), &mut NopPruner, &fast_options(2), &mut runner, &mut NoProgress)
-            .unwrap();
+        run_study(
+            &mut storage,
+            &study,
+            &space,
+            &mut tpe(5),
+            &mut NopPruner,
+            &fast_options(2),
+            &mut runner,
+            &mut NoProgress,
+        )
+        .unwrap();
         let mut sampler = tpe(6);
         let opts = AskOptions { target: None, heartbeat: true, seed: None };
         let started = ask_batch(&mut storage, &study, &space, &mut sampler, None, 1, &opts).unwrap();
@@ -157,13 +203,25 @@ fn restart_after_crash_fails_stale_trial_and_reruns_its_params() {
     };
     // Make its heartbeat old, as if the process died a while ago.
     let conn = rusqlite::Connection::open(url.trim_start_matches("sqlite:///")).unwrap();
-    conn.execute("UPDATE trial_heartbeats SET heartbeat = '2001-01-01 00:00:00.000000' WHERE trial_id = 3", []).unwrap();
+    conn.execute(
+        "UPDATE trial_heartbeats SET heartbeat = '2001-01-01 00:00:00.000000' WHERE trial_id = 3",
+        [],
+    )
+    .unwrap();
 
     let mut storage = Storage::open(&url).unwrap();
     let mut runner = FakeRunner::new(2);
-    let out =
-        run_study(&mut storage, &study, &space, &mut tpe(7), &mut NopPruner, &fast_options(5), &mut runner, &mut NoProgress)
-            .unwrap();
+    let out = run_study(
+        &mut storage,
+        &study,
+        &space,
+        &mut tpe(7),
+        &mut NopPruner,
+        &fast_options(5),
+        &mut runner,
+        &mut NoProgress,
+    )
+    .unwrap();
     assert_eq!(out.stop, StopReason::TargetReached);
     let trials = storage.trials(study.study_id, None).unwrap();
     let crashed = &trials[2];
@@ -189,13 +247,24 @@ fn a_live_trial_of_another_worker_is_waited_for_not_duplicated() {
     let mut t = NewTrial::new(TrialState::Complete);
     t.values = Some(vec![0.7]);
     storage.create_trial(study.study_id, &t).unwrap();
-    let StartOutcome::Started(other) = storage.start_trial(study.study_id, None, true).unwrap() else { panic!() };
+    let StartOutcome::Started(other) = storage.start_trial(study.study_id, None, true).unwrap() else {
+        panic!()
+    };
     let mut opts = fast_options(2);
     opts.grace_period = Duration::from_millis(600);
     let start = std::time::Instant::now();
     let mut runner = FakeRunner::new(1);
-    run_study(&mut storage, &study, &SearchSpace::recipe_default(), &mut tpe(1), &mut NopPruner, &opts, &mut runner, &mut NoProgress)
-        .unwrap();
+    run_study(
+        &mut storage,
+        &study,
+        &SearchSpace::recipe_default(),
+        &mut tpe(1),
+        &mut NopPruner,
+        &opts,
+        &mut runner,
+        &mut NoProgress,
+    )
+    .unwrap();
     assert!(start.elapsed() >= Duration::from_millis(600), "waited for the grace period");
     assert_eq!(storage.trial(other.trial_id).unwrap().state, TrialState::Fail);
     let c = storage.trial_counts(study.study_id).unwrap();
@@ -207,12 +276,22 @@ fn ask_batch_gives_distinct_proposals_via_constant_liar() {
     let mut storage = Storage::open("sqlite:///:memory:").unwrap();
     let study = storage.create_study("s", StudyDirection::Maximize, false).unwrap();
     let space = SearchSpace::recipe_default();
-    run_study(&mut storage, &study, &space, &mut tpe(2), &mut NopPruner, &fast_options(12), &mut FakeRunner::new(1), &mut NoProgress)
-        .unwrap();
+    run_study(
+        &mut storage,
+        &study,
+        &space,
+        &mut tpe(2),
+        &mut NopPruner,
+        &fast_options(12),
+        &mut FakeRunner::new(1),
+        &mut NoProgress,
+    )
+    .unwrap();
     let opts = AskOptions { heartbeat: true, ..AskOptions::default() };
     let batch = ask_batch(&mut storage, &study, &space, &mut tpe(3), None, 16, &opts).unwrap();
     assert_eq!(batch.len(), 16);
-    let lrs: HashSet<u64> = batch.iter().map(|t| t.param("learning_rate").unwrap().internal.to_bits()).collect();
+    let lrs: HashSet<u64> =
+        batch.iter().map(|t| t.param("learning_rate").unwrap().internal.to_bits()).collect();
     assert_eq!(lrs.len(), 16, "16 distinct learning rates");
     assert!(batch.iter().all(|t| t.state == TrialState::Running && t.params.len() == 3));
     // The target caps a batch: 12 finished + 16 live running, target 30 → 2 more.
@@ -264,7 +343,9 @@ fn tpe_beats_random_on_a_smooth_objective() {
         let study = storage.create_study("s", StudyDirection::Minimize, false).unwrap();
         let mut best = f64::INFINITY;
         for _ in 0..40 {
-            let t = ask_batch(&mut storage, &study, &space, sampler, None, 1, &AskOptions::default()).unwrap().remove(0);
+            let t = ask_batch(&mut storage, &study, &space, sampler, None, 1, &AskOptions::default())
+                .unwrap()
+                .remove(0);
             let x = t.param("x").unwrap().internal;
             let y = t.param("y").unwrap().internal;
             let v = (x - 0.3).powi(2) + (y.log10() + 3.0).powi(2);
@@ -295,7 +376,10 @@ fn pruner_trait_objects_work_in_the_driver() {
             _: &hpo_gpu::search::sampler::StudyView,
             t: &FrozenTrial,
         ) -> anyhow::Result<hpo_gpu::search::pruner::PruneDecision> {
-            Ok(hpo_gpu::search::pruner::PruneDecision { prune: t.last_step() == Some(2), system_attrs: vec![("seen".into(), 2.0)] })
+            Ok(hpo_gpu::search::pruner::PruneDecision {
+                prune: t.last_step() == Some(2),
+                system_attrs: vec![("seen".into(), 2.0)],
+            })
         }
     }
     let mut storage = Storage::open("sqlite:///:memory:").unwrap();
@@ -306,8 +390,17 @@ fn pruner_trait_objects_work_in_the_driver() {
     )])
     .unwrap();
     let mut runner = FakeRunner::new(5);
-    run_study(&mut storage, &study, &space, &mut tpe(0), &mut PruneAtTwo, &fast_options(3), &mut runner, &mut NoProgress)
-        .unwrap();
+    run_study(
+        &mut storage,
+        &study,
+        &space,
+        &mut tpe(0),
+        &mut PruneAtTwo,
+        &fast_options(3),
+        &mut runner,
+        &mut NoProgress,
+    )
+    .unwrap();
     for t in storage.trials(study.study_id, None).unwrap() {
         assert_eq!(t.state, TrialState::Pruned);
         assert_eq!(t.value(), Some(t.intermediate_values[&2]));

@@ -120,7 +120,8 @@ fn optuna_loads_a_study_written_by_hpo_gpu() {
     assert!(states.contains(&TrialState::Fail), "{states:?}");
     let plot_dir = dir.path().join("plots");
     std::fs::create_dir(&plot_dir).unwrap();
-    let out = run_python(&py, "check_hpo_study.py", &[db_path(&url), &study.name, plot_dir.to_str().unwrap()]);
+    let out =
+        run_python(&py, "check_hpo_study.py", &[db_path(&url), &study.name, plot_dir.to_str().unwrap()]);
     let report: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(report["direction"], "MAXIMIZE");
     assert_eq!(report["user_attrs"]["model"], "prajjwal1/bert-tiny");

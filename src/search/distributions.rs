@@ -64,7 +64,9 @@ impl ParamValue {
             ParamValue::None => Value::Null,
             ParamValue::Bool(b) => Value::Bool(*b),
             ParamValue::Int(i) => Value::from(*i),
-            ParamValue::Float(f) => serde_json::Number::from_f64(*f).map(Value::Number).unwrap_or(Value::Null),
+            ParamValue::Float(f) => {
+                serde_json::Number::from_f64(*f).map(Value::Number).unwrap_or(Value::Null)
+            }
             ParamValue::Str(s) => Value::String(s.clone()),
         }
     }
@@ -161,7 +163,7 @@ impl FloatDistribution {
         }
         let mut high = high;
         if let Some(s) = step {
-            if !(s > 0.0) || !s.is_finite() {
+            if s.is_nan() || s <= 0.0 || s.is_infinite() {
                 bail!("`step > 0` must hold, got step={}", float_repr(s));
             }
             high = adjust_discrete_uniform_high(low, high, s);
@@ -173,7 +175,8 @@ impl FloatDistribution {
         match self.step {
             None => self.low == self.high,
             Some(step) => {
-                self.low == self.high || decimal_sub_lt(self.high, self.low, step).unwrap_or(self.high - self.low < step)
+                self.low == self.high
+                    || decimal_sub_lt(self.high, self.low, step).unwrap_or(self.high - self.low < step)
             }
         }
     }
@@ -263,7 +266,8 @@ impl Distribution {
     /// External value → internal float (`to_internal_repr`).
     pub fn to_internal(&self, value: &ParamValue) -> Result<f64> {
         match self {
-            Distribution::Float(FloatDistribution { log, .. }) | Distribution::Int(IntDistribution { log, .. }) => {
+            Distribution::Float(FloatDistribution { log, .. })
+            | Distribution::Int(IntDistribution { log, .. }) => {
                 let x = value.as_f64().ok_or_else(|| anyhow!("'{value}' is not a number"))?;
                 if x.is_nan() {
                     bail!("`{value}` is an invalid value");
@@ -273,12 +277,11 @@ impl Distribution {
                 }
                 Ok(x)
             }
-            Distribution::Categorical(d) => d
-                .choices
-                .iter()
-                .position(|c| c.py_eq(value))
-                .map(|i| i as f64)
-                .ok_or_else(|| anyhow!("'{value}' is not one of the choices [{}]", choices_display(&d.choices))),
+            Distribution::Categorical(d) => {
+                d.choices.iter().position(|c| c.py_eq(value)).map(|i| i as f64).ok_or_else(|| {
+                    anyhow!("'{value}' is not one of the choices [{}]", choices_display(&d.choices))
+                })
+            }
         }
     }
 
@@ -295,7 +298,11 @@ impl Distribution {
             Distribution::Categorical(d) => {
                 let index = internal.trunc();
                 if !(index >= 0.0 && (index as usize) < d.choices.len()) {
-                    bail!("choice index {} out of range for {} choices", float_repr(internal), d.choices.len());
+                    bail!(
+                        "choice index {} out of range for {} choices",
+                        float_repr(internal),
+                        d.choices.len()
+                    );
                 }
                 Ok(d.choices[index as usize].clone())
             }
@@ -315,7 +322,10 @@ impl Distribution {
             ),
             // IntDistribution.__dict__ order: log, step, low, high.
             Distribution::Int(d) => {
-                format!("{{\"log\": {}, \"step\": {}, \"low\": {}, \"high\": {}}}", d.log, d.step, d.low, d.high)
+                format!(
+                    "{{\"log\": {}, \"step\": {}, \"low\": {}, \"high\": {}}}",
+                    d.log, d.step, d.low, d.high
+                )
             }
             Distribution::Categorical(d) => {
                 let choices: Vec<String> = d.choices.iter().map(ParamValue::to_py_json).collect();
@@ -368,11 +378,7 @@ fn from_named(name: &str, attrs: &Map<String, Value>) -> Result<Distribution> {
     let allowed: &[&str] = match name {
         "FloatDistribution" => &["low", "high", "log", "step"],
         "IntDistribution" | "IntUniformDistribution" | "IntLogUniformDistribution" => {
-            if name == "IntDistribution" {
-                &["low", "high", "log", "step"]
-            } else {
-                &["low", "high", "step"]
-            }
+            if name == "IntDistribution" { &["low", "high", "log", "step"] } else { &["low", "high", "step"] }
         }
         "UniformDistribution" | "LogUniformDistribution" => &["low", "high"],
         "DiscreteUniformDistribution" => &["low", "high", "q"],
@@ -408,11 +414,18 @@ fn from_named(name: &str, attrs: &Map<String, Value>) -> Result<Distribution> {
             };
             Distribution::Float(FloatDistribution::new(float("low")?, float("high")?, boolean("log")?, step)?)
         }
-        "UniformDistribution" => Distribution::Float(FloatDistribution::new(float("low")?, float("high")?, false, None)?),
-        "LogUniformDistribution" => Distribution::Float(FloatDistribution::new(float("low")?, float("high")?, true, None)?),
-        "DiscreteUniformDistribution" => {
-            Distribution::Float(FloatDistribution::new(float("low")?, float("high")?, false, Some(float("q")?))?)
+        "UniformDistribution" => {
+            Distribution::Float(FloatDistribution::new(float("low")?, float("high")?, false, None)?)
         }
+        "LogUniformDistribution" => {
+            Distribution::Float(FloatDistribution::new(float("low")?, float("high")?, true, None)?)
+        }
+        "DiscreteUniformDistribution" => Distribution::Float(FloatDistribution::new(
+            float("low")?,
+            float("high")?,
+            false,
+            Some(float("q")?),
+        )?),
         "IntDistribution" | "IntUniformDistribution" | "IntLogUniformDistribution" => {
             let step = match attrs.get("step") {
                 None | Some(Value::Null) => 1,
@@ -545,10 +558,14 @@ mod tests {
 
     #[test]
     fn reads_inline_and_deprecated_forms() {
-        let d = Distribution::from_json(r#"{"name": "FloatDistribution", "attributes": {"low": 0, "high": 1}}"#).unwrap();
+        let d =
+            Distribution::from_json(r#"{"name": "FloatDistribution", "attributes": {"low": 0, "high": 1}}"#)
+                .unwrap();
         assert_eq!(d, f(0.0, 1.0, false, None));
-        let d = Distribution::from_json(r#"{"name": "LogUniformDistribution", "attributes": {"low": 0.1, "high": 1}}"#)
-            .unwrap();
+        let d = Distribution::from_json(
+            r#"{"name": "LogUniformDistribution", "attributes": {"low": 0.1, "high": 1}}"#,
+        )
+        .unwrap();
         assert_eq!(d, f(0.1, 1.0, true, None));
         let d = Distribution::from_json(r#"{"type": "int", "low": 1, "high": 10, "step": 3}"#).unwrap();
         assert_eq!(d, Distribution::Int(IntDistribution { low: 1, high: 10, log: false, step: 3 }));
@@ -560,13 +577,22 @@ mod tests {
     fn invalid_distributions_give_clear_errors() {
         let cases = [
             (r#"{"name": "FloatDistribution", "attributes": {"low": 2, "high": 1}}"#, "`low <= high`"),
-            (r#"{"name": "FloatDistribution", "attributes": {"low": 0, "high": 1, "log": true}}"#, "`low > 0`"),
-            (r#"{"name": "FloatDistribution", "attributes": {"low": 1, "high": 2, "log": true, "step": 0.5}}"#, "`step`"),
+            (
+                r#"{"name": "FloatDistribution", "attributes": {"low": 0, "high": 1, "log": true}}"#,
+                "`low > 0`",
+            ),
+            (
+                r#"{"name": "FloatDistribution", "attributes": {"low": 1, "high": 2, "log": true, "step": 0.5}}"#,
+                "`step`",
+            ),
             (r#"{"name": "IntDistribution", "attributes": {"low": 1, "high": 2, "step": 0}}"#, "`step > 0`"),
             (r#"{"name": "CategoricalDistribution", "attributes": {"choices": []}}"#, "one or more"),
             (r#"{"name": "CategoricalDistribution", "attributes": {"choices": [[1]]}}"#, "invalid choice"),
             (r#"{"name": "Gaussian", "attributes": {}}"#, "unknown distribution class"),
-            (r#"{"name": "FloatDistribution", "attributes": {"low": 0, "hi": 1}}"#, "unexpected attribute \"hi\""),
+            (
+                r#"{"name": "FloatDistribution", "attributes": {"low": 0, "hi": 1}}"#,
+                "unexpected attribute \"hi\"",
+            ),
             (r#"{"name": "IntDistribution", "attributes": {"low": 0.5, "high": 1}}"#, "must be an integer"),
             (r#"[1, 2]"#, "JSON object"),
             (r#"{"name": "FloatDist"#, "invalid JSON"),
@@ -590,12 +616,18 @@ mod tests {
     #[test]
     fn internal_external_round_trip() {
         let cat = Distribution::Categorical(
-            CategoricalDistribution::new(vec![ParamValue::Int(16), ParamValue::Int(32), ParamValue::Str("a".into())])
-                .unwrap(),
+            CategoricalDistribution::new(vec![
+                ParamValue::Int(16),
+                ParamValue::Int(32),
+                ParamValue::Str("a".into()),
+            ])
+            .unwrap(),
         );
         assert_eq!(cat.to_internal(&ParamValue::Int(32)).unwrap(), 1.0);
         assert_eq!(cat.to_internal(&ParamValue::Float(32.0)).unwrap(), 1.0);
-        assert!(cat.to_internal(&ParamValue::Int(64)).unwrap_err().to_string().contains("not one of the choices"));
+        assert!(
+            cat.to_internal(&ParamValue::Int(64)).unwrap_err().to_string().contains("not one of the choices")
+        );
         assert_eq!(cat.to_external(2.0).unwrap(), ParamValue::Str("a".into()));
         assert!(cat.to_external(3.0).is_err());
         let int = Distribution::Int(IntDistribution::new(1, 9, false, 2).unwrap());

@@ -93,7 +93,8 @@ impl SearchSpace {
     /// warnings (e.g. a `high` lowered to the last step, which Optuna also only warns about).
     pub fn from_file(path: &Path) -> Result<(Self, Vec<String>)> {
         let origin = path.display().to_string();
-        let bytes = std::fs::read(path).with_context(|| format!("{origin}: cannot read search space file"))?;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("{origin}: cannot read search space file"))?;
         let text = String::from_utf8(bytes).map_err(|e| anyhow!("{origin}: not UTF-8 text ({e})"))?;
         match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
             Some("toml") => Self::from_toml_str(&text, &origin),
@@ -104,7 +105,8 @@ impl SearchSpace {
 
     /// Parses the TOML form; `origin` names the source in errors.
     pub fn from_toml_str(text: &str, origin: &str) -> Result<(Self, Vec<String>)> {
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| anyhow!("{origin}: invalid TOML: {e}"))?;
+        let table: toml::Table =
+            text.parse().map_err(|e: toml::de::Error| anyhow!("{origin}: invalid TOML: {e}"))?;
         let value = serde_json::to_value(&table).map_err(|e| anyhow!("{origin}: {e}"))?;
         let Value::Object(map) = value else { bail!("{origin}: expected a table of parameters") };
         // toml::Table keeps key order only with its preserve_order feature; restore file order.
@@ -125,13 +127,17 @@ impl SearchSpace {
     /// Optuna's inline `--search-space` JSON: `{"x": {"name": "FloatDistribution", "attributes":
     /// {...}}, ...}`. Any parameter names are accepted.
     pub fn from_optuna_json(text: &str) -> Result<Self> {
-        let value: Value = serde_json::from_str(text).map_err(|e| anyhow!("--search-space: invalid JSON: {e}"))?;
-        let Value::Object(map) = value else { bail!("--search-space: expected a JSON object of distributions") };
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| anyhow!("--search-space: invalid JSON: {e}"))?;
+        let Value::Object(map) = value else {
+            bail!("--search-space: expected a JSON object of distributions")
+        };
         let mut entries: Vec<(String, Value)> = map.into_iter().collect();
         entries.sort_by_key(|(k, _)| json_key_position(text, k));
         let mut params = Vec::new();
         for (name, v) in entries {
-            let d = Distribution::from_json_value(&v).map_err(|e| anyhow!("--search-space: parameter {name:?}: {e:#}"))?;
+            let d = Distribution::from_json_value(&v)
+                .map_err(|e| anyhow!("--search-space: parameter {name:?}: {e:#}"))?;
             params.push((name, d));
         }
         Self::new(params)
@@ -147,7 +153,10 @@ impl SearchSpace {
             let ctx = |e: anyhow::Error| anyhow!("{origin}: parameter {name:?}: {e:#}");
             let Some(&(_, kind)) = ALLOWED_PARAMS.iter().find(|(n, _)| *n == name) else {
                 let allowed: Vec<&str> = ALLOWED_PARAMS.iter().map(|(n, _)| *n).collect();
-                bail!("{origin}: unknown parameter {name:?}; the trainer's hyperparameters are: {}", allowed.join(", "));
+                bail!(
+                    "{origin}: unknown parameter {name:?}; the trainer's hyperparameters are: {}",
+                    allowed.join(", ")
+                );
             };
             let Value::Object(obj) = &v else { return Err(ctx(anyhow!("expected a table with `type`"))) };
             let dist = parse_param(obj).map_err(ctx)?;
@@ -219,7 +228,8 @@ fn parse_param(obj: &Map<String, Value>) -> Result<Distribution> {
     if !["float", "int", "categorical"].contains(&kind) {
         bail!("unknown type {kind:?} (expected float, int or categorical)");
     }
-    let allowed: &[&str] = if kind == "categorical" { &["type", "choices"] } else { &["type", "low", "high", "log", "step"] };
+    let allowed: &[&str] =
+        if kind == "categorical" { &["type", "choices"] } else { &["type", "low", "high", "log", "step"] };
     if let Some(bad) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
         bail!("unexpected field {bad:?} for type {kind:?} (allowed: {})", allowed[1..].join(", "));
     }
@@ -241,8 +251,12 @@ fn check_kind_and_domain(name: &str, kind: ValueKind, dist: &Distribution) -> Re
             .iter()
             .map(|v| match (kind, v) {
                 (ValueKind::Integer, ParamValue::Int(i)) => Ok(*i as f64),
-                (ValueKind::Integer, other) => bail!("{name} takes integers, got choice {}", other.to_py_json()),
-                (ValueKind::Float, ParamValue::Int(_) | ParamValue::Float(_)) => Ok(v.as_f64().unwrap_or(f64::NAN)),
+                (ValueKind::Integer, other) => {
+                    bail!("{name} takes integers, got choice {}", other.to_py_json())
+                }
+                (ValueKind::Float, ParamValue::Int(_) | ParamValue::Float(_)) => {
+                    Ok(v.as_f64().unwrap_or(f64::NAN))
+                }
                 (ValueKind::Float, other) => bail!("{name} takes numbers, got choice {}", other.to_py_json()),
             })
             .collect::<Result<_>>()?,
@@ -310,29 +324,52 @@ mod tests {
         assert!(w.is_empty());
         let names: Vec<&str> = s.iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["weight_decay", "learning_rate", "num_train_epochs"]);
-        assert_eq!(s.get("num_train_epochs"), Some(&Distribution::Int(IntDistribution { low: 1, high: 5, log: false, step: 1 })));
+        assert_eq!(
+            s.get("num_train_epochs"),
+            Some(&Distribution::Int(IntDistribution { low: 1, high: 5, log: false, step: 1 }))
+        );
         let json = r#"{"seed": {"type": "categorical", "choices": [1, 2]},
                        "warmup_ratio": {"name": "FloatDistribution", "attributes": {"low": 0, "high": 0.2, "step": 0.05}}}"#;
         let (s, _) = SearchSpace::from_json_str(json, "space.json").unwrap();
         assert_eq!(s.iter().map(|(n, _)| n).collect::<Vec<_>>(), ["seed", "warmup_ratio"]);
-        let (_, w) = SearchSpace::from_toml_str("[warmup_steps]\ntype=\"int\"\nlow=0\nhigh=10\nstep=3\n", "s.toml").unwrap();
+        let (_, w) =
+            SearchSpace::from_toml_str("[warmup_steps]\ntype=\"int\"\nlow=0\nhigh=10\nstep=3\n", "s.toml")
+                .unwrap();
         assert!(w[0].contains("high lowered to 9"), "{w:?}");
     }
 
     #[test]
     fn invalid_spaces_name_the_file_and_parameter() {
         let cases = [
-            ("[learning_rate]\ntype=\"float\"\nlow=1e-4\nhigh=1e-6\n", "parameter \"learning_rate\": `low <= high`"),
-            ("[learning_rate]\ntype=\"float\"\nlow=0.0\nhigh=1e-4\nlog=true\n", "`low > 0` must hold for log=true"),
-            ("[weight_decay]\ntype=\"float\"\nlow=0.1\nhigh=0.3\nlog=true\nstep=0.1\n", "`step` is not supported"),
+            (
+                "[learning_rate]\ntype=\"float\"\nlow=1e-4\nhigh=1e-6\n",
+                "parameter \"learning_rate\": `low <= high`",
+            ),
+            (
+                "[learning_rate]\ntype=\"float\"\nlow=0.0\nhigh=1e-4\nlog=true\n",
+                "`low > 0` must hold for log=true",
+            ),
+            (
+                "[weight_decay]\ntype=\"float\"\nlow=0.1\nhigh=0.3\nlog=true\nstep=0.1\n",
+                "`step` is not supported",
+            ),
             ("[per_device_train_batch_size]\ntype=\"categorical\"\nchoices=[]\n", "one or more elements"),
-            ("[lr]\ntype=\"float\"\nlow=0.1\nhigh=0.3\n", "unknown parameter \"lr\"; the trainer's hyperparameters are: learning_rate,"),
+            (
+                "[lr]\ntype=\"float\"\nlow=0.1\nhigh=0.3\n",
+                "unknown parameter \"lr\"; the trainer's hyperparameters are: learning_rate,",
+            ),
             ("[weight_decay]\ntype=\"gauss\"\n", "unknown type \"gauss\""),
             ("[weight_decay]\nlow=0\n", "missing `type`"),
             ("[weight_decay]\ntype=\"float\"\nlow=0\nhigh=1\nlogg=true\n", "unexpected field \"logg\""),
             ("[per_device_train_batch_size]\ntype=\"float\"\nlow=8\nhigh=64\n", "takes integers"),
-            ("[per_device_train_batch_size]\ntype=\"categorical\"\nchoices=[16, \"big\"]\n", "takes integers, got choice \"big\""),
-            ("[hidden_dropout_prob]\ntype=\"float\"\nlow=0\nhigh=1.5\n", "must be in [0, 1], but the space reaches 1.5"),
+            (
+                "[per_device_train_batch_size]\ntype=\"categorical\"\nchoices=[16, \"big\"]\n",
+                "takes integers, got choice \"big\"",
+            ),
+            (
+                "[hidden_dropout_prob]\ntype=\"float\"\nlow=0\nhigh=1.5\n",
+                "must be in [0, 1], but the space reaches 1.5",
+            ),
             ("[weight_decay]\ntype=\"float\"\nlow=0\nhigh=1\nstep=0\n", "`step > 0`"),
             ("weight_decay = 3\n", "expected a table"),
             ("[weight_decay\n", "invalid TOML"),
@@ -344,9 +381,11 @@ mod tests {
         }
         let err = SearchSpace::from_json_str("{\"learning_rate\": ", "bad.json").unwrap_err().to_string();
         assert!(err.contains("bad.json: invalid JSON"), "{err}");
-        let err = SearchSpace::from_optuna_json(r#"{"x": {"name": "FloatDistribution", "attributes": {"low": 1, "high": 0}}}"#)
-            .unwrap_err()
-            .to_string();
+        let err = SearchSpace::from_optuna_json(
+            r#"{"x": {"name": "FloatDistribution", "attributes": {"low": 1, "high": 0}}}"#,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("--search-space: parameter \"x\"") && err.contains("`low <= high`"), "{err}");
     }
 
@@ -360,6 +399,11 @@ mod tests {
         std::fs::write(&p, [0xff, 0xfe, 0x00]).unwrap();
         assert!(SearchSpace::from_file(&p).unwrap_err().to_string().contains("not UTF-8"));
         let missing = dir.path().join("nope.toml");
-        assert!(SearchSpace::from_file(&missing).unwrap_err().to_string().contains("cannot read search space file"));
+        assert!(
+            SearchSpace::from_file(&missing)
+                .unwrap_err()
+                .to_string()
+                .contains("cannot read search space file")
+        );
     }
 }

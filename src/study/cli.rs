@@ -214,7 +214,8 @@ pub fn run_tell(args: &TellArgs, out: &mut dyn Write) -> Result<()> {
 
 /// A trial as JSON (the `--json` output of `trials` and `best`).
 pub fn trial_json(t: &FrozenTrial) -> Value {
-    let params: Map<String, Value> = t.params.iter().map(|p| (p.name.clone(), p.value.to_json_value())).collect();
+    let params: Map<String, Value> =
+        t.params.iter().map(|p| (p.name.clone(), p.value.to_json_value())).collect();
     let intermediate: Map<String, Value> =
         t.intermediate_values.iter().map(|(s, v)| (s.to_string(), finite_or_null(*v))).collect();
     json!({
@@ -307,7 +308,11 @@ pub fn run_best(args: &BestArgs, out: &mut dyn Write) -> Result<()> {
         bail!("study {:?} has no COMPLETE trial yet", study.name);
     };
     if args.json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&trial_json(best)).context("serialising the best trial")?)?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&trial_json(best)).context("serialising the best trial")?
+        )?;
         return Ok(());
     }
     let mut rows = vec![

@@ -109,9 +109,19 @@ impl DriverOptions {
 #[derive(Clone, Debug)]
 pub enum StudyEvent<'a> {
     /// RUNNING trials found stale were marked FAIL (and re-queued when allowed).
-    StaleTrialsFailed { numbers: &'a [u64] },
-    TrialStarted { number: u64, params: &'a ParamSet, retry_of: Option<u64> },
-    Epoch { number: u64, report: &'a EpochReport, prune: bool },
+    StaleTrialsFailed {
+        numbers: &'a [u64],
+    },
+    TrialStarted {
+        number: u64,
+        params: &'a ParamSet,
+        retry_of: Option<u64>,
+    },
+    Epoch {
+        number: u64,
+        report: &'a EpochReport,
+        prune: bool,
+    },
     TrialFinished {
         number: u64,
         state: TrialState,
@@ -121,9 +131,15 @@ pub enum StudyEvent<'a> {
         best: Option<(u64, f64)>,
     },
     /// The result could not be stored (e.g. another worker already failed the trial as stale).
-    TellFailed { number: u64, error: &'a str },
+    TellFailed {
+        number: u64,
+        error: &'a str,
+    },
     /// Other workers' trials may complete the study; waiting for them.
-    Waiting { finished: u64, running: u64 },
+    Waiting {
+        finished: u64,
+        running: u64,
+    },
 }
 
 /// Receives [`StudyEvent`]s.
@@ -268,7 +284,8 @@ pub fn ask_batch(
 fn space_params(trial: &FrozenTrial, space: &SearchSpace) -> Result<ParamSet> {
     let mut set = ParamSet::new();
     for (name, _) in space.iter() {
-        let p = trial.param(name).with_context(|| format!("trial {} has no parameter {name}", trial.number))?;
+        let p =
+            trial.param(name).with_context(|| format!("trial {} has no parameter {name}", trial.number))?;
         set.insert(name, p.value.clone());
     }
     Ok(set)
@@ -344,7 +361,11 @@ pub fn run_study(
             let last_step = &mut last_step;
             let mut report = |r: &EpochReport| -> Result<Verdict> {
                 if r.epoch == 0 || last_step.is_some_and(|s| r.epoch <= s) {
-                    bail!("epoch {} reported after epoch {:?}: epochs must count up from 1", r.epoch, last_step);
+                    bail!(
+                        "epoch {} reported after epoch {:?}: epochs must count up from 1",
+                        r.epoch,
+                        last_step
+                    );
                 }
                 *last_step = Some(r.epoch);
                 storage.report(trial.trial_id, i64::from(r.epoch), r.objective, &epoch_attrs(r))?;
@@ -376,7 +397,9 @@ pub fn run_study(
             (TrialState::Pruned, last, None)
         } else {
             match result {
-                Ok(v) if v.is_nan() => (TrialState::Fail, None, Some("the objective value is NaN".to_string())),
+                Ok(v) if v.is_nan() => {
+                    (TrialState::Fail, None, Some("the objective value is NaN".to_string()))
+                }
                 Ok(v) => (TrialState::Complete, Some(v), None),
                 Err(e) => (TrialState::Fail, None, Some(format!("{e:#}"))),
             }
@@ -407,7 +430,9 @@ pub fn run_study(
             best,
         });
         if consecutive_failures >= opts.max_consecutive_failures.max(1) {
-            bail!("stopping the study: {consecutive_failures} trials in a row failed; the last failed with: {last_failure}");
+            bail!(
+                "stopping the study: {consecutive_failures} trials in a row failed; the last failed with: {last_failure}"
+            );
         }
     };
     let counts = storage.trial_counts(study.study_id)?;
@@ -428,7 +453,11 @@ impl<W: std::io::Write> Progress for LineProgress<W> {
                 writeln!(self.out, "stale trials {numbers:?} marked FAIL and re-queued")
             }
             StudyEvent::TrialStarted { number, params, retry_of } => match retry_of {
-                Some(orig) => writeln!(self.out, "trial {number} started (retry of trial {orig}): {}", params.to_py_json()),
+                Some(orig) => writeln!(
+                    self.out,
+                    "trial {number} started (retry of trial {orig}): {}",
+                    params.to_py_json()
+                ),
                 None => writeln!(self.out, "trial {number} started: {}", params.to_py_json()),
             },
             StudyEvent::Epoch { number, report, prune } => writeln!(
@@ -455,7 +484,9 @@ impl<W: std::io::Write> Progress for LineProgress<W> {
                     counts.fail
                 )
             }
-            StudyEvent::TellFailed { number, error } => writeln!(self.out, "trial {number}: result not stored: {error}"),
+            StudyEvent::TellFailed { number, error } => {
+                writeln!(self.out, "trial {number}: result not stored: {error}")
+            }
             StudyEvent::Waiting { finished, running } => writeln!(
                 self.out,
                 "{finished}/{} trials done and {running} running in other workers; waiting for them",

@@ -134,7 +134,9 @@ impl UtcDateTime {
         };
         let mut dp = date.splitn(3, '-').map(|p| p.parse::<i64>());
         let (y, m, d) = match (dp.next(), dp.next(), dp.next()) {
-            (Some(Ok(y)), Some(Ok(m)), Some(Ok(d))) if (1..=12).contains(&m) && (1..=31).contains(&d) => (y, m, d),
+            (Some(Ok(y)), Some(Ok(m)), Some(Ok(d))) if (1..=12).contains(&m) && (1..=31).contains(&d) => {
+                (y, m, d)
+            }
             _ => return Err(bad()),
         };
         let (mut h, mut mi, mut s, mut us) = (0i64, 0i64, 0i64, 0i64);
@@ -233,7 +235,9 @@ impl ParamSet {
     pub fn get_i64(&self, name: &str) -> Result<Option<i64>> {
         match self.get(name) {
             None => Ok(None),
-            Some(v) => v.as_i64().map(Some).ok_or_else(|| anyhow!("parameter {name} = {v} is not an integer")),
+            Some(v) => {
+                v.as_i64().map(Some).ok_or_else(|| anyhow!("parameter {name} = {v} is not an integer"))
+            }
         }
     }
 
@@ -251,8 +255,11 @@ impl ParamSet {
 
     /// `{"name": value, ...}` as Python's `json.dumps` writes it.
     pub fn to_py_json(&self) -> String {
-        let items: Vec<String> =
-            self.entries.iter().map(|(n, v)| format!("{}: {}", pyjson::string_literal(n), v.to_py_json())).collect();
+        let items: Vec<String> = self
+            .entries
+            .iter()
+            .map(|(n, v)| format!("{}: {}", pyjson::string_literal(n), v.to_py_json()))
+            .collect();
         format!("{{{}}}", items.join(", "))
     }
 }
@@ -330,7 +337,11 @@ impl StudyRef {
     pub fn direction(&self) -> Result<StudyDirection> {
         match self.directions.as_slice() {
             [d] => Ok(*d),
-            ds => bail!("study {:?} has {} objectives; hpo-gpu handles single-objective studies only", self.name, ds.len()),
+            ds => bail!(
+                "study {:?} has {} objectives; hpo-gpu handles single-objective studies only",
+                self.name,
+                ds.len()
+            ),
         }
     }
 }
@@ -348,8 +359,12 @@ mod tests {
         assert_eq!(h.format(), "2026-11-28 07:48:42.000000");
         assert!((t.seconds_since(h) - 0.046435).abs() < 1e-9);
         assert_eq!(UtcDateTime::parse("1970-01-01 00:00:00").unwrap().micros_since_epoch, 0);
-        assert_eq!(UtcDateTime::parse("2000-02-29 12:00:00.5").unwrap().format(), "2000-02-29 12:00:00.500000");
-        for bad in ["", "2026-13-01 00:00:00", "2026-11-28 7:48", "2026-11-28 07:48:42.1234567", "yesterday"] {
+        assert_eq!(
+            UtcDateTime::parse("2000-02-29 12:00:00.5").unwrap().format(),
+            "2000-02-29 12:00:00.500000"
+        );
+        for bad in ["", "2026-13-01 00:00:00", "2026-11-28 7:48", "2026-11-28 07:48:42.1234567", "yesterday"]
+        {
             assert!(UtcDateTime::parse(bad).is_err(), "{bad}");
         }
     }

@@ -83,7 +83,9 @@ pub fn parse_storage_url(url: &str) -> Result<StorageLocation> {
             bail!("--storage {url:?}: malformed SQLite URL ({FORMS})");
         }
         if let Some((scheme, _)) = url.split_once("://") {
-            bail!("--storage {url:?}: unsupported database {scheme:?}; hpo-gpu stores studies in SQLite ({FORMS})");
+            bail!(
+                "--storage {url:?}: unsupported database {scheme:?}; hpo-gpu stores studies in SQLite ({FORMS})"
+            );
         }
         bail!("--storage {url:?}: not a storage URL ({FORMS}, e.g. sqlite:///{url})");
     };
@@ -205,9 +207,12 @@ pub fn check_distribution_compatibility(name: &str, old: &Distribution, new: &Di
     match (old, new) {
         (Distribution::Float(a), Distribution::Float(b)) if a.log != b.log => {}
         (Distribution::Int(a), Distribution::Int(b)) if a.log != b.log => {}
-        (Distribution::Float(_), Distribution::Float(_)) | (Distribution::Int(_), Distribution::Int(_)) => return Ok(()),
+        (Distribution::Float(_), Distribution::Float(_)) | (Distribution::Int(_), Distribution::Int(_)) => {
+            return Ok(());
+        }
         (Distribution::Categorical(a), Distribution::Categorical(b)) => {
-            if a.choices.len() == b.choices.len() && a.choices.iter().zip(&b.choices).all(|(x, y)| x.py_eq(y)) {
+            if a.choices.len() == b.choices.len() && a.choices.iter().zip(&b.choices).all(|(x, y)| x.py_eq(y))
+            {
                 return Ok(());
             }
             bail!(
@@ -231,14 +236,17 @@ impl Storage {
     pub fn open(url: &str) -> Result<Self> {
         let location = parse_storage_url(url)?;
         let conn = match &location {
-            StorageLocation::Memory => Connection::open_in_memory().context("opening an in-memory database")?,
+            StorageLocation::Memory => {
+                Connection::open_in_memory().context("opening an in-memory database")?
+            }
             StorageLocation::File(path) => {
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    if !dir.is_dir() {
-                        bail!("--storage {url:?}: directory {} does not exist", dir.display());
-                    }
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+                    && !dir.is_dir()
+                {
+                    bail!("--storage {url:?}: directory {} does not exist", dir.display());
                 }
-                Connection::open(path).with_context(|| format!("--storage {url:?}: cannot open {}", path.display()))?
+                Connection::open(path)
+                    .with_context(|| format!("--storage {url:?}: cannot open {}", path.display()))?
             }
         };
         let mut storage = Storage { conn, location, url: url.to_string() };
@@ -361,7 +369,12 @@ impl Storage {
     // ----- studies -----
 
     /// Creates a study, or with `load_if_exists` loads it (refusing a different direction).
-    pub fn create_study(&mut self, name: &str, direction: StudyDirection, load_if_exists: bool) -> Result<StudyRef> {
+    pub fn create_study(
+        &mut self,
+        name: &str,
+        direction: StudyDirection,
+        load_if_exists: bool,
+    ) -> Result<StudyRef> {
         if name.is_empty() || name.len() > 512 {
             bail!("study name must be 1 to 512 bytes, got {} bytes", name.len());
         }
@@ -383,7 +396,10 @@ impl Storage {
         let study = self.load_study(name)?;
         if !created {
             if !load_if_exists {
-                bail!("a study named {name:?} already exists in {} (load it instead of creating it)", self.url);
+                bail!(
+                    "a study named {name:?} already exists in {} (load it instead of creating it)",
+                    self.url
+                );
             }
             if study.directions != [direction] {
                 bail!(
@@ -400,8 +416,9 @@ impl Storage {
     pub fn load_study(&mut self, name: &str) -> Result<StudyRef> {
         let url = self.url.clone();
         self.read(|tx| {
-            let id: Option<i64> =
-                tx.query_row("SELECT study_id FROM studies WHERE study_name = ?1", [name], |r| r.get(0)).optional()?;
+            let id: Option<i64> = tx
+                .query_row("SELECT study_id FROM studies WHERE study_name = ?1", [name], |r| r.get(0))
+                .optional()?;
             let Some(study_id) = id else {
                 let names: Vec<String> = tx
                     .prepare("SELECT study_name FROM studies ORDER BY study_id")?
@@ -424,7 +441,9 @@ impl Storage {
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<rusqlite::Result<_>>()?;
             rows.into_iter()
-                .map(|(study_id, name)| Ok(StudyRef { study_id, name, directions: study_directions(tx, study_id)? }))
+                .map(|(study_id, name)| {
+                    Ok(StudyRef { study_id, name, directions: study_directions(tx, study_id)? })
+                })
                 .collect()
         })
     }
@@ -443,11 +462,23 @@ impl Storage {
     }
 
     pub fn study_user_attrs(&mut self, study_id: i64) -> Result<BTreeMap<String, Value>> {
-        self.read(|tx| attrs_of(tx, "SELECT \"key\", value_json FROM study_user_attributes WHERE study_id = ?1", study_id))
+        self.read(|tx| {
+            attrs_of(
+                tx,
+                "SELECT \"key\", value_json FROM study_user_attributes WHERE study_id = ?1",
+                study_id,
+            )
+        })
     }
 
     pub fn study_system_attrs(&mut self, study_id: i64) -> Result<BTreeMap<String, Value>> {
-        self.read(|tx| attrs_of(tx, "SELECT \"key\", value_json FROM study_system_attributes WHERE study_id = ?1", study_id))
+        self.read(|tx| {
+            attrs_of(
+                tx,
+                "SELECT \"key\", value_json FROM study_system_attributes WHERE study_id = ?1",
+                study_id,
+            )
+        })
     }
 
     // ----- trials: writes -----
@@ -466,7 +497,12 @@ impl Storage {
     ///    or creates a new RUNNING trial;
     /// 3. with `heartbeat`, records the first heartbeat in the same transaction, so a worker that
     ///    dies at any point leaves a trial that becomes stale.
-    pub fn start_trial(&mut self, study_id: i64, target: Option<u64>, heartbeat: bool) -> Result<StartOutcome> {
+    pub fn start_trial(
+        &mut self,
+        study_id: i64,
+        target: Option<u64>,
+        heartbeat: bool,
+    ) -> Result<StartOutcome> {
         let started = self.write(|tx| {
             if let Some(target) = target {
                 let (finished, running): (i64, i64) = tx.query_row(
@@ -524,7 +560,13 @@ impl Storage {
     }
 
     /// Records one intermediate value and user attributes (JSON text) in one transaction.
-    pub fn report(&mut self, trial_id: i64, step: i64, value: f64, user_attrs: &[(String, String)]) -> Result<()> {
+    pub fn report(
+        &mut self,
+        trial_id: i64,
+        step: i64,
+        value: f64,
+        user_attrs: &[(String, String)],
+    ) -> Result<()> {
         self.write(|tx| {
             check_updatable(tx, trial_id)?;
             upsert_intermediate(tx, trial_id, step, value)?;
@@ -608,7 +650,12 @@ impl Storage {
     /// trial was already retried `max_retry` times, re-queues its parameters as a WAITING trial,
     /// as `fail_stale_trials` with `RetryHeartbeatStaleTrialCallback(max_retry)` does. The failed
     /// trial gets a `fail_reason` system attribute. Returns the failed trials' numbers.
-    pub fn fail_stale_trials(&mut self, study_id: i64, grace: Duration, max_retry: Option<u32>) -> Result<Vec<u64>> {
+    pub fn fail_stale_trials(
+        &mut self,
+        study_id: i64,
+        grace: Duration,
+        max_retry: Option<u32>,
+    ) -> Result<Vec<u64>> {
         let stale: Vec<(i64, String)> = self.read(|tx| {
             let rows = tx
                 .prepare(
@@ -622,14 +669,16 @@ impl Storage {
         let now = UtcDateTime::now();
         let mut failed = Vec::new();
         for (trial_id, beat) in stale {
-            let beat = UtcDateTime::parse(&beat).with_context(|| format!("trial_heartbeats of trial_id {trial_id}"))?;
+            let beat = UtcDateTime::parse(&beat)
+                .with_context(|| format!("trial_heartbeats of trial_id {trial_id}"))?;
             if now.seconds_since(beat) <= grace.as_secs_f64() {
                 continue;
             }
             let trial = self.trial(trial_id)?;
             let done = self.write(|tx| {
                 // Another worker may have failed it since we looked.
-                let state: String = tx.query_row("SELECT state FROM trials WHERE trial_id = ?1", [trial_id], |r| r.get(0))?;
+                let state: String =
+                    tx.query_row("SELECT state FROM trials WHERE trial_id = ?1", [trial_id], |r| r.get(0))?;
                 if state != "RUNNING" {
                     return Ok(false);
                 }
@@ -639,7 +688,13 @@ impl Storage {
                     grace.as_secs(),
                     now.format()
                 );
-                upsert_attr(tx, "trial_system_attributes", trial_id, "fail_reason", &pyjson::string_literal(&reason))?;
+                upsert_attr(
+                    tx,
+                    "trial_system_attributes",
+                    trial_id,
+                    "fail_reason",
+                    &pyjson::string_literal(&reason),
+                )?;
                 tx.execute(
                     "UPDATE trials SET state = 'FAIL', datetime_complete = ?2 WHERE trial_id = ?1",
                     params![trial_id, now.format()],
@@ -693,7 +748,8 @@ impl Storage {
     pub fn trial_counts(&mut self, study_id: i64) -> Result<TrialCounts> {
         self.read(|tx| {
             let mut counts = TrialCounts::default();
-            let mut stmt = tx.prepare("SELECT state, COUNT(*) FROM trials WHERE study_id = ?1 GROUP BY state")?;
+            let mut stmt =
+                tx.prepare("SELECT state, COUNT(*) FROM trials WHERE study_id = ?1 GROUP BY state")?;
             let rows = stmt.query_map([study_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
             for row in rows {
                 let (state, n) = row?;
@@ -796,7 +852,8 @@ fn attrs_of(tx: &Transaction, sql: &str, id: i64) -> Result<BTreeMap<String, Val
         tx.prepare(sql)?.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
     rows.into_iter()
         .map(|(k, v)| {
-            let value = pyjson::loads(v.as_deref().unwrap_or("null")).with_context(|| format!("attribute {k:?}"))?;
+            let value =
+                pyjson::loads(v.as_deref().unwrap_or("null")).with_context(|| format!("attribute {k:?}"))?;
             Ok((k, value))
         })
         .collect()
@@ -859,7 +916,14 @@ fn insert_trial(tx: &Transaction, study_id: i64, t: &NewTrial) -> Result<i64> {
     Ok(trial_id)
 }
 
-fn insert_param(tx: &Transaction, study_id: i64, trial_id: i64, name: &str, internal: f64, dist: &Distribution) -> Result<()> {
+fn insert_param(
+    tx: &Transaction,
+    study_id: i64,
+    trial_id: i64,
+    name: &str,
+    internal: f64,
+    dist: &Distribution,
+) -> Result<()> {
     if !dist.contains(internal) {
         bail!("parameter {name:?}: value {internal} is outside {}", dist.to_json());
     }
@@ -872,7 +936,8 @@ fn insert_param(tx: &Transaction, study_id: i64, trial_id: i64, name: &str, inte
         )
         .optional()?;
     if let Some(prev) = previous {
-        let prev = Distribution::from_json(&prev).with_context(|| format!("stored distribution of {name:?}"))?;
+        let prev =
+            Distribution::from_json(&prev).with_context(|| format!("stored distribution of {name:?}"))?;
         check_distribution_compatibility(name, &prev, dist)?;
     }
     tx.execute(
@@ -962,11 +1027,17 @@ fn load_trials(tx: &Transaction, filter: TrialFilter) -> Result<Vec<FrozenTrial>
         return Ok(trials);
     }
     let join = |table: &str, cols: &str, order: &str| {
-        format!("SELECT x.trial_id, {cols} FROM {table} x JOIN trials t ON t.trial_id = x.trial_id WHERE {cond} ORDER BY {order}")
+        format!(
+            "SELECT x.trial_id, {cols} FROM {table} x JOIN trials t ON t.trial_id = x.trial_id WHERE {cond} ORDER BY {order}"
+        )
     };
     {
         let mut dist_cache: HashMap<String, Distribution> = HashMap::new();
-        let mut stmt = tx.prepare(&join("trial_params", "x.param_name, x.param_value, x.distribution_json", "x.param_id"))?;
+        let mut stmt = tx.prepare(&join(
+            "trial_params",
+            "x.param_name, x.param_value, x.distribution_json",
+            "x.param_id",
+        ))?;
         let mut rows = stmt.query([id])?;
         while let Some(r) = rows.next()? {
             let trial_id: i64 = r.get(0)?;
@@ -982,15 +1053,20 @@ fn load_trials(tx: &Transaction, filter: TrialFilter) -> Result<Vec<FrozenTrial>
                     d
                 }
             };
-            let value =
-                dist.to_external(internal).with_context(|| format!("trial_id {trial_id}: parameter {name:?}"))?;
+            let value = dist
+                .to_external(internal)
+                .with_context(|| format!("trial_id {trial_id}: parameter {name:?}"))?;
             if let Some(&i) = index.get(&trial_id) {
                 trials[i].params.push(TrialParam { name, internal, value, distribution: dist });
             }
         }
     }
     {
-        let mut stmt = tx.prepare(&join("trial_values", "x.objective, x.value, x.value_type", "x.trial_id, x.objective"))?;
+        let mut stmt = tx.prepare(&join(
+            "trial_values",
+            "x.objective, x.value, x.value_type",
+            "x.trial_id, x.objective",
+        ))?;
         let mut rows = stmt.query([id])?;
         while let Some(r) = rows.next()? {
             let trial_id: i64 = r.get(0)?;
@@ -999,7 +1075,8 @@ fn load_trials(tx: &Transaction, filter: TrialFilter) -> Result<Vec<FrozenTrial>
                 .with_context(|| format!("trial_values of trial_id {trial_id}"))?;
             if let Some(&i) = index.get(&trial_id) {
                 let values = trials[i].values.get_or_insert_with(Vec::new);
-                let objective = usize::try_from(objective).map_err(|_| anyhow!("negative objective index"))?;
+                let objective =
+                    usize::try_from(objective).map_err(|_| anyhow!("negative objective index"))?;
                 if values.len() <= objective {
                     values.resize(objective + 1, 0.0);
                 }
@@ -1053,14 +1130,21 @@ mod tests {
 
     fn batch() -> Distribution {
         Distribution::Categorical(
-            CategoricalDistribution::new(vec![ParamValue::Int(16), ParamValue::Int(32), ParamValue::Int(64)]).unwrap(),
+            CategoricalDistribution::new(vec![ParamValue::Int(16), ParamValue::Int(32), ParamValue::Int(64)])
+                .unwrap(),
         )
     }
 
     #[test]
     fn storage_urls() {
-        assert_eq!(parse_storage_url("sqlite:///optuna_trials.db").unwrap(), StorageLocation::File("optuna_trials.db".into()));
-        assert_eq!(parse_storage_url("sqlite:////tmp/x/a.db").unwrap(), StorageLocation::File("/tmp/x/a.db".into()));
+        assert_eq!(
+            parse_storage_url("sqlite:///optuna_trials.db").unwrap(),
+            StorageLocation::File("optuna_trials.db".into())
+        );
+        assert_eq!(
+            parse_storage_url("sqlite:////tmp/x/a.db").unwrap(),
+            StorageLocation::File("/tmp/x/a.db".into())
+        );
         assert_eq!(parse_storage_url("sqlite:///:memory:").unwrap(), StorageLocation::Memory);
         for (bad, want) in [
             ("postgresql://u@h/db", "unsupported database \"postgresql\""),
@@ -1083,9 +1167,19 @@ mod tests {
         let mut s = Storage::open("sqlite:///:memory:").unwrap();
         let a = s.create_study("a", StudyDirection::Maximize, false).unwrap();
         assert_eq!(a.directions, vec![StudyDirection::Maximize]);
-        assert!(s.create_study("a", StudyDirection::Maximize, false).unwrap_err().to_string().contains("already exists"));
+        assert!(
+            s.create_study("a", StudyDirection::Maximize, false)
+                .unwrap_err()
+                .to_string()
+                .contains("already exists")
+        );
         assert_eq!(s.create_study("a", StudyDirection::Maximize, true).unwrap(), a);
-        assert!(s.create_study("a", StudyDirection::Minimize, true).unwrap_err().to_string().contains("direction MAXIMIZE"));
+        assert!(
+            s.create_study("a", StudyDirection::Minimize, true)
+                .unwrap_err()
+                .to_string()
+                .contains("direction MAXIMIZE")
+        );
         let err = s.load_study("b").unwrap_err().to_string();
         assert!(err.contains("no study named \"b\"") && err.contains("studies: a"), "{err}");
         s.set_study_user_attr(a.study_id, "k", &serde_json::json!([1, 2.5])).unwrap();
@@ -1098,7 +1192,8 @@ mod tests {
         let study = s.create_study("s", StudyDirection::Maximize, false).unwrap();
         let StartOutcome::Started(t) = s.start_trial(study.study_id, None, true).unwrap() else { panic!() };
         assert_eq!((t.number, t.state), (0, TrialState::Running));
-        s.set_trial_params(t.trial_id, &[("learning_rate".into(), 3e-5, lr()), ("bs".into(), 1.0, batch())]).unwrap();
+        s.set_trial_params(t.trial_id, &[("learning_rate".into(), 3e-5, lr()), ("bs".into(), 1.0, batch())])
+            .unwrap();
         s.report(t.trial_id, 1, 0.5, &[("epoch_1_eval_loss".into(), "NaN".into())]).unwrap();
         s.report(t.trial_id, 2, f64::NAN, &[]).unwrap();
         s.report(t.trial_id, 3, f64::NEG_INFINITY, &[]).unwrap();
@@ -1136,15 +1231,14 @@ mod tests {
         assert_eq!(t2.number, 1);
         assert!(s.set_trial_state(t2.trial_id, TrialState::Complete, Some(&[f64::NAN]), &[]).is_err());
         // A parameter may not change distribution kind or categorical choices within a study.
-        let err = s
-            .set_trial_params(t2.trial_id, &[("bs".into(), 3e-5, lr())])
-            .unwrap_err()
-            .to_string();
+        let err = s.set_trial_params(t2.trial_id, &[("bs".into(), 3e-5, lr())]).unwrap_err().to_string();
         assert!(err.contains("cannot switch to a FloatDistribution"), "{err}");
-        let other = Distribution::Categorical(CategoricalDistribution::new(vec![ParamValue::Int(8)]).unwrap());
+        let other =
+            Distribution::Categorical(CategoricalDistribution::new(vec![ParamValue::Int(8)]).unwrap());
         let err = s.set_trial_params(t2.trial_id, &[("bs".into(), 0.0, other)]).unwrap_err().to_string();
         assert!(err.contains("dynamic value space"), "{err}");
-        let err = s.set_trial_params(t2.trial_id, &[("learning_rate".into(), 0.5, lr())]).unwrap_err().to_string();
+        let err =
+            s.set_trial_params(t2.trial_id, &[("learning_rate".into(), 0.5, lr())]).unwrap_err().to_string();
         assert!(err.contains("outside"), "{err}");
     }
 
@@ -1177,10 +1271,15 @@ mod tests {
         s.set_trial_params(t.trial_id, &[("learning_rate".into(), 2e-5, lr())]).unwrap();
         s.set_trial_user_attr(t.trial_id, "u", "1").unwrap();
         // A trial without heartbeat is never stale.
-        let StartOutcome::Started(no_beat) = s.start_trial(study.study_id, None, false).unwrap() else { panic!() };
+        let StartOutcome::Started(no_beat) = s.start_trial(study.study_id, None, false).unwrap() else {
+            panic!()
+        };
         assert!(s.fail_stale_trials(study.study_id, Duration::from_secs(60), None).unwrap().is_empty());
         s.conn
-            .execute("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00' WHERE trial_id = ?1", [t.trial_id])
+            .execute(
+                "UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00' WHERE trial_id = ?1",
+                [t.trial_id],
+            )
             .unwrap();
         assert_eq!(s.fail_stale_trials(study.study_id, Duration::from_secs(60), None).unwrap(), vec![0]);
         let failed = s.trial(t.trial_id).unwrap();
@@ -1198,11 +1297,16 @@ mod tests {
         assert_eq!(retry.params, failed.params);
         assert!(retry.datetime_start.is_none());
         // The re-queued trial is the next one started, and its retry stays traceable.
-        let StartOutcome::Started(again) = s.start_trial(study.study_id, None, true).unwrap() else { panic!() };
+        let StartOutcome::Started(again) = s.start_trial(study.study_id, None, true).unwrap() else {
+            panic!()
+        };
         assert_eq!(again.number, 2);
         assert_eq!(again.state, TrialState::Running);
         s.conn
-            .execute("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00' WHERE trial_id = ?1", [again.trial_id])
+            .execute(
+                "UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00' WHERE trial_id = ?1",
+                [again.trial_id],
+            )
             .unwrap();
         // max_retry = 1: the second failure is not re-queued.
         assert_eq!(s.fail_stale_trials(study.study_id, Duration::from_secs(60), Some(1)).unwrap(), vec![2]);

@@ -33,7 +33,13 @@ pub struct FakeRunner {
 
 impl FakeRunner {
     pub fn new(epochs: u32) -> Self {
-        FakeRunner { epochs, sleep: Duration::ZERO, runs: Vec::new(), params_seen: Vec::new(), fail_trials: Vec::new() }
+        FakeRunner {
+            epochs,
+            sleep: Duration::ZERO,
+            runs: Vec::new(),
+            params_seen: Vec::new(),
+            fail_trials: Vec::new(),
+        }
     }
 }
 
@@ -95,7 +101,11 @@ pub fn python() -> Option<PathBuf> {
     match Command::new(&path).args(["-c", "import optuna"]).output() {
         Ok(o) if o.status.success() => Some(path),
         Ok(o) => {
-            eprintln!("SKIP: {} cannot import optuna: {}", path.display(), String::from_utf8_lossy(&o.stderr).trim());
+            eprintln!(
+                "SKIP: {} cannot import optuna: {}",
+                path.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
             None
         }
         Err(e) => {

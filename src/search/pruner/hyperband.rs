@@ -36,7 +36,12 @@ impl Default for HyperbandPruner {
 }
 
 impl HyperbandPruner {
-    pub fn new(min_resource: i64, max_resource: Option<i64>, reduction_factor: i64, bootstrap_count: usize) -> Result<Self> {
+    pub fn new(
+        min_resource: i64,
+        max_resource: Option<i64>,
+        reduction_factor: i64,
+        bootstrap_count: usize,
+    ) -> Result<Self> {
         if min_resource < 1 {
             bail!("min_resource must be >= 1, got {min_resource}");
         }
@@ -51,7 +56,13 @@ impl HyperbandPruner {
         if bootstrap_count > 0 && max_resource.is_none() {
             bail!("bootstrap_count > 0 needs an explicit max_resource (not auto)");
         }
-        Ok(HyperbandPruner { min_resource, max_resource, reduction_factor, bootstrap_count, ..Default::default() })
+        Ok(HyperbandPruner {
+            min_resource,
+            max_resource,
+            reduction_factor,
+            bootstrap_count,
+            ..Default::default()
+        })
     }
 
     fn try_initialization(&mut self, study: &StudyView) -> Result<()> {
@@ -76,7 +87,8 @@ impl HyperbandPruner {
         let n_brackets = n_brackets.max(1);
         for bracket_id in 0..n_brackets {
             let s = n_brackets - 1 - bracket_id;
-            let budget = (n_brackets as f64 * (self.reduction_factor as f64).powi(s as i32) / (s + 1) as f64).ceil() as i64;
+            let budget = (n_brackets as f64 * (self.reduction_factor as f64).powi(s as i32) / (s + 1) as f64)
+                .ceil() as i64;
             self.total_budget += budget;
             self.budgets.push(budget);
             self.brackets.push(SuccessiveHalvingPruner::new(
@@ -107,7 +119,12 @@ impl HyperbandPruner {
     }
 
     fn bracket_trials(&self, study: &StudyView, bracket: usize) -> Vec<FrozenTrial> {
-        study.trials.iter().filter(|t| self.bracket_id(study.study_name, t.number) == bracket).cloned().collect()
+        study
+            .trials
+            .iter()
+            .filter(|t| self.bracket_id(study.study_name, t.number) == bracket)
+            .cloned()
+            .collect()
     }
 }
 
@@ -129,7 +146,11 @@ impl Pruner for HyperbandPruner {
         self.brackets[bracket].prune(&view, trial)
     }
 
-    fn filter_trials_for_sampler<'a>(&self, study: &StudyView<'a>, trial: &FrozenTrial) -> Option<Vec<FrozenTrial>> {
+    fn filter_trials_for_sampler<'a>(
+        &self,
+        study: &StudyView<'a>,
+        trial: &FrozenTrial,
+    ) -> Option<Vec<FrozenTrial>> {
         if self.brackets.is_empty() {
             return None;
         }

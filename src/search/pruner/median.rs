@@ -13,8 +13,19 @@ use crate::study::FrozenTrial;
 pub struct MedianPruner(PercentilePruner);
 
 impl MedianPruner {
-    pub fn new(n_startup_trials: usize, n_warmup_steps: i64, interval_steps: i64, n_min_trials: usize) -> Result<Self> {
-        Ok(MedianPruner(PercentilePruner::new(50.0, n_startup_trials, n_warmup_steps, interval_steps, n_min_trials)?))
+    pub fn new(
+        n_startup_trials: usize,
+        n_warmup_steps: i64,
+        interval_steps: i64,
+        n_min_trials: usize,
+    ) -> Result<Self> {
+        Ok(MedianPruner(PercentilePruner::new(
+            50.0,
+            n_startup_trials,
+            n_warmup_steps,
+            interval_steps,
+            n_min_trials,
+        )?))
     }
 }
 

@@ -46,7 +46,11 @@ pub trait Pruner: Send {
 
     /// The trials a sampler should see for `trial`: all of them, except for Hyperband, where
     /// only the trial's bracket counts (Optuna's `_filter_study`).
-    fn filter_trials_for_sampler<'a>(&self, study: &StudyView<'a>, _trial: &FrozenTrial) -> Option<Vec<FrozenTrial>> {
+    fn filter_trials_for_sampler<'a>(
+        &self,
+        study: &StudyView<'a>,
+        _trial: &FrozenTrial,
+    ) -> Option<Vec<FrozenTrial>> {
         let _ = study;
         None
     }

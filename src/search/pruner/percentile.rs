@@ -42,7 +42,13 @@ impl PercentilePruner {
 
     /// Optuna's defaults: 5 start-up trials, 0 warm-up steps, interval 1, n_min_trials 1.
     pub fn with_defaults(percentile: f64) -> Self {
-        PercentilePruner { percentile: percentile.clamp(0.0, 100.0), n_startup_trials: 5, n_warmup_steps: 0, interval_steps: 1, n_min_trials: 1 }
+        PercentilePruner {
+            percentile: percentile.clamp(0.0, 100.0),
+            n_startup_trials: 5,
+            n_warmup_steps: 0,
+            interval_steps: 1,
+            n_min_trials: 1,
+        }
     }
 }
 
@@ -65,10 +71,20 @@ pub fn nanpercentile(values: &[f64], q: f64) -> f64 {
 }
 
 /// Optuna's `_is_first_in_interval_step`.
-fn is_first_in_interval_step(step: i64, trial: &FrozenTrial, n_warmup_steps: i64, interval_steps: i64) -> bool {
-    let nearest_lower_pruning_step = (step - n_warmup_steps).div_euclid(interval_steps) * interval_steps + n_warmup_steps;
-    let second_last_step =
-        trial.intermediate_values.keys().copied().filter(|&s| s != step).fold(-1, |acc, s| if s > acc { s } else { acc });
+fn is_first_in_interval_step(
+    step: i64,
+    trial: &FrozenTrial,
+    n_warmup_steps: i64,
+    interval_steps: i64,
+) -> bool {
+    let nearest_lower_pruning_step =
+        (step - n_warmup_steps).div_euclid(interval_steps) * interval_steps + n_warmup_steps;
+    let second_last_step = trial
+        .intermediate_values
+        .keys()
+        .copied()
+        .filter(|&s| s != step)
+        .fold(-1, |acc, s| if s > acc { s } else { acc });
     second_last_step < nearest_lower_pruning_step
 }
 
@@ -78,12 +94,15 @@ impl Pruner for PercentilePruner {
     }
 
     fn prune(&mut self, study: &StudyView, trial: &FrozenTrial) -> Result<PruneDecision> {
-        let completed: Vec<&FrozenTrial> = study.trials.iter().filter(|t| t.state == TrialState::Complete).collect();
+        let completed: Vec<&FrozenTrial> =
+            study.trials.iter().filter(|t| t.state == TrialState::Complete).collect();
         if completed.is_empty() || completed.len() < self.n_startup_trials {
             return Ok(PruneDecision::keep());
         }
         let Some(step) = trial.last_step() else { return Ok(PruneDecision::keep()) };
-        if step < self.n_warmup_steps || !is_first_in_interval_step(step, trial, self.n_warmup_steps, self.interval_steps) {
+        if step < self.n_warmup_steps
+            || !is_first_in_interval_step(step, trial, self.n_warmup_steps, self.interval_steps)
+        {
             return Ok(PruneDecision::keep());
         }
         let values: Vec<f64> = trial.intermediate_values.values().copied().filter(|v| !v.is_nan()).collect();
@@ -94,7 +113,8 @@ impl Pruner for PercentilePruner {
         if best.is_nan() {
             return Ok(PruneDecision::prune());
         }
-        let at_step: Vec<f64> = completed.iter().filter_map(|t| t.intermediate_values.get(&step).copied()).collect();
+        let at_step: Vec<f64> =
+            completed.iter().filter_map(|t| t.intermediate_values.get(&step).copied()).collect();
         if at_step.len() < self.n_min_trials {
             return Ok(PruneDecision::keep());
         }

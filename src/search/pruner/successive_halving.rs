@@ -21,7 +21,12 @@ pub struct SuccessiveHalvingPruner {
 impl Default for SuccessiveHalvingPruner {
     /// Optuna's defaults: min_resource "auto", reduction_factor 4, min_early_stopping_rate 0.
     fn default() -> Self {
-        SuccessiveHalvingPruner { min_resource: None, reduction_factor: 4, min_early_stopping_rate: 0, bootstrap_count: 0 }
+        SuccessiveHalvingPruner {
+            min_resource: None,
+            reduction_factor: 4,
+            min_early_stopping_rate: 0,
+            bootstrap_count: 0,
+        }
     }
 }
 
@@ -46,7 +51,12 @@ impl SuccessiveHalvingPruner {
         if bootstrap_count > 0 && min_resource.is_none() {
             bail!("bootstrap_count > 0 needs an explicit min_resource (not auto)");
         }
-        Ok(SuccessiveHalvingPruner { min_resource, reduction_factor, min_early_stopping_rate, bootstrap_count })
+        Ok(SuccessiveHalvingPruner {
+            min_resource,
+            reduction_factor,
+            min_early_stopping_rate,
+            bootstrap_count,
+        })
     }
 }
 
@@ -56,11 +66,17 @@ pub(crate) fn completed_rung_key(rung: i64) -> String {
 
 /// Optuna's `_estimate_min_resource`: max last step of complete trials / 100, at least 1.
 fn estimate_min_resource(trials: &[FrozenTrial]) -> Option<i64> {
-    let last = trials.iter().filter(|t| t.state == TrialState::Complete).filter_map(FrozenTrial::last_step).max()?;
+    let last =
+        trials.iter().filter(|t| t.state == TrialState::Complete).filter_map(FrozenTrial::last_step).max()?;
     Some((last.div_euclid(100)).max(1))
 }
 
-fn is_promotable(value: f64, competing: &mut [f64], reduction_factor: i64, direction: StudyDirection) -> bool {
+fn is_promotable(
+    value: f64,
+    competing: &mut [f64],
+    reduction_factor: i64,
+    direction: StudyDirection,
+) -> bool {
     let mut promotable_idx = (competing.len() as i64 / reduction_factor) - 1;
     if promotable_idx == -1 {
         // Optuna cannot pause trials: the first eta - 1 trials at a rung continue only if best.
@@ -99,7 +115,8 @@ impl Pruner for SuccessiveHalvingPruner {
                 },
             };
             let exponent = u32::try_from(self.min_early_stopping_rate + rung).unwrap_or(u32::MAX);
-            let rung_promotion_step = self.reduction_factor.checked_pow(exponent).and_then(|p| p.checked_mul(min_resource));
+            let rung_promotion_step =
+                self.reduction_factor.checked_pow(exponent).and_then(|p| p.checked_mul(min_resource));
             match rung_promotion_step {
                 Some(s) if step >= s => {}
                 _ => return Ok(decision),
@@ -112,8 +129,11 @@ impl Pruner for SuccessiveHalvingPruner {
             decision.system_attrs.push((key.clone(), value));
             // The snapshot of trials, as in Optuna (fetched once per call); `trial` itself has
             // no value for this rung yet.
-            let mut competing: Vec<f64> =
-                study.trials.iter().filter_map(|t| t.system_attrs.get(&key).and_then(|v| v.as_f64())).collect();
+            let mut competing: Vec<f64> = study
+                .trials
+                .iter()
+                .filter_map(|t| t.system_attrs.get(&key).and_then(|v| v.as_f64()))
+                .collect();
             competing.push(value);
             if competing.len() <= self.bootstrap_count
                 || !is_promotable(value, &mut competing, self.reduction_factor, study.direction)

@@ -36,7 +36,11 @@ pub trait Sampler: Send {
     fn reseed(&mut self, _seed: u64) {}
 
     /// The space the relative proposal covers (empty: no joint sampling).
-    fn infer_relative_search_space(&self, _study: &StudyView, _trial: &FrozenTrial) -> Vec<(String, Distribution)> {
+    fn infer_relative_search_space(
+        &self,
+        _study: &StudyView,
+        _trial: &FrozenTrial,
+    ) -> Vec<(String, Distribution)> {
         Vec::new()
     }
 
@@ -51,7 +55,13 @@ pub trait Sampler: Send {
     }
 
     /// A proposal for one parameter.
-    fn sample_independent(&mut self, study: &StudyView, trial: &FrozenTrial, name: &str, dist: &Distribution) -> Result<f64>;
+    fn sample_independent(
+        &mut self,
+        study: &StudyView,
+        trial: &FrozenTrial,
+        name: &str,
+        dist: &Distribution,
+    ) -> Result<f64>;
 }
 
 /// Optuna's `IntersectionSearchSpace(include_pruned=True)`: the parameters every COMPLETE or
@@ -101,7 +111,8 @@ pub fn suggest_params(
             dist.to_internal(&value).with_context(|| format!("fixed parameter {name}"))?
         } else if dist.single() {
             dist.to_internal(&dist.single_value())?
-        } else if let Some(&v) = relative.get(name).filter(|_| relative_space.iter().any(|(n, d)| n == name && d == dist))
+        } else if let Some(&v) =
+            relative.get(name).filter(|_| relative_space.iter().any(|(n, d)| n == name && d == dist))
             && dist.contains(v)
         {
             v

@@ -109,7 +109,7 @@ impl ParzenEstimator {
             weights.push(params.prior_weight);
         }
         let total: f64 = weights.iter().sum();
-        if !(total > 0.0) || !total.is_finite() {
+        if total.is_nan() || total <= 0.0 || total.is_infinite() {
             bail!("kernel weights must have a positive finite sum");
         }
         for w in &mut weights {
@@ -120,7 +120,9 @@ impl ParzenEstimator {
             .zip(observations)
             .map(|((_, dist), obs)| match dist {
                 Distribution::Categorical(c) => Ok(categorical_column(obs, c.choices.len(), params)),
-                Distribution::Float(f) => Ok(numerical_column(obs, f.low, f.high, f.step.unwrap_or(0.0), f.log, params)),
+                Distribution::Float(f) => {
+                    Ok(numerical_column(obs, f.low, f.high, f.step.unwrap_or(0.0), f.log, params))
+                }
                 Distribution::Int(i) => {
                     Ok(numerical_column(obs, i.low as f64, i.high as f64, i.step as f64, i.log, params))
                 }
@@ -234,7 +236,9 @@ impl ParzenEstimator {
                         let norms: Vec<f64> = mus
                             .iter()
                             .zip(sigmas)
-                            .map(|(&mu, &sigma)| truncnorm::log_gauss_mass((alow - mu) / sigma, (ahigh - mu) / sigma))
+                            .map(|(&mu, &sigma)| {
+                                truncnorm::log_gauss_mass((alow - mu) / sigma, (ahigh - mu) / sigma)
+                            })
                             .collect();
                         // Discrete samples repeat often: evaluate each distinct value once.
                         let mut distinct: Vec<f64> = xs.clone();
@@ -250,8 +254,10 @@ impl ParzenEstimator {
                             mass_by_value.push(
                                 (0..n_kernels)
                                     .map(|k| {
-                                        truncnorm::log_gauss_mass((left - mus[k]) / sigmas[k], (right - mus[k]) / sigmas[k])
-                                            - norms[k]
+                                        truncnorm::log_gauss_mass(
+                                            (left - mus[k]) / sigmas[k],
+                                            (right - mus[k]) / sigmas[k],
+                                        ) - norms[k]
                                     })
                                     .collect(),
                             );
@@ -304,7 +310,14 @@ fn categorical_column(obs: &[f64], n_choices: usize, params: &ParzenParams) -> K
     KernelColumn::Categorical { weights, n_choices }
 }
 
-fn numerical_column(obs: &[f64], low: f64, high: f64, step: f64, log: bool, params: &ParzenParams) -> KernelColumn {
+fn numerical_column(
+    obs: &[f64],
+    low: f64,
+    high: f64,
+    step: f64,
+    log: bool,
+    params: &ParzenParams,
+) -> KernelColumn {
     let (tlow, thigh) = KernelColumn::adapted_bounds(low, high, step, log);
     let mut mus: Vec<f64> = if log { obs.iter().map(|x| x.ln()).collect() } else { obs.to_vec() };
     let n = mus.len();
@@ -341,9 +354,13 @@ fn numerical_column(obs: &[f64], low: f64, high: f64, step: f64, log: bool, para
 }
 
 #[cfg(test)]
+// Reference numbers are pasted from Optuna's output, some happen to equal ln 2 or ln 10.
+#[allow(clippy::approx_constant)]
 mod tests {
     use super::*;
-    use crate::search::distributions::{CategoricalDistribution, FloatDistribution, IntDistribution, ParamValue};
+    use crate::search::distributions::{
+        CategoricalDistribution, FloatDistribution, IntDistribution, ParamValue,
+    };
 
     fn close_all(got: &[f64], want: &[f64], rtol: f64, what: &str) {
         assert_eq!(got.len(), want.len(), "{what}: length");
@@ -366,13 +383,19 @@ mod tests {
         let space = vec![
             ("lr".to_string(), Distribution::Float(FloatDistribution::new(1e-6, 1e-4, true, None).unwrap())),
             ("wd".to_string(), Distribution::Float(FloatDistribution::new(0.0, 0.3, false, None).unwrap())),
-            ("drop".to_string(), Distribution::Float(FloatDistribution::new(0.0, 0.5, false, Some(0.1)).unwrap())),
+            (
+                "drop".to_string(),
+                Distribution::Float(FloatDistribution::new(0.0, 0.5, false, Some(0.1)).unwrap()),
+            ),
             ("epochs".to_string(), Distribution::Int(IntDistribution::new(1, 5, false, 1).unwrap())),
             ("bs_log".to_string(), Distribution::Int(IntDistribution::new(8, 256, true, 1).unwrap())),
             (
                 "bs".to_string(),
                 Distribution::Categorical(
-                    CategoricalDistribution::new([16, 32, 64, 128].into_iter().map(ParamValue::Int).collect()).unwrap(),
+                    CategoricalDistribution::new(
+                        [16, 32, 64, 128].into_iter().map(ParamValue::Int).collect(),
+                    )
+                    .unwrap(),
                 ),
             ),
         ];
@@ -388,15 +411,43 @@ mod tests {
         close_all(&pe.weights, &[1.0 / 6.0; 6], 1e-15, "weights");
         let want: [(&[f64], &[f64]); 5] = [
             (
-                &[-10.41431317630212, -13.815510557964274, -9.498022444427964, -10.819778284410283, -10.819778284410283, -11.512925464970227],
-                &[0.916290731874156, 2.9957322735539904, 0.916290731874156, 2.9957322735539904, 0.6578814551411559, 4.605170185988092],
+                &[
+                    -10.41431317630212,
+                    -13.815510557964274,
+                    -9.498022444427964,
+                    -10.819778284410283,
+                    -10.819778284410283,
+                    -11.512925464970227,
+                ],
+                &[
+                    0.916290731874156,
+                    2.9957322735539904,
+                    0.916290731874156,
+                    2.9957322735539904,
+                    0.6578814551411559,
+                    4.605170185988092,
+                ],
             ),
             (&[0.1, 0.25, 0.0, 0.3, 0.12, 0.15], &[0.1, 0.13, 0.1, 0.04999999999999999, 0.13, 0.3]),
             (&[0.1, 0.2, 0.5, 0.0, 0.1, 0.25], &[0.1, 0.3, 0.3, 0.1, 0.1, 0.6000000000000001]),
             (&[1.0, 3.0, 5.0, 2.0, 2.0, 3.0], &[1.0, 2.0, 2.0, 1.0, 1.0, 5.0]),
             (
-                &[2.0794415416798357, 4.1588830833596715, 5.545177444479562, 3.4657359027997265, 2.833213344056216, 3.7810158425765446],
-                &[0.7537718023763804, 1.3862943611198908, 1.3862943611198908, 0.693147180559945, 0.7537718023763804, 3.5322256440685593],
+                &[
+                    2.0794415416798357,
+                    4.1588830833596715,
+                    5.545177444479562,
+                    3.4657359027997265,
+                    2.833213344056216,
+                    3.7810158425765446,
+                ],
+                &[
+                    0.7537718023763804,
+                    1.3862943611198908,
+                    1.3862943611198908,
+                    0.693147180559945,
+                    0.7537718023763804,
+                    3.5322256440685593,
+                ],
             ),
         ];
         for (i, (mus, sigmas)) in want.iter().enumerate() {
@@ -434,10 +485,15 @@ mod tests {
         let obs = vec![0.744068, 1.575947, 1.013817, 0.724416, 0.118274, 1.229471, 0.187936, 2.458865, 2.818314, -0.082792,
             1.958625, 0.644475, 0.840223, 2.627983, -1.64482, -1.564354, -1.898908, 2.163099, 1.890784, 2.350061, 2.893092,
             1.995793, 0.307397, 1.902646, -1.408628, 1.199605, -1.283234, 2.723345, 0.609242, 0.07331];
-        let space = vec![("x".to_string(), Distribution::Float(FloatDistribution::new(-2.0, 3.0, false, None).unwrap()))];
-        let pe = ParzenEstimator::new(&[obs.clone()], &space, &ParzenParams::default(), None).unwrap();
+        let space = vec![(
+            "x".to_string(),
+            Distribution::Float(FloatDistribution::new(-2.0, 3.0, false, None).unwrap()),
+        )];
+        let pe =
+            ParzenEstimator::new(std::slice::from_ref(&obs), &space, &ParzenParams::default(), None).unwrap();
         let flat = 0.034985422740524776;
-        let mut weights = vec![0.0011661807580174927, 0.009620991253644314, 0.018075801749271137, 0.026530612244897955];
+        let mut weights =
+            vec![0.0011661807580174927, 0.009620991253644314, 0.018075801749271137, 0.026530612244897955];
         weights.extend(std::iter::repeat_n(flat, 27));
         close_all(&pe.weights, &weights, 1e-14, "weights");
         #[rustfmt::skip]
@@ -451,7 +507,13 @@ mod tests {
         close_all(s, &sigmas, 1e-12, "sigmas");
         close_all(
             &pe.log_pdf(&[vec![-2.0, -0.5, 0.0, 1.25, 3.0]]),
-            &[-2.077456746591244, -3.4034563921712775, -1.3754028839135277, -1.779392299304454, -1.7140362821383794],
+            &[
+                -2.077456746591244,
+                -3.4034563921712775,
+                -1.3754028839135277,
+                -1.779392299304454,
+                -1.7140362821383794,
+            ],
             1e-12,
             "log_pdf B",
         );
@@ -465,7 +527,8 @@ mod tests {
             (
                 "c".to_string(),
                 Distribution::Categorical(
-                    CategoricalDistribution::new(["a", "b", "c"].map(|s| ParamValue::Str(s.into())).to_vec()).unwrap(),
+                    CategoricalDistribution::new(["a", "b", "c"].map(|s| ParamValue::Str(s.into())).to_vec())
+                        .unwrap(),
                 ),
             ),
         ];
@@ -501,7 +564,12 @@ mod tests {
             (
                 "c".to_string(),
                 Distribution::Categorical(
-                    CategoricalDistribution::new(vec![ParamValue::Int(1), ParamValue::Int(2), ParamValue::Int(3)]).unwrap(),
+                    CategoricalDistribution::new(vec![
+                        ParamValue::Int(1),
+                        ParamValue::Int(2),
+                        ParamValue::Int(3),
+                    ])
+                    .unwrap(),
                 ),
             ),
         ];

@@ -17,7 +17,9 @@ pub struct RandomSampler {
 impl RandomSampler {
     /// `seed = None` draws a seed from the operating system.
     pub fn new(seed: Option<u64>) -> Self {
-        RandomSampler { rng: seed.map(StdRng::seed_from_u64).unwrap_or_else(|| StdRng::from_rng(&mut rand::rng())) }
+        RandomSampler {
+            rng: seed.map(StdRng::seed_from_u64).unwrap_or_else(|| StdRng::from_rng(&mut rand::rng())),
+        }
     }
 
     /// One uniform draw mapped into `dist`, in internal representation.
@@ -84,7 +86,13 @@ impl Sampler for RandomSampler {
         self.rng = StdRng::seed_from_u64(seed);
     }
 
-    fn sample_independent(&mut self, _: &StudyView, _: &FrozenTrial, _: &str, dist: &Distribution) -> Result<f64> {
+    fn sample_independent(
+        &mut self,
+        _: &StudyView,
+        _: &FrozenTrial,
+        _: &str,
+        dist: &Distribution,
+    ) -> Result<f64> {
         Ok(Self::draw(&mut self.rng, dist))
     }
 }
@@ -92,7 +100,9 @@ impl Sampler for RandomSampler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::search::distributions::{CategoricalDistribution, FloatDistribution, IntDistribution, ParamValue};
+    use crate::search::distributions::{
+        CategoricalDistribution, FloatDistribution, IntDistribution, ParamValue,
+    };
 
     #[test]
     fn draws_cover_the_range_and_respect_steps() {
@@ -101,7 +111,8 @@ mod tests {
         let stepped = Distribution::Float(FloatDistribution::new(0.0, 0.3, false, Some(0.1)).unwrap());
         let int = Distribution::Int(IntDistribution::new(16, 128, true, 1).unwrap());
         let cat = Distribution::Categorical(
-            CategoricalDistribution::new(vec![ParamValue::Int(16), ParamValue::Int(32), ParamValue::Int(64)]).unwrap(),
+            CategoricalDistribution::new(vec![ParamValue::Int(16), ParamValue::Int(32), ParamValue::Int(64)])
+                .unwrap(),
         );
         let mut below_1e5 = 0;
         let mut seen = [0usize; 3];

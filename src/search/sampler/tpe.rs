@@ -97,7 +97,9 @@ impl TpeSampler {
         if !trial.state.is_finished() && self.options.multivariate {
             let mut text = String::new();
             let mut i = 0;
-            while let Some(Value::String(chunk)) = trial.system_attrs.get(&format!("{RELATIVE_PARAMS_KEY}:{i}")) {
+            while let Some(Value::String(chunk)) =
+                trial.system_attrs.get(&format!("{RELATIVE_PARAMS_KEY}:{i}"))
+            {
                 text.push_str(chunk);
                 i += 1;
             }
@@ -158,8 +160,10 @@ impl TpeSampler {
         let (below, above) = split_trials(&trials, study.direction, default_gamma(n));
         let below_obs = self.observations(&below, space);
         let above_obs = self.observations(&above, space);
-        let mpe_below = ParzenEstimator::new(&below_obs, space, &self.options.parzen, None).context("TPE: below estimator")?;
-        let mpe_above = ParzenEstimator::new(&above_obs, space, &self.options.parzen, None).context("TPE: above estimator")?;
+        let mpe_below = ParzenEstimator::new(&below_obs, space, &self.options.parzen, None)
+            .context("TPE: below estimator")?;
+        let mpe_above = ParzenEstimator::new(&above_obs, space, &self.options.parzen, None)
+            .context("TPE: above estimator")?;
         let samples = mpe_below.sample(&mut self.rng, self.options.n_ei_candidates.max(1));
         let lb = mpe_below.log_pdf(&samples);
         let la = mpe_above.log_pdf(&samples);
@@ -191,7 +195,11 @@ impl Sampler for TpeSampler {
         self.random.reseed(seed ^ 0x9e37_79b9_7f4a_7c15);
     }
 
-    fn infer_relative_search_space(&self, study: &StudyView, _trial: &FrozenTrial) -> Vec<(String, Distribution)> {
+    fn infer_relative_search_space(
+        &self,
+        study: &StudyView,
+        _trial: &FrozenTrial,
+    ) -> Vec<(String, Distribution)> {
         if !self.options.multivariate {
             return Vec::new();
         }
@@ -210,7 +218,13 @@ impl Sampler for TpeSampler {
         self.sample(study, trial, space)
     }
 
-    fn sample_independent(&mut self, study: &StudyView, trial: &FrozenTrial, name: &str, dist: &Distribution) -> Result<f64> {
+    fn sample_independent(
+        &mut self,
+        study: &StudyView,
+        trial: &FrozenTrial,
+        name: &str,
+        dist: &Distribution,
+    ) -> Result<f64> {
         if Self::n_finished(study) < self.options.n_startup_trials {
             return self.random.sample_independent(study, trial, name, dist);
         }

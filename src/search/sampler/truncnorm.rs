@@ -4,6 +4,9 @@
 //!
 //! Bounds `a`, `b` and the variable are standardised: `(x - mu) / sigma`.
 
+// The coefficients are kept digit for digit as in s_erf.c.
+#![allow(clippy::excessive_precision)]
+
 use std::f64::consts::{LN_2, PI, SQRT_2};
 
 const ERX: f64 = 8.45062911510467529297e-01;
@@ -97,11 +100,8 @@ fn high_word(x: f64) -> u32 {
 /// short high part so that exp(-x²) keeps full precision.
 fn erfc_tail(ix: u32, ax: f64) -> f64 {
     let s = 1.0 / (ax * ax);
-    let (r, big_s) = if ix < 0x4006db6d {
-        (poly(&RA, s), poly1(&SA, s))
-    } else {
-        (poly(&RB, s), poly1(&SB, s))
-    };
+    let (r, big_s) =
+        if ix < 0x4006db6d { (poly(&RA, s), poly1(&SA, s)) } else { (poly(&RB, s), poly1(&SB, s)) };
     let z = f64::from_bits(ax.to_bits() & 0xffff_ffff_0000_0000);
     (-z * z - 0.5625).exp() * ((z - ax) * (z + ax) + r / big_s).exp() / ax
 }
@@ -112,7 +112,13 @@ pub fn erf(x: f64) -> f64 {
     let negative = (hx >> 31) != 0;
     let ix = hx & 0x7fff_ffff;
     if ix >= 0x7ff0_0000 {
-        return if x.is_nan() { x } else if negative { -1.0 } else { 1.0 };
+        return if x.is_nan() {
+            x
+        } else if negative {
+            -1.0
+        } else {
+            1.0
+        };
     }
     if ix < 0x3feb_0000 {
         if ix < 0x3e30_0000 {
@@ -142,7 +148,13 @@ pub fn erfc(x: f64) -> f64 {
     let negative = (hx >> 31) != 0;
     let ix = hx & 0x7fff_ffff;
     if ix >= 0x7ff0_0000 {
-        return if x.is_nan() { x } else if negative { 2.0 } else { 0.0 };
+        return if x.is_nan() {
+            x
+        } else if negative {
+            2.0
+        } else {
+            0.0
+        };
     }
     if ix < 0x3feb_0000 {
         if ix < 0x3c70_0000 {
