@@ -58,6 +58,18 @@ impl Default for TpeOptions {
     }
 }
 
+/// What TPE fitted for one proposal (see [`TpeSampler::fit`]).
+#[derive(Clone, Debug)]
+pub struct TpeFit {
+    /// Trial numbers in the "below" (good) set and the "above" set.
+    pub below: Vec<u64>,
+    pub above: Vec<u64>,
+    /// l(x), fitted on "below"; candidates are drawn from it.
+    pub l: ParzenEstimator,
+    /// g(x), fitted on "above".
+    pub g: ParzenEstimator,
+}
+
 /// A parameter of a history trial: stored (internal) or shared by a worker (external).
 enum Observed {
     Internal(f64),
@@ -139,13 +151,9 @@ impl TpeSampler {
         columns
     }
 
-    /// `TPESampler._sample`: the best of `n_ei_candidates` draws from the "below" estimator.
-    fn sample(
-        &mut self,
-        study: &StudyView,
-        trial: &FrozenTrial,
-        space: &[(String, Distribution)],
-    ) -> Result<BTreeMap<String, f64>> {
+    /// The split and the two Parzen estimators TPE fits for `trial` over `space`: l(x) on the
+    /// "below" trials, g(x) on the "above" ones (RUNNING trials included with constant liar).
+    pub fn fit(&self, study: &StudyView, trial: &FrozenTrial, space: &[(String, Distribution)]) -> Result<TpeFit> {
         let trials: Vec<&FrozenTrial> = study
             .trials
             .iter()
@@ -158,12 +166,26 @@ impl TpeSampler {
             .collect();
         let n = trials.iter().filter(|t| t.state != TrialState::Running).count();
         let (below, above) = split_trials(&trials, study.direction, default_gamma(n));
-        let below_obs = self.observations(&below, space);
-        let above_obs = self.observations(&above, space);
-        let mpe_below = ParzenEstimator::new(&below_obs, space, &self.options.parzen, None)
+        let l = ParzenEstimator::new(&self.observations(&below, space), space, &self.options.parzen, None)
             .context("TPE: below estimator")?;
-        let mpe_above = ParzenEstimator::new(&above_obs, space, &self.options.parzen, None)
+        let g = ParzenEstimator::new(&self.observations(&above, space), space, &self.options.parzen, None)
             .context("TPE: above estimator")?;
+        Ok(TpeFit {
+            below: below.iter().map(|t| t.number).collect(),
+            above: above.iter().map(|t| t.number).collect(),
+            l,
+            g,
+        })
+    }
+
+    /// `TPESampler._sample`: the best of `n_ei_candidates` draws from l(x) by log l(x) - log g(x).
+    fn sample(
+        &mut self,
+        study: &StudyView,
+        trial: &FrozenTrial,
+        space: &[(String, Distribution)],
+    ) -> Result<BTreeMap<String, f64>> {
+        let TpeFit { l: mpe_below, g: mpe_above, .. } = self.fit(study, trial, space)?;
         let samples = mpe_below.sample(&mut self.rng, self.options.n_ei_candidates.max(1));
         let lb = mpe_below.log_pdf(&samples);
         let la = mpe_above.log_pdf(&samples);
