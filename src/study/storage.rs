@@ -1163,6 +1163,49 @@ mod tests {
     }
 
     #[test]
+    fn bad_databases_are_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("garbage.db");
+        std::fs::write(&garbage, vec![0x42u8; 8192]).unwrap();
+        let err = format!("{:#}", Storage::open_path(&garbage).err().unwrap());
+        assert!(err.contains("garbage.db") && err.contains("not a database"), "{err}");
+
+        let old = dir.path().join("old.db");
+        drop(Storage::open_path(&old).unwrap());
+        let conn = Connection::open(&old).unwrap();
+        conn.execute("UPDATE alembic_version SET version_num = 'v3.0.0.d'", []).unwrap();
+        let err = format!("{:#}", Storage::open_path(&old).err().unwrap());
+        assert!(err.contains("v3.0.0.d") && err.contains("optuna storage upgrade"), "{err}");
+        conn.execute("UPDATE version_info SET schema_version = 11", []).unwrap();
+        let err = format!("{:#}", Storage::open_path(&old).err().unwrap());
+        assert!(err.contains("schema version 11"), "{err}");
+    }
+
+    #[test]
+    fn corrupt_rows_name_the_trial_and_column() {
+        let mut s = Storage::open("sqlite:///:memory:").unwrap();
+        let study = s.create_study("s", StudyDirection::Maximize, false).unwrap();
+        let mut t = NewTrial::new(TrialState::Complete);
+        t.values = Some(vec![1.0]);
+        t.params.push(("lr".into(), 2e-5, lr()));
+        let trial = s.create_trial(study.study_id, &t).unwrap();
+        s.conn.execute("UPDATE trial_params SET distribution_json = '{\"name\": \"Flo'", []).unwrap();
+        let err = format!("{:#}", s.trials(study.study_id, None).unwrap_err());
+        assert!(err.contains("trial_id 1") && err.contains("\"lr\"") && err.contains("invalid JSON"), "{err}");
+        s.conn.execute("UPDATE trial_params SET distribution_json = ?1", [lr().to_json()]).unwrap();
+        s.conn.execute("UPDATE trials SET state = 'PAUSED'", []).unwrap();
+        let err = format!("{:#}", s.trial(trial.trial_id).unwrap_err());
+        assert!(err.contains("unknown trial state \"PAUSED\""), "{err}");
+        s.conn.execute("UPDATE trials SET state = 'COMPLETE', datetime_start = 'noon'", []).unwrap();
+        let err = format!("{:#}", s.trial(trial.trial_id).unwrap_err());
+        assert!(err.contains("invalid datetime \"noon\""), "{err}");
+        s.conn.execute("UPDATE trials SET datetime_start = NULL", []).unwrap();
+        s.conn.execute("UPDATE trial_values SET value = NULL", []).unwrap();
+        let err = format!("{:#}", s.trial(trial.trial_id).unwrap_err());
+        assert!(err.contains("FINITE value is NULL"), "{err}");
+    }
+
+    #[test]
     fn study_create_load_and_directions() {
         let mut s = Storage::open("sqlite:///:memory:").unwrap();
         let a = s.create_study("a", StudyDirection::Maximize, false).unwrap();
