@@ -183,6 +183,48 @@ fn bad_flags_give_clear_errors() {
     assert!(e.contains("unsupported database \"mysql\""), "{e}");
 }
 
+#[test]
+fn search_study_flags_prepare_the_recipe_study() {
+    use hpo_gpu::study::cli::{PrunerKind, SearchStudyArgs};
+    #[derive(Parser)]
+    struct Search {
+        #[command(flatten)]
+        study: SearchStudyArgs,
+    }
+    let (_dir, url) = url();
+    let args = Search::try_parse_from(["search", "--storage", &url]).unwrap().study;
+    assert_eq!(
+        (args.study_name.as_str(), args.n_trials, args.pruner),
+        ("transformers_optuna_study", 5, PrunerKind::Median)
+    );
+    let p = args.prepare().unwrap();
+    assert_eq!(p.study.directions, vec![StudyDirection::Maximize]);
+    assert_eq!(p.space, hpo_gpu::search::space::SearchSpace::recipe_default());
+    assert_eq!((p.sampler.name(), p.pruner.name(), p.options.n_trials), ("TPESampler", "MedianPruner", 5));
+    // Loading again works (load_if_exists); a different direction does not.
+    assert!(args.prepare().is_ok());
+    let min = Search::try_parse_from(["search", "--storage", &url, "--direction", "minimize"]).unwrap().study;
+    assert!(min.prepare().err().unwrap().to_string().contains("has direction MAXIMIZE"));
+    let bad = Search::try_parse_from(["search", "--storage", &url, "--timeout=-3"]).unwrap().study;
+    assert!(bad.prepare().err().unwrap().to_string().contains("--timeout"));
+    let bad = Search::try_parse_from(["search", "--storage", &url, "--space", "/nonexistent/space.toml"])
+        .unwrap()
+        .study;
+    assert!(bad.prepare().err().unwrap().to_string().contains("/nonexistent/space.toml: cannot read"));
+    let bad = Search::try_parse_from([
+        "search",
+        "--pruner",
+        "percentile",
+        "--pruner-percentile",
+        "150",
+        "--storage",
+        &url,
+    ])
+    .unwrap()
+    .study;
+    assert!(format!("{:#}", bad.prepare().err().unwrap()).contains("between 0 and 100"));
+}
+
 /// The Args structs parse as subcommands the way main.rs will mount them.
 #[test]
 fn args_parse_like_the_cli() {

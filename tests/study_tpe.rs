@@ -25,7 +25,9 @@ fn params(i: u64) -> [ParamValue; 3] {
 fn v(i: u64) -> f64 {
     let [lr, bs, wd] = params(i).map(|p| p.as_f64().unwrap());
     0.5 + 0.45
-        * (1.0 - ((lr.log10() + 4.5).powi(2) + (bs.log2() - 5.0).powi(2) / 4.0 + (wd - 0.1).powi(2) * 25.0) / 3.0)
+        * (1.0
+            - ((lr.log10() + 4.5).powi(2) + (bs.log2() - 5.0).powi(2) / 4.0 + (wd - 0.1).powi(2) * 25.0)
+                / 3.0)
             .max(0.0)
 }
 
@@ -58,7 +60,9 @@ fn split_and_estimators_match_optuna() {
         }
         storage.create_trial(study.study_id, &t).unwrap();
     }
-    let StartOutcome::Started(current) = storage.start_trial(study.study_id, None, false).unwrap() else { panic!() };
+    let StartOutcome::Started(current) = storage.start_trial(study.study_id, None, false).unwrap() else {
+        panic!()
+    };
     let trials = storage.trials(study.study_id, None).unwrap();
     let rel = intersection_search_space(&trials);
     let names: Vec<&str> = rel.iter().map(|(n, _)| n.as_str()).collect();
@@ -70,12 +74,17 @@ fn split_and_estimators_match_optuna() {
     assert_eq!(fit.below, vec![1, 6, 29]);
     assert_eq!(
         fit.above,
-        vec![0, 2, 3, 4, 7, 8, 9, 10, 11, 12, 13, 14, 15, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 28, 30, 31, 32, 33]
+        vec![
+            0, 2, 3, 4, 7, 8, 9, 10, 11, 12, 13, 14, 15, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 28, 30, 31,
+            32, 33
+        ]
     );
     let points = vec![vec![1e-6, 3e-5, 7e-5, 1e-4], vec![0.0, 1.0, 2.0, 3.0], vec![0.0, 0.1, 0.2, 0.3]];
     let want_l = [-3.255274274831733, -0.3811303611282957, -1.2684749824487616, -3.0196961830500406];
     let want_g = [-0.9566597149839203, -4.263215715368057, -3.450362086415411, -5.191680468503316];
-    for (got, want, what) in [(fit.l.log_pdf(&points), want_l, "log l"), (fit.g.log_pdf(&points), want_g, "log g")] {
+    for (got, want, what) in
+        [(fit.l.log_pdf(&points), want_l, "log l"), (fit.g.log_pdf(&points), want_g, "log g")]
+    {
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() < 1e-11 * w.abs(), "{what}: {g} vs Optuna {w}");
         }

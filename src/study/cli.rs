@@ -3,15 +3,19 @@
 //! directly. They work on any Optuna-schema SQLite study, including ones Python created.
 
 use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use serde_json::{Map, Value, json};
 
-use super::driver::{AskOptions, ask_batch};
+use super::driver::{AskOptions, DriverOptions, ask_batch};
 use super::storage::{Storage, best_of};
 use super::{FrozenTrial, StudyDirection, StudyRef, TrialState};
-use crate::search::pruner::NopPruner;
+use crate::search::pruner::{
+    HyperbandPruner, MedianPruner, NopPruner, PercentilePruner, Pruner, SuccessiveHalvingPruner,
+};
 use crate::search::pyjson;
 use crate::search::sampler::tpe::TpeOptions;
 use crate::search::sampler::{RandomSampler, Sampler, TpeSampler};
@@ -63,6 +67,110 @@ impl From<DirectionArg> for StudyDirection {
             DirectionArg::Minimize => StudyDirection::Minimize,
             DirectionArg::Maximize => StudyDirection::Maximize,
         }
+    }
+}
+
+/// Pruner choice for `search`; each uses Optuna's defaults, on per-epoch intermediate values.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrunerKind {
+    /// Never prune.
+    None,
+    /// MedianPruner: 5 start-up trials, no warm-up.
+    Median,
+    /// PercentilePruner with --pruner-percentile (default 25).
+    Percentile,
+    /// SuccessiveHalvingPruner: min_resource auto, reduction factor 4.
+    SuccessiveHalving,
+    /// HyperbandPruner: min_resource 1, max_resource auto, reduction factor 3.
+    Hyperband,
+}
+
+/// The study flags of `hpo-gpu search`, to be flattened next to the model/data/training flags.
+/// Defaults are the recipe's: study `transformers_optuna_study` in `sqlite:///optuna_trials.db`,
+/// maximize, 5 trials, TPE, loaded if it exists.
+#[derive(Args, Clone, Debug)]
+pub struct SearchStudyArgs {
+    /// Name of the study (created, or continued if it exists).
+    #[arg(long, default_value = "transformers_optuna_study")]
+    pub study_name: String,
+    /// Database URL: sqlite:///relative/path.db or sqlite:////absolute/path.db
+    #[arg(long, default_value = DEFAULT_STORAGE)]
+    pub storage: String,
+    #[arg(long, value_enum, default_value = "maximize")]
+    pub direction: DirectionArg,
+    /// Run until the study holds this many COMPLETE + PRUNED trials (FAIL trials do not count;
+    /// trials from earlier runs and other workers do).
+    #[arg(long, default_value_t = 5)]
+    pub n_trials: u64,
+    /// Start no new trial after this many seconds.
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    #[arg(long, value_enum, default_value = "tpe")]
+    pub sampler: SamplerKind,
+    /// Seed of the sampler (reproducible proposals for a given history).
+    #[arg(long)]
+    pub sampler_seed: Option<u64>,
+    #[arg(long, value_enum, default_value = "median")]
+    pub pruner: PrunerKind,
+    /// Percentile kept by --pruner percentile.
+    #[arg(long, default_value_t = 25.0)]
+    pub pruner_percentile: f64,
+    /// Search space file (.toml or .json); default: the recipe's space.
+    #[arg(long)]
+    pub space: Option<PathBuf>,
+}
+
+/// Everything `search` needs besides the trainer.
+pub struct PreparedStudy {
+    pub storage: Storage,
+    pub study: StudyRef,
+    pub space: SearchSpace,
+    /// Notes to show the user (e.g. a `high` lowered to fit `step`).
+    pub warnings: Vec<String>,
+    pub sampler: Box<dyn Sampler>,
+    pub pruner: Box<dyn Pruner>,
+    pub options: DriverOptions,
+}
+
+impl SearchStudyArgs {
+    /// Opens the storage, creates or loads the study, reads the space and builds sampler,
+    /// pruner and driver options.
+    pub fn prepare(&self) -> Result<PreparedStudy> {
+        let (space, warnings) = match &self.space {
+            Some(path) => SearchSpace::from_file(path)?,
+            None => (SearchSpace::recipe_default(), Vec::new()),
+        };
+        if self.n_trials == 0 {
+            bail!("--n-trials must be at least 1");
+        }
+        let timeout = match self.timeout {
+            None => None,
+            Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+            Some(t) => bail!("--timeout must be a positive number of seconds, got {t}"),
+        };
+        let pruner: Box<dyn Pruner> = match self.pruner {
+            PrunerKind::None => Box::new(NopPruner),
+            PrunerKind::Median => Box::new(MedianPruner::default()),
+            PrunerKind::Percentile => Box::new(
+                PercentilePruner::new(self.pruner_percentile, 5, 0, 1, 1).context("--pruner-percentile")?,
+            ),
+            PrunerKind::SuccessiveHalving => Box::new(SuccessiveHalvingPruner::default()),
+            PrunerKind::Hyperband => Box::new(HyperbandPruner::default()),
+        };
+        let mut storage = Storage::open(&self.storage)?;
+        let study = storage.create_study(&self.study_name, self.direction.into(), true)?;
+        let mut options = DriverOptions::new(self.n_trials);
+        options.timeout = timeout;
+        options.seed = self.sampler_seed;
+        Ok(PreparedStudy {
+            storage,
+            study,
+            space,
+            warnings,
+            sampler: self.sampler.build(self.sampler_seed),
+            pruner,
+            options,
+        })
     }
 }
 

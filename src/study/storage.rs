@@ -1191,7 +1191,10 @@ mod tests {
         let trial = s.create_trial(study.study_id, &t).unwrap();
         s.conn.execute("UPDATE trial_params SET distribution_json = '{\"name\": \"Flo'", []).unwrap();
         let err = format!("{:#}", s.trials(study.study_id, None).unwrap_err());
-        assert!(err.contains("trial_id 1") && err.contains("\"lr\"") && err.contains("invalid JSON"), "{err}");
+        assert!(
+            err.contains("trial_id 1") && err.contains("\"lr\"") && err.contains("invalid JSON"),
+            "{err}"
+        );
         s.conn.execute("UPDATE trial_params SET distribution_json = ?1", [lr().to_json()]).unwrap();
         s.conn.execute("UPDATE trials SET state = 'PAUSED'", []).unwrap();
         let err = format!("{:#}", s.trial(trial.trial_id).unwrap_err());

@@ -199,9 +199,13 @@ impl ParzenEstimator {
             match col {
                 KernelColumn::Categorical { weights, n_choices } => {
                     for (s, &x) in xs.iter().enumerate() {
-                        let c = x as usize;
+                        // An index outside the choices has probability 0.
+                        let c = if x >= 0.0 && (x as usize) < *n_choices { Some(x as usize) } else { None };
                         for k in 0..n_kernels {
-                            weighted[s * n_kernels + k] += weights[k * n_choices + c].ln();
+                            weighted[s * n_kernels + k] += match c {
+                                Some(c) => weights[k * n_choices + c].ln(),
+                                None => f64::NEG_INFINITY,
+                            };
                         }
                     }
                 }

@@ -153,7 +153,12 @@ impl TpeSampler {
 
     /// The split and the two Parzen estimators TPE fits for `trial` over `space`: l(x) on the
     /// "below" trials, g(x) on the "above" ones (RUNNING trials included with constant liar).
-    pub fn fit(&self, study: &StudyView, trial: &FrozenTrial, space: &[(String, Distribution)]) -> Result<TpeFit> {
+    pub fn fit(
+        &self,
+        study: &StudyView,
+        trial: &FrozenTrial,
+        space: &[(String, Distribution)],
+    ) -> Result<TpeFit> {
         let trials: Vec<&FrozenTrial> = study
             .trials
             .iter()
