@@ -135,10 +135,12 @@ pub enum StudyEvent<'a> {
         number: u64,
         error: &'a str,
     },
-    /// Other workers' trials may complete the study; waiting for them.
+    /// Other workers' trials may complete the study; waiting for them. A trial whose heartbeat
+    /// stops for `grace` is taken over (e.g. one left RUNNING by a crashed earlier run).
     Waiting {
         finished: u64,
         running: u64,
+        grace: Duration,
     },
 }
 
@@ -337,7 +339,7 @@ pub fn run_study(
                     break StopReason::TargetReached;
                 }
                 if !announced_wait {
-                    progress.event(&StudyEvent::Waiting { finished, running });
+                    progress.event(&StudyEvent::Waiting { finished, running, grace: opts.grace_period });
                     announced_wait = true;
                 }
                 std::thread::sleep(opts.poll_interval);
@@ -487,11 +489,69 @@ impl<W: std::io::Write> Progress for LineProgress<W> {
             StudyEvent::TellFailed { number, error } => {
                 writeln!(self.out, "trial {number}: result not stored: {error}")
             }
-            StudyEvent::Waiting { finished, running } => writeln!(
+            StudyEvent::Waiting { finished, running, grace } => writeln!(
                 self.out,
-                "{finished}/{} trials done and {running} running in other workers; waiting for them",
-                self.n_trials
+                "{finished}/{} trials done, {running} running elsewhere; waiting for them \
+                 (a trial without a heartbeat for {} s is taken over)",
+                self.n_trials,
+                grace.as_secs()
             ),
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::search::distributions::ParamValue;
+
+    #[test]
+    fn line_progress_prints_one_line_per_event() {
+        let mut p = LineProgress { out: Vec::new(), n_trials: 5 };
+        let mut params = ParamSet::new();
+        params.insert("learning_rate", ParamValue::Float(2e-5));
+        p.event(&StudyEvent::TrialStarted { number: 3, params: &params, retry_of: Some(1) });
+        let report = EpochReport {
+            epoch: 2,
+            objective: 0.81,
+            train_loss: 0.4,
+            eval_loss: 0.45,
+            eval_accuracy: 0.81,
+            seconds: 12.5,
+        };
+        p.event(&StudyEvent::Epoch { number: 3, report: &report, prune: true });
+        let counts = TrialCounts { running: 1, waiting: 0, complete: 2, pruned: 1, fail: 1 };
+        p.event(&StudyEvent::TrialFinished {
+            number: 3,
+            state: TrialState::Pruned,
+            value: Some(0.81),
+            reason: None,
+            counts,
+            best: Some((0, 0.85)),
+        });
+        p.event(&StudyEvent::Waiting { finished: 4, running: 1, grace: Duration::from_secs(60) });
+        let text = String::from_utf8(p.out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], r#"trial 3 started (retry of trial 1): {"learning_rate": 2e-05}"#);
+        assert_eq!(
+            lines[1],
+            "trial 3 epoch 2: objective 0.8100 train_loss 0.4000 eval_loss 0.4500 eval_accuracy 0.8100 (12.5 s) -> pruned"
+        );
+        assert_eq!(
+            lines[2],
+            "trial 3 PRUNED value 0.810000 [3/5 done, 1 running, 1 failed; best: trial 0 = 0.850000]"
+        );
+        assert!(
+            lines[3].starts_with("4/5 trials done, 1 running elsewhere") && lines[3].contains("60 s"),
+            "{}",
+            lines[3]
+        );
+    }
+
+    #[test]
+    fn trial_seeds_differ_per_trial_and_repeat_per_seed() {
+        assert_eq!(trial_seed(7, 3), trial_seed(7, 3));
+        assert_ne!(trial_seed(7, 3), trial_seed(7, 4));
+        assert_ne!(trial_seed(7, 3), trial_seed(8, 3));
     }
 }
