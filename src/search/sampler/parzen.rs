@@ -198,12 +198,13 @@ impl ParzenEstimator {
         for (col, xs) in self.columns.iter().zip(samples) {
             match col {
                 KernelColumn::Categorical { weights, n_choices } => {
+                    let log_weights: Vec<f64> = weights.iter().map(|w| w.ln()).collect();
                     for (s, &x) in xs.iter().enumerate() {
                         // An index outside the choices has probability 0.
                         let c = if x >= 0.0 && (x as usize) < *n_choices { Some(x as usize) } else { None };
                         for k in 0..n_kernels {
                             weighted[s * n_kernels + k] += match c {
-                                Some(c) => weights[k * n_choices + c].ln(),
+                                Some(c) => log_weights[k * n_choices + c],
                                 None => f64::NEG_INFINITY,
                             };
                         }

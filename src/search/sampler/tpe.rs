@@ -132,19 +132,35 @@ impl TpeSampler {
 
     /// Internal values of `space` for the trials that have all of its parameters.
     fn observations(&self, trials: &[&FrozenTrial], space: &[(String, Distribution)]) -> Vec<Vec<f64>> {
-        let mut columns = vec![Vec::new(); space.len()];
+        let mut columns = vec![Vec::with_capacity(trials.len()); space.len()];
+        let mut row = Vec::with_capacity(space.len());
         for t in trials {
-            let params = self.trial_params(t);
-            let row: Option<Vec<f64>> = space
-                .iter()
-                .map(|(name, dist)| match params.get(name)? {
-                    Observed::Internal(x) => Some(*x),
-                    Observed::External(v) => dist.to_internal(v).ok(),
-                })
-                .collect();
-            if let Some(row) = row {
-                for (c, x) in columns.iter_mut().zip(row) {
-                    c.push(x);
+            row.clear();
+            // Finished trials (nearly all of them) are read directly; only unfinished ones may
+            // carry relative params shared by another worker.
+            if t.state.is_finished() || !self.options.multivariate {
+                for (name, _) in space {
+                    match t.param(name) {
+                        Some(p) => row.push(p.internal),
+                        None => break,
+                    }
+                }
+            } else {
+                let params = self.trial_params(t);
+                for (name, dist) in space {
+                    match params.get(name) {
+                        Some(Observed::Internal(x)) => row.push(*x),
+                        Some(Observed::External(v)) => match dist.to_internal(v) {
+                            Ok(x) => row.push(x),
+                            Err(_) => break,
+                        },
+                        None => break,
+                    }
+                }
+            }
+            if row.len() == space.len() {
+                for (c, x) in columns.iter_mut().zip(&row) {
+                    c.push(*x);
                 }
             }
         }
