@@ -11,6 +11,8 @@ pub mod data;
 pub mod hub;
 pub mod model;
 pub mod pipeline;
+pub mod search;
+pub mod study;
 pub mod train;
 
 /// Keeps freed large buffers in the process instead of returning them to the kernel. The CPU
