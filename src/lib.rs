@@ -12,6 +12,7 @@ pub mod hub;
 pub mod model;
 pub mod pipeline;
 pub mod search;
+pub mod search_cmd;
 pub mod study;
 pub mod train;
 

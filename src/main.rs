@@ -26,6 +26,16 @@ enum Command {
     Train(cli::TrainArgs),
     /// Classify texts with a saved model.
     Predict(cli::PredictArgs),
+    /// Run or continue a hyperparameter study (Optuna-compatible SQLite storage).
+    Search(hpo_gpu::search_cmd::SearchArgs),
+    /// Create trials and print their parameters as JSON, like `optuna ask`.
+    Ask(hpo_gpu::study::cli::AskArgs),
+    /// Report a trial's result, like `optuna tell`.
+    Tell(hpo_gpu::study::cli::TellArgs),
+    /// List a study's trials.
+    Trials(hpo_gpu::study::cli::TrialsArgs),
+    /// Show a study's best trial.
+    Best(hpo_gpu::study::cli::BestArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -40,6 +50,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(a) => cli::run_train(&a, &mut out),
         Command::Predict(a) => cli::run_predict(&a, &mut out),
+        Command::Search(a) => hpo_gpu::search_cmd::run_search(&a, &mut out),
+        Command::Ask(a) => hpo_gpu::study::cli::run_ask(&a, &mut out),
+        Command::Tell(a) => hpo_gpu::study::cli::run_tell(&a, &mut out),
+        Command::Trials(a) => hpo_gpu::study::cli::run_trials(&a, &mut out),
+        Command::Best(a) => hpo_gpu::study::cli::run_best(&a, &mut out),
     }
 }
 

@@ -53,3 +53,45 @@ pub fn python() -> Option<PathBuf> {
         None
     }
 }
+
+const WORDS: [&str; 12] =
+    ["good", "great", "fine", "superb", "lovely", "nice", "bad", "awful", "poor", "dull", "boring", "weak"];
+
+/// A small BERT folder: vocab.txt, tokenizer_config.json and config.json (random init).
+pub fn tiny_model(dir: &Path) -> PathBuf {
+    let m = dir.join("tiny-bert");
+    std::fs::create_dir_all(&m).unwrap();
+    let mut vocab: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie", "was", "."]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    vocab.extend(WORDS.iter().map(|s| s.to_string()));
+    std::fs::write(m.join("vocab.txt"), vocab.join("\n") + "\n").unwrap();
+    std::fs::write(m.join("tokenizer_config.json"), r#"{"do_lower_case": true}"#).unwrap();
+    std::fs::write(
+        m.join("config.json"),
+        r#"{"model_type": "bert", "vocab_size": 32, "hidden_size": 16, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64,
+            "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}"#,
+    )
+    .unwrap();
+    m
+}
+
+/// train.jsonl / test.jsonl: sentiment from the words used (first six positive).
+pub fn tiny_data(dir: &Path) -> PathBuf {
+    let d = dir.join("data");
+    std::fs::create_dir_all(&d).unwrap();
+    for (split, n) in [("train", 64), ("test", 32)] {
+        let mut lines = Vec::new();
+        for i in 0..n {
+            let label = (i * 7 + 3) % 2;
+            let w1 = WORDS[(i * 5) % 6 + if label == 1 { 0 } else { 6 }];
+            let w2 = WORDS[(i * 11 + 1) % 6 + if label == 1 { 0 } else { 6 }];
+            let label_name = if label == 1 { "pos" } else { "neg" };
+            lines.push(format!(r#"{{"text": "The movie was {w1}, {w2}.", "label": "{label_name}"}}"#));
+        }
+        std::fs::write(d.join(format!("{split}.jsonl")), lines.join("\n") + "\n").unwrap();
+    }
+    d
+}

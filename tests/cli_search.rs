@@ -1,0 +1,86 @@
+//! `hpo-gpu search` end to end on a tiny model and dataset: trials run and are stored with their
+//! per-epoch values, a second run resumes the study to the new total, and Optuna reads the result.
+
+mod common;
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn hpo(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hpo-gpu")).args(args).output().unwrap()
+}
+
+#[test]
+fn search_runs_resumes_and_optuna_reads_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(tmp.path());
+    let data = common::tiny_data(tmp.path());
+    let db = tmp.path().join("optuna_trials.db");
+    let storage = format!("sqlite:///{}", db.display());
+    let search = |n: &str| {
+        let o = hpo(&[
+            "search",
+            "--model",
+            model.to_str().unwrap(),
+            "--random-init",
+            "--dataset",
+            data.to_str().unwrap(),
+            "--train-samples",
+            "0",
+            "--eval-samples",
+            "0",
+            "--max-length",
+            "16",
+            "--epochs",
+            "2",
+            "--storage",
+            &storage,
+            "--n-trials",
+            n,
+            "--sampler-seed",
+            "7",
+            "--device",
+            "cpu",
+        ]);
+        assert!(o.status.success(), "search failed: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    assert!(search("2").contains("best trial"));
+    search("3");
+    let o = hpo(&["trials", "--storage", &storage, "--study-name", "transformers_optuna_study", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let trials: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let trials = trials.as_array().unwrap();
+    assert_eq!(trials.len(), 3, "the second run resumes to 3 trials in total: {trials:?}");
+    for (i, t) in trials.iter().enumerate() {
+        assert_eq!(t["number"], i as u64);
+        assert_eq!(t["state"], "COMPLETE");
+        let p = &t["params"];
+        let lr = p["learning_rate"].as_f64().unwrap();
+        assert!((1e-6..=1e-4).contains(&lr), "recipe space: lr {lr}");
+        assert!([16, 32, 64, 128].contains(&p["per_device_train_batch_size"].as_i64().unwrap()));
+        let wd = p["weight_decay"].as_f64().unwrap();
+        assert!((0.0..=0.3).contains(&wd));
+        // The objective is the last epoch's eval accuracy, reported per epoch as intermediate values.
+        let iv = t["intermediate_values"].as_object().unwrap();
+        assert_eq!(iv.len(), 2, "{t}");
+        let last = iv["2"].as_f64().unwrap();
+        assert_eq!(t["value"].as_f64().unwrap(), last);
+        assert!((0.0..=1.0).contains(&last));
+    }
+    let Some(python) = common::python() else { return };
+    let script = r#"
+import json, sys, optuna
+s = optuna.load_study(study_name="transformers_optuna_study", storage=sys.argv[1])
+print(json.dumps({"n": len(s.trials), "best": s.best_trial.number, "value": s.best_value,
+                  "steps": sorted(s.trials[0].intermediate_values)}))
+"#;
+    let o = Command::new(python).args(["-c", script, &storage]).output().unwrap();
+    assert!(o.status.success(), "optuna could not read the study: {}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["n"], 3);
+    assert_eq!(v["steps"], serde_json::json!([1, 2]));
+    let best = trials.iter().map(|t| t["value"].as_f64().unwrap()).fold(f64::MIN, f64::max);
+    assert_eq!(v["value"].as_f64().unwrap(), best);
+}
