@@ -150,7 +150,7 @@ impl BertConfig {
                 bail!("{name} = {v} is implausibly large");
             }
         }
-        if c.hidden_size % c.num_attention_heads != 0 {
+        if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             bail!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 c.hidden_size,
