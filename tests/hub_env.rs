@@ -181,6 +181,31 @@ fn hub_resolution_from_the_environment() -> Result<()> {
         resolve_file(RepoKind::Dataset, "stanfordnlp/imdb", "plain_text/train-00000-of-00001.parquet")?,
         cached
     );
+    // `--model prajjwal1/bert-tiny` from the same cache, offline: only pytorch_model.bin is there,
+    // so the lookup of model.safetensors must come back empty rather than fail.
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch_bin");
+    let model_dir = "models--prajjwal1--bert-tiny";
+    let config = br#"{"model_type": "bert", "vocab_size": 64, "hidden_size": 8, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 16}"#;
+    cache_file(&hf_home.join("hub"), model_dir, "config.json", config)?;
+    cache_file(
+        &hf_home.join("hub"),
+        model_dir,
+        "pytorch_model.bin",
+        &std::fs::read(fixtures.join("bert_zip.bin"))?,
+    )?;
+    cache_file(&hf_home.join("hub"), model_dir, "vocab.txt", b"[PAD]\n[UNK]\n[CLS]\n[SEP]\nfilm\n")?;
+    let files = hpo_gpu::model::files::ModelFiles::resolve("prajjwal1/bert-tiny")?;
+    assert!(files.safetensors.is_none() && files.tokenizer_json.is_none());
+    assert!(files.pytorch_bin.as_ref().is_some_and(|p| p.ends_with("pytorch_model.bin")));
+    assert!(files.vocab_txt.is_some());
+    let cfg = hpo_gpu::config::BertConfig::from_file(&files.config)?;
+    let (model, report) = hpo_gpu::model::BertModel::from_tensors(&cfg, files.load_tensors()?, "bin", 0)?;
+    assert!(report.initialised.is_empty() && model.params.iter().any(|v| *v != 0.0));
+    assert_contains(
+        &err_of(hpo_gpu::model::files::ModelFiles::resolve("someone/not-cached")),
+        &["someone/not-cached", "HF_HUB_OFFLINE=1"],
+    );
     // The test split is not cached: offline, that is a clear error naming repo, file and cache.
     let message = err_of(load_split("stanfordnlp/imdb", "test", &columns, None));
     assert_contains(

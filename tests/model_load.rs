@@ -49,7 +49,11 @@ fn bare_names_legacy_layernorm_heads_and_missing_classifier() {
         if name.starts_with("classifier.") {
             continue; // a pre-trained body has no classifier
         }
-        let bare = name.strip_prefix("bert.").unwrap().replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta");
+        let bare = name
+            .strip_prefix("bert.")
+            .unwrap()
+            .replace("LayerNorm.weight", "LayerNorm.gamma")
+            .replace("LayerNorm.bias", "LayerNorm.beta");
         tensors.push((bare, f32_tensor(shape, values)));
     }
     tensors.push(("cls.predictions.bias".into(), f32_tensor(&[64], &[0.5; 64])));
