@@ -111,6 +111,13 @@ pub struct TrainArgs {
     /// Output folder (config.json, model.safetensors, tokenizer, training_metrics.json).
     #[arg(long, default_value = "./final_model")]
     pub output: PathBuf,
+    /// Train with the hyperparameters of this study's best trial (the recipe's final model);
+    /// they override the corresponding flags.
+    #[arg(long)]
+    pub from_study: Option<String>,
+    /// The study's database (with --from-study).
+    #[arg(long, default_value = "sqlite:///optuna_trials.db")]
+    pub storage: String,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
     /// Print the final metrics as JSON on stdout instead of text.
@@ -170,14 +177,51 @@ pub fn print_epoch(out: &mut dyn Write, m: &EpochMetrics) -> Result<()> {
     Ok(())
 }
 
+/// The best COMPLETE trial of a stored study: its number and parameters.
+fn best_trial_params(storage_url: &str, study_name: &str) -> Result<(u64, f64, crate::study::ParamSet)> {
+    use crate::study::storage::{Storage, StorageLocation, parse_storage_url};
+    if let StorageLocation::File(path) = parse_storage_url(storage_url)?
+        && !path.exists()
+    {
+        bail!("--storage {storage_url}: {} does not exist", path.display());
+    }
+    let mut storage = Storage::open(storage_url)?;
+    let study = storage.load_study(study_name)?;
+    let Some(best) = storage.best_trial(&study)? else {
+        bail!("--from-study {study_name}: the study has no COMPLETE trial yet");
+    };
+    Ok((best.number, best.value().unwrap_or(f64::NAN), best.param_set()))
+}
+
 pub fn run_train(args: &TrainArgs, out: &mut dyn Write) -> Result<()> {
     resolve_device(args.device)?;
-    let cfg = args.hyper.train_config();
+    let mut cfg = args.hyper.train_config();
     cfg.validate()?;
+    let from_study = match &args.from_study {
+        Some(name) => Some((name, best_trial_params(&args.storage, name)?)),
+        None => None,
+    };
     let t0 = Instant::now();
     let mut prepared = prepare(&args.data)?;
     args.hyper.apply_dropout(&mut prepared.config)?;
     let (mut model, report) = initial_model(&args.data, &prepared, cfg.seed)?;
+    let mut study_info = serde_json::Value::Null;
+    if let Some((name, (number, value, params))) = &from_study {
+        let max_length = prepared.tokenizer.max_length;
+        let (c, m, trial_max_length) = crate::search_cmd::apply_params(&cfg, &model, params, max_length)?;
+        if trial_max_length != max_length {
+            bail!(
+                "--from-study: the best trial used max_length {trial_max_length}; pass --max-length {trial_max_length}"
+            );
+        }
+        (cfg, model) = (c, m);
+        eprintln!(
+            "training with study {name:?}'s best trial {number} (value {value:.4}): {}",
+            params.to_py_json()
+        );
+        study_info = json!({"study_name": name, "storage": args.storage, "trial_number": number,
+                            "trial_value": value, "params": serde_json::from_str::<serde_json::Value>(&params.to_py_json())?});
+    }
     if !report.initialised.is_empty() {
         eprintln!("note: newly initialised (not in the checkpoint): {}", report.initialised.join(", "));
     }
@@ -209,6 +253,7 @@ pub fn run_train(args: &TrainArgs, out: &mut dyn Write) -> Result<()> {
         "train_examples": prepared.train.len(),
         "eval_examples": prepared.eval.len(),
         "device": "cpu",
+        "from_study": study_info,
     });
     export_model(
         &model,

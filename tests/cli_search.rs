@@ -69,6 +69,47 @@ fn search_runs_resumes_and_optuna_reads_it() {
         assert_eq!(t["value"].as_f64().unwrap(), last);
         assert!((0.0..=1.0).contains(&last));
     }
+    // The recipe's final step: train with the best trial's hyperparameters.
+    let best =
+        trials.iter().max_by(|a, b| a["value"].as_f64().partial_cmp(&b["value"].as_f64()).unwrap()).unwrap();
+    let out_dir = tmp.path().join("final_model");
+    let o = hpo(&[
+        "train",
+        "--from-study",
+        "transformers_optuna_study",
+        "--storage",
+        &storage,
+        "--model",
+        model.to_str().unwrap(),
+        "--random-init",
+        "--dataset",
+        data.to_str().unwrap(),
+        "--train-samples",
+        "0",
+        "--eval-samples",
+        "0",
+        "--max-length",
+        "16",
+        "--epochs",
+        "2",
+        "--output",
+        out_dir.to_str().unwrap(),
+        "--quiet",
+        "--device",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "train --from-study failed: {}", String::from_utf8_lossy(&o.stderr));
+    let metrics: Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("training_metrics.json")).unwrap())
+            .unwrap();
+    let first_best = trials.iter().find(|t| t["value"] == best["value"]).unwrap();
+    assert_eq!(metrics["from_study"]["trial_number"], first_best["number"]);
+    assert_eq!(metrics["train_config"]["learning_rate"], first_best["params"]["learning_rate"]);
+    assert_eq!(metrics["train_config"]["batch_size"], first_best["params"]["per_device_train_batch_size"]);
+    let o = hpo(&["train", "--from-study", "nope", "--storage", &storage, "--quiet"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nope"), "{}", String::from_utf8_lossy(&o.stderr));
+
     let Some(python) = common::python() else { return };
     let script = r#"
 import json, sys, optuna
