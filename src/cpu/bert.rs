@@ -798,21 +798,26 @@ pub fn backward<F: Real>(
     }
 
     // Classifier and pooler
-    let (cw, cb) = (layout.classifier_w.clone(), layout.classifier_b.clone());
     let mut dpooled = vec![F::zero(); b * h];
-    {
-        let (dw, db) = two_ranges(grads, cw.clone(), cb);
-        linear_backward(&fwd.pooled_dropped, &p[cw], &dlogits, b, h, nl, Some((&mut dpooled, false)), dw, db);
-    }
+    let (cw, cb) = (&layout.classifier_w, &layout.classifier_b);
+    linear_param_backward(
+        &fwd.pooled_dropped,
+        p,
+        cw,
+        cb,
+        &dlogits,
+        b,
+        h,
+        nl,
+        Some((&mut dpooled, false)),
+        grads,
+    );
     apply_dropout(dr, |d| d.classifier, site_pooled(layout.layers.len()), 0, &mut dpooled);
     dpooled.iter_mut().zip(&fwd.pooled).for_each(|(d, y)| *d *= F::one() - *y * *y);
     let cls = &fwd.layer_inputs[layout.layers.len()];
     let mut dx = vec![F::zero(); b * h];
-    {
-        let (pw, pb) = (layout.pooler_w.clone(), layout.pooler_b.clone());
-        let (dw, db) = two_ranges(grads, pw.clone(), pb);
-        linear_backward(cls, &p[pw], &dpooled, b, h, h, Some((&mut dx, false)), dw, db);
-    }
+    let (pw, pb) = (&layout.pooler_w, &layout.pooler_b);
+    linear_param_backward(cls, p, pw, pb, &dpooled, b, h, h, Some((&mut dx, false)), grads);
 
     // Encoder layers, last to first; dx is the gradient of the current layer's output.
     for l in (0..layout.layers.len()).rev() {
@@ -848,6 +853,25 @@ pub fn backward<F: Real>(
         );
     }
     embedding_backward(&demb, layout, batch, h, c.pad_token_id, grads);
+}
+
+/// `linear_backward` for a layer whose weight and bias live at `w` and `b` in the parameter
+/// buffer `p`, accumulating their gradients into the same ranges of `grads`.
+#[allow(clippy::too_many_arguments)]
+fn linear_param_backward<F: Real>(
+    x: &[F],
+    p: &[F],
+    w: &std::ops::Range<usize>,
+    b: &std::ops::Range<usize>,
+    dy: &[F],
+    n: usize,
+    k: usize,
+    m: usize,
+    dx: Option<(&mut [F], bool)>,
+    grads: &mut [F],
+) {
+    let (dw, db) = two_ranges(grads, w.clone(), b.clone());
+    linear_backward(x, &p[w.clone()], dy, n, k, m, dx, dw, db);
 }
 
 /// Two disjoint mutable parameter ranges of one buffer.
@@ -895,26 +919,22 @@ fn layer_backward<F: Real>(
     let mut dh1 = dz.clone();
     apply_dropout(dropout, |d| d.hidden, site_ffn_out(l), 0, &mut dz);
     let mut dact = vec![F::zero(); nq * inter];
-    {
-        let (dw, db) = two_ranges(grads, lp.out_w.clone(), lp.out_b.clone());
-        linear_backward(
-            &lc.inter_act,
-            &p[lp.out_w.clone()],
-            &dz,
-            nq,
-            inter,
-            h,
-            Some((&mut dact, false)),
-            dw,
-            db,
-        );
-    }
+    let dact_out = Some((&mut dact[..], false));
+    linear_param_backward(&lc.inter_act, p, &lp.out_w, &lp.out_b, &dz, nq, inter, h, dact_out, grads);
     let mut dpre = vec![F::zero(); nq * inter];
     gelu_backward(&lc.inter_pre, &dact, &mut dpre);
-    {
-        let (dw, db) = two_ranges(grads, lp.inter_w.clone(), lp.inter_b.clone());
-        linear_backward(&lc.h1, &p[lp.inter_w.clone()], &dpre, nq, h, inter, Some((&mut dh1, true)), dw, db);
-    }
+    linear_param_backward(
+        &lc.h1,
+        p,
+        &lp.inter_w,
+        &lp.inter_b,
+        &dpre,
+        nq,
+        h,
+        inter,
+        Some((&mut dh1, true)),
+        grads,
+    );
 
     // Attention output LayerNorm
     let mut dy = vec![F::zero(); nq * h];
@@ -934,10 +954,18 @@ fn layer_backward<F: Real>(
     let mut dxq = dy.clone();
     apply_dropout(dropout, |d| d.hidden, site_attn_out(l), 0, &mut dy);
     let mut dctx = vec![F::zero(); nq * h];
-    {
-        let (dw, db) = two_ranges(grads, lp.attn_out_w.clone(), lp.attn_out_b.clone());
-        linear_backward(&lc.ctx, &p[lp.attn_out_w.clone()], &dy, nq, h, h, Some((&mut dctx, false)), dw, db);
-    }
+    linear_param_backward(
+        &lc.ctx,
+        p,
+        &lp.attn_out_w,
+        &lp.attn_out_b,
+        &dy,
+        nq,
+        h,
+        h,
+        Some((&mut dctx, false)),
+        grads,
+    );
 
     // Attention
     let (mut dq, mut dk, mut dv) = (vec![F::zero(); nq * h], vec![F::zero(); n * h], vec![F::zero(); n * h]);
@@ -947,19 +975,10 @@ fn layer_backward<F: Real>(
     );
 
     // Q, K, V projections
-    {
-        let (dw, db) = two_ranges(grads, lp.query_w.clone(), lp.query_b.clone());
-        linear_backward(&lc.xq, &p[lp.query_w.clone()], &dq, nq, h, h, Some((&mut dxq, true)), dw, db);
-    }
+    linear_param_backward(&lc.xq, p, &lp.query_w, &lp.query_b, &dq, nq, h, h, Some((&mut dxq, true)), grads);
     let mut dx = vec![F::zero(); n * h];
-    {
-        let (dw, db) = two_ranges(grads, lp.key_w.clone(), lp.key_b.clone());
-        linear_backward(x, &p[lp.key_w.clone()], &dk, n, h, h, Some((&mut dx, false)), dw, db);
-    }
-    {
-        let (dw, db) = two_ranges(grads, lp.value_w.clone(), lp.value_b.clone());
-        linear_backward(x, &p[lp.value_w.clone()], &dv, n, h, h, Some((&mut dx, true)), dw, db);
-    }
+    linear_param_backward(x, p, &lp.key_w, &lp.key_b, &dk, n, h, h, Some((&mut dx, false)), grads);
+    linear_param_backward(x, p, &lp.value_w, &lp.value_b, &dv, n, h, h, Some((&mut dx, true)), grads);
     if last {
         for (i, s) in batch.seqs.iter().enumerate() {
             let (dst, src) = (&mut dx[s.start * h..(s.start + 1) * h], &dxq[i * h..(i + 1) * h]);
