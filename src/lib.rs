@@ -7,5 +7,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod data;
 pub mod model;
+pub mod push;
+pub mod report;
 pub mod search;
 pub mod study;

@@ -1,0 +1,1 @@
+//! Hub upload (placeholder while being written).
