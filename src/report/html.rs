@@ -12,9 +12,9 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-use super::importance::ParamImportance;
 use super::plots::{self, fmt_num};
-use super::{Importances, StudySnapshot};
+use super::{ImportanceResult, Importances, StudySnapshot};
+use crate::search::distributions::ParamValue;
 use crate::study::{FrozenTrial, TrialState, UtcDateTime};
 
 /// Escapes text for HTML element content and attribute values.
@@ -111,6 +111,35 @@ fn epoch_line(e: &EpochMetrics) -> String {
     format!("<b>{}</b> {}", e.epoch, escape(&parts.join(" · ")))
 }
 
+/// A parameter value for the trial table: floats to 4 significant digits (3 in exponent form).
+fn short_value(v: &ParamValue) -> String {
+    match v {
+        ParamValue::Float(x) if x.is_finite() && *x != 0.0 && !(1e-3..1e5).contains(&x.abs()) => {
+            let text = format!("{x:.2e}");
+            match text.split_once('e') {
+                Some((mantissa, exp)) => {
+                    format!("{}e{exp}", mantissa.trim_end_matches('0').trim_end_matches('.'))
+                }
+                None => text,
+            }
+        }
+        ParamValue::Float(x) => fmt_num(*x),
+        other => other.to_string(),
+    }
+}
+
+/// Metric columns in reading order: losses, accuracy, then anything else, runtime last.
+fn metric_order(names: &mut [String]) {
+    let rank = |m: &str| match m {
+        "train_loss" => 0,
+        "eval_loss" => 1,
+        "eval_accuracy" => 2,
+        "runtime" => 4,
+        _ => 3,
+    };
+    names.sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.cmp(b)));
+}
+
 fn state_badge(state: TrialState) -> String {
     format!("<span class=\"badge {}\">{}</span>", state.as_str().to_ascii_lowercase(), state.as_str())
 }
@@ -124,14 +153,15 @@ main { max-width: 1240px; margin: 0 auto; padding: 24px 28px 48px; }
 h1 { font-size: 28px; margin: 0 0 4px; }
 h2 { font-size: 20px; margin: 34px 0 12px; border-bottom: 2px solid var(--line); padding-bottom: 6px; }
 .sub { color: var(--muted); margin: 0 0 18px; font-size: 14px; word-break: break-all; }
-.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(190px, 1fr)); gap: 12px; }
+.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(150px, 1fr)); gap: 12px; }
+.card.wide { grid-column: span 2; }
 .card { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 12px 14px; }
 .card .k { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
 .card .v { font-size: 20px; font-weight: bold; margin-top: 2px; }
 .card .v.small { font-size: 14px; font-weight: normal; }
 table { border-collapse: collapse; background: #fff; font-size: 13px; }
 th, td { border: 1px solid var(--line); padding: 5px 8px; text-align: left; vertical-align: top; }
-th { background: #eef1f5; position: sticky; top: 0; }
+th { background: #eef1f5; overflow-wrap: anywhere; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr.best td { background: var(--best); }
 .params td:first-child { font-weight: bold; }
@@ -176,9 +206,10 @@ pub fn render(
 
     // Summary cards.
     let card = |h: &mut String, k: &str, v: &str, small: bool| {
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<div class=\"card\"><div class=\"k\">{}</div><div class=\"v{}\">{}</div></div>\n",
+            "<div class=\"card{}\"><div class=\"k\">{}</div><div class=\"v{}\">{}</div></div>",
+            if k == "Time span" { " wide" } else { "" },
             escape(k),
             if small { " small" } else { "" },
             v
@@ -243,6 +274,7 @@ pub fn render(
                     let mut v: Vec<String> = epochs.iter().flat_map(|e| e.metrics.keys().cloned()).collect();
                     v.sort();
                     v.dedup();
+                    metric_order(&mut v);
                     v
                 };
                 h.push_str("<table><tr><th>Epoch</th>");
@@ -316,8 +348,18 @@ pub fn render(
             state_badge(t.state)
         );
         for n in &names {
-            let v = t.param(n).map(|p| p.value.to_string()).unwrap_or_else(|| "—".into());
-            let _ = write!(h, "<td class=\"num\">{}</td>", escape(&v));
+            match t.param(n) {
+                // Rounded for the table; the exact value shows on hover.
+                Some(p) => {
+                    let _ = write!(
+                        h,
+                        "<td class=\"num\" title=\"{}\">{}</td>",
+                        escape(&p.value.to_string()),
+                        escape(&short_value(&p.value))
+                    );
+                }
+                None => h.push_str("<td class=\"num\">—</td>"),
+            }
         }
         let _ = write!(
             h,
@@ -361,7 +403,7 @@ fn importance_table(imps: &Importances) -> String {
         h.push_str("<p class=\"note\">Importances need at least two complete trials.</p>\n");
     } else {
         h.push_str("<table><tr><th>Hyperparameter</th><th>PED-ANOVA</th><th>fANOVA</th></tr>\n");
-        let cell = |r: &std::result::Result<Vec<ParamImportance>, String>, name: &str| match r {
+        let cell = |r: &ImportanceResult, name: &str| match r {
             Ok(v) => v
                 .iter()
                 .find(|p| p.param == name)
@@ -418,6 +460,15 @@ mod tests {
     #[test]
     fn escapes_markup_and_quotes() {
         assert_eq!(escape("<b a=\"x\">'&'</b>"), "&lt;b a=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/b&gt;");
+    }
+
+    #[test]
+    fn table_values_are_short() {
+        assert_eq!(short_value(&ParamValue::Float(6.8983650013547e-06)), "6.9e-6");
+        assert_eq!(short_value(&ParamValue::Float(3.154004959491982e-05)), "3.15e-5");
+        assert_eq!(short_value(&ParamValue::Float(0.11452544852984894)), "0.1145");
+        assert_eq!(short_value(&ParamValue::Int(32)), "32");
+        assert_eq!(short_value(&ParamValue::Str("adamw".into())), "adamw");
     }
 
     #[test]

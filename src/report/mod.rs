@@ -79,12 +79,15 @@ impl StudySnapshot {
     }
 }
 
+/// One evaluator's normalised importances, or why it could not run.
+pub type ImportanceResult = std::result::Result<Vec<ParamImportance>, String>;
+
 /// Both evaluators' results for one study; an evaluator that could not run keeps its error
 /// message, so a report still renders.
 #[derive(Clone, Debug)]
 pub struct Importances {
-    pub ped_anova: std::result::Result<Vec<ParamImportance>, String>,
-    pub fanova: std::result::Result<Vec<ParamImportance>, String>,
+    pub ped_anova: ImportanceResult,
+    pub fanova: ImportanceResult,
 }
 
 impl Importances {

@@ -20,7 +20,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::{FontStyle, register_font};
 
 use super::importance::ParamImportance;
-use super::{Importances, StudySnapshot};
+use super::{ImportanceResult, Importances, StudySnapshot};
 use crate::search::distributions::Distribution;
 use crate::study::{FrozenTrial, StudyDirection, TrialState};
 
@@ -255,6 +255,13 @@ fn ramp(t: f64) -> RGBColor {
     RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
+/// Light to dark blue, `t` in [0, 1] (1 = dark: the best trials stand out on white).
+fn blues(t: f64) -> RGBColor {
+    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
+    let mix = |a: f64, b: f64| (a + (b - a) * t).round() as u8;
+    RGBColor(mix(190.0, 8.0), mix(212.0, 48.0), mix(235.0, 107.0))
+}
+
 fn value_label(direction: StudyDirection) -> String {
     match direction {
         StudyDirection::Maximize => "Objective value (higher is better)".into(),
@@ -440,7 +447,7 @@ fn intermediate_values<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &St
                         .plot()?;
                     let series = chart
                         .draw_series(pts.iter().map(|&p| {
-                            EmptyElement::at(p) + Rectangle::new([(-3, -3), (3, 3)], color.filled())
+                            EmptyElement::at(p) + Rectangle::new([(-4, -4), (4, 4)], color.filled())
                         }))
                         .plot()?;
                     if !labelled[slot] {
@@ -495,7 +502,7 @@ fn param_importances<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, imps: &I
         return empty_plot(root, title, &format!("Importances unavailable: {why}"));
     }
     let n = order.len();
-    let series: [(&str, RGBColor, &std::result::Result<Vec<ParamImportance>, String>); 2] = [
+    let series: [(&str, RGBColor, &ImportanceResult); 2] = [
         ("PED-ANOVA (Optuna's default)", BLUE, &imps.ped_anova),
         ("fANOVA (random forest, 64 trees)", ORANGE, &imps.fanova),
     ];
@@ -644,7 +651,7 @@ fn slice<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &StudySnapshot) -
     ))
     .plot()?;
     let body = root.margin(52, 0, 0, 0);
-    let cols = names.len().min(3).max(2);
+    let cols = names.len().clamp(2, 3);
     let rows = names.len().div_ceil(3);
     let cells = body.split_evenly((rows, cols));
     let (v0, v1) = min_max(complete.iter().filter_map(|t| plotted_value(t))).unwrap_or((0.0, 1.0));
@@ -752,8 +759,8 @@ fn parallel_coordinate<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &St
     let (w, _) = root.dim_in_pixel();
     root.draw(&Text::new(format!("{title} — one line per complete trial"), (16, 14), title_font())).plot()?;
     let colour_note = match s.direction {
-        StudyDirection::Maximize => "colour = objective value (yellow = highest = best)",
-        StudyDirection::Minimize => "colour = objective value (yellow = lowest = best)",
+        StudyDirection::Maximize => "colour = objective value (dark blue = highest = best)",
+        StudyDirection::Minimize => "colour = objective value (dark blue = lowest = best)",
     };
     root.draw(&Text::new(
         colour_note.to_string(),
@@ -782,7 +789,7 @@ fn parallel_coordinate<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &St
         .collect();
     lines.sort_by(|a, b| a.0.total_cmp(&b.0));
     for (g, pts) in &lines {
-        chart.draw_series(LineSeries::new(pts.clone(), ramp(*g).mix(0.85).stroke_width(2))).plot()?;
+        chart.draw_series(LineSeries::new(pts.clone(), blues(*g).stroke_width(2))).plot()?;
     }
     for (k, axis) in axes.iter().enumerate() {
         let x = k as f64;
@@ -800,8 +807,14 @@ fn parallel_coordinate<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &St
         for tick in ticks {
             let (tx, ty) = chart.backend_coord(&(x, norm(axis, tick)));
             root.draw(&PathElement::new(vec![(tx - 4, ty), (tx, ty)], BLACK.stroke_width(1))).plot()?;
+            // A white box keeps the label readable over the lines that cross it.
+            let label = axis.scale.tick_label(tick);
             let style = font(13.0).pos(Pos::new(HPos::Right, VPos::Center));
-            root.draw(&Text::new(axis.scale.tick_label(tick), (tx - 7, ty), style)).plot()?;
+            let (lw, lh) = root.estimate_text_size(&label, &style).plot()?;
+            let (lw, lh) = (lw as i32, lh as i32);
+            let corners = [(tx - 10 - lw, ty - lh / 2 - 2), (tx - 5, ty + lh / 2 + 2)];
+            root.draw(&Rectangle::new(corners, WHITE.mix(0.85).filled())).plot()?;
+            root.draw(&Text::new(label, (tx - 7, ty), style)).plot()?;
         }
     }
     Ok(())
