@@ -611,3 +611,18 @@ fn bad_folders_and_missing_token_are_clear_errors() {
     assert_eq!(r.files.len(), 1);
     assert!(!r.files[0].generated);
 }
+
+/// Rewrites docs/report/example_model_card.md: the card generated for the fixture folder above.
+#[test]
+#[ignore = "writes the committed example under docs/report"]
+fn regenerate_model_card_example() {
+    let dir = tempfile::tempdir().unwrap();
+    model_dir(dir.path());
+    let report = push(dir.path(), REPO, None, "https://huggingface.co", false, true).unwrap();
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/report/example_model_card.md");
+    std::fs::write(docs, &report.model_card).unwrap();
+    let mut out = Vec::new();
+    hpo_gpu::push::cli::print_report(&report, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    println!("{}", text.split("--- README.md ---").next().unwrap());
+}
