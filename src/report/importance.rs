@@ -424,32 +424,33 @@ impl FanovaTree {
     /// The tree's prediction at `point` (NaN = marginalised column), averaged uniformly over the
     /// marginalised columns' bounds.
     fn marginal_prediction(&self, point: &[f64]) -> f64 {
-        let mut total = 0.0;
-        let mut weight = 0.0;
-        let mut stack = vec![(0usize, self.bounds.clone())];
-        while let Some((id, cell)) = stack.pop() {
-            let node = &self.tree.nodes[id];
-            if node.feature == LEAF {
-                let volume: f64 = cell
-                    .iter()
-                    .zip(point)
-                    .filter(|(_, p)| p.is_nan())
-                    .map(|((lo, hi), _)| (hi - lo).max(0.0))
-                    .product();
-                total += node.value * volume;
-                weight += volume;
-            } else if !point[node.feature].is_nan() {
-                let next = if point[node.feature] <= node.threshold { node.left } else { node.right };
-                stack.push((next, cell));
-            } else {
-                let (mut l, mut r) = (cell.clone(), cell);
-                l[node.feature].1 = node.threshold;
-                r[node.feature].0 = node.threshold;
-                stack.push((node.left, l));
-                stack.push((node.right, r));
-            }
-        }
+        let mut ranges = self.bounds.clone();
+        let (total, weight) = self.marginal_walk(0, point, &mut ranges, 1.0);
         if weight > 0.0 { total / weight } else { 0.0 }
+    }
+
+    /// (sum of leaf value x weight, sum of weights) under `id`, where a leaf's weight is the share
+    /// of the marginalised columns' box its cell covers. `ranges` is restored before returning.
+    fn marginal_walk(&self, id: usize, point: &[f64], ranges: &mut [(f64, f64)], share: f64) -> (f64, f64) {
+        let node = &self.tree.nodes[id];
+        if node.feature == LEAF {
+            return (node.value * share, share);
+        }
+        let f = node.feature;
+        if !point[f].is_nan() {
+            let next = if point[f] <= node.threshold { node.left } else { node.right };
+            return self.marginal_walk(next, point, ranges, share);
+        }
+        let (lo, hi) = ranges[f];
+        let width = hi - lo;
+        let t = node.threshold.clamp(lo, hi);
+        let left_share = if width > 0.0 { (t - lo) / width } else { 0.5 };
+        ranges[f] = (lo, t);
+        let (lt, lw) = self.marginal_walk(node.left, point, ranges, share * left_share);
+        ranges[f] = (t, hi);
+        let (rt, rw) = self.marginal_walk(node.right, point, ranges, share * (1.0 - left_share));
+        ranges[f] = (lo, hi);
+        (lt + rt, lw + rw)
     }
 }
 
