@@ -246,3 +246,41 @@ fn regenerate_docs() {
     let db = dir.path().join("study.db");
     std::fs::copy(&db, std::env::temp_dir().join("hpo_gpu_demo_study.db")).unwrap();
 }
+
+/// 30 parameters, an int parameter over the whole i64 range and steps at the ends of i64: the
+/// plots stay bounded (24 parameters shown, with a note) and nothing overflows.
+#[test]
+fn wide_and_extreme_studies_render() {
+    use hpo_gpu::search::distributions::IntDistribution;
+    let (dir, url) = temp_db();
+    let mut storage = Storage::open(&url).unwrap();
+    let study = storage.create_study("wide", StudyDirection::Minimize, false).unwrap();
+    let x = Distribution::Float(FloatDistribution::new(0.0, 1.0, false, None).unwrap());
+    let huge = Distribution::Int(IntDistribution::new(i64::MIN / 2, i64::MAX / 2, false, 1).unwrap());
+    for i in 0..12u32 {
+        let mut t = NewTrial::new(TrialState::Complete);
+        t.values = Some(vec![f64::from(i)]);
+        t.params =
+            (0..30).map(|k| (format!("p{k:02}"), f64::from((i * 7 + k) % 10) / 10.0, x.clone())).collect();
+        t.params.push(("huge".into(), f64::from(i) * 1e15, huge.clone()));
+        t.intermediate_values = vec![(i64::MIN, 1.0), (i64::MAX, f64::from(i))];
+        storage.create_trial(study.study_id, &t).unwrap();
+    }
+    let s = StudySnapshot::load(&url, "wide").unwrap();
+    let imps = Importances::compute(&s, 0);
+    assert_eq!(imps.ped_anova.as_ref().unwrap().len(), 31);
+    plots::write_all(&s, &imps, &dir.path().join("p")).unwrap();
+    let slice = std::fs::read_to_string(dir.path().join("p/slice.svg")).unwrap();
+    assert!(slice.contains("(first 24 of 31 parameters)"));
+    assert!(slice.contains("p23\n"), "p23 is shown");
+    assert!(!slice.contains("p24"), "p24 is beyond the cap");
+    let (w, h) = png_size(&dir.path().join("p/slice.png"));
+    assert!(w <= 1200 && h <= 8 * 360 + 70, "{w}x{h}");
+    let page = html::render(&s, &imps, UtcDateTime::now()).unwrap();
+    assert!(page.contains("<th>p29</th>"), "the trial table lists every parameter");
+}
+
+fn png_size(path: &Path) -> (u32, u32) {
+    let b = std::fs::read(path).unwrap();
+    (u32::from_be_bytes(b[16..20].try_into().unwrap()), u32::from_be_bytes(b[20..24].try_into().unwrap()))
+}

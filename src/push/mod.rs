@@ -349,8 +349,9 @@ fn collect_files(dir: &Path, repo_id: &str, license: &str) -> Result<(Vec<PushFi
     }
     let card = match files.iter().position(|f| f.path == "README.md") {
         Some(i) => {
-            let Source::Disk(p) = &sources[i] else { unreachable!("folder files are on disk") };
-            std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?
+            let bytes = sources[i].read_all(files[i].size)?;
+            String::from_utf8(bytes)
+                .map_err(|_| anyhow!("{}: README.md is not UTF-8", sources[i].describe()))?
         }
         None => {
             let card = card::model_card(dir, repo_id, license)?;
@@ -415,6 +416,12 @@ struct Hub {
     auth: String,
 }
 
+/// A JSON answer; ureq's `into_string` stops at 10 MB, so a runaway answer cannot exhaust memory.
+fn read_json(resp: ureq::Response) -> Result<Value> {
+    let text = resp.into_string().map_err(|e| anyhow!("an unreadable body ({e})"))?;
+    serde_json::from_str(&text).map_err(|e| anyhow!("invalid JSON ({e})"))
+}
+
 /// The body of an error answer, shortened, for messages.
 fn error_text(resp: ureq::Response) -> String {
     let text = resp.into_string().unwrap_or_default();
@@ -462,7 +469,7 @@ impl Hub {
             .set("Authorization", &self.auth)
             .send_json(body)
             .map_err(|e| http_error(step, url, e))?;
-        resp.into_json::<Value>().map_err(|e| anyhow!("{step}: {url} answered invalid JSON: {e}"))
+        read_json(resp).map_err(|e| anyhow!("{step}: {url} answered {e}"))
     }
 
     /// Returns true when created, false when it already existed.
@@ -540,8 +547,7 @@ impl Hub {
             .set("Content-Type", "application/vnd.git-lfs+json")
             .send_string(&body.to_string())
             .map_err(|e| http_error("LFS batch", &url, e))?;
-        let answer: Value =
-            resp.into_json().map_err(|e| anyhow!("LFS batch: {url} answered invalid JSON: {e}"))?;
+        let answer: Value = read_json(resp).map_err(|e| anyhow!("LFS batch: {url} answered {e}"))?;
         let objects = answer
             .get("objects")
             .and_then(Value::as_array)
@@ -680,8 +686,7 @@ impl Hub {
             .set("Content-Type", "application/x-ndjson")
             .send_string(&body)
             .map_err(|e| http_error("commit", &url, e))?;
-        let answer: Value =
-            resp.into_json().map_err(|e| anyhow!("commit: {url} answered invalid JSON: {e}"))?;
+        let answer: Value = read_json(resp).map_err(|e| anyhow!("commit: {url} answered {e}"))?;
         let get = |k: &str| answer.get(k).and_then(Value::as_str).map(str::to_string);
         match (get("commitUrl"), get("commitOid")) {
             (Some(u), Some(o)) => Ok((u, o)),

@@ -706,10 +706,12 @@ fn count_numerical_in_grid(name: &str, dist: &Distribution, trials: &[&FrozenTri
     let (low, high, log) = match dist {
         Distribution::Int(IntDistribution { low, high, log, step }) => {
             if *log {
-                let log2_domain = ((high - low + 1) as f64).ln() / 2f64.ln();
+                // In f64: an extreme stored range must not overflow i64 arithmetic.
+                let log2_domain = (*high as f64 - *low as f64 + 1.0).ln() / 2f64.ln();
                 n_steps = n_steps.min(log2_domain.ceil() as usize + 1);
             } else {
-                n_steps = n_steps.min(((high - low) as f64 / *step as f64).round_ties_even() as usize + 1);
+                n_steps =
+                    n_steps.min(((*high as f64 - *low as f64) / *step as f64).round_ties_even() as usize + 1);
             }
             (*low as f64, *high as f64, *log)
         }

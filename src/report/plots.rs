@@ -86,7 +86,7 @@ impl PlotKind {
 
     /// Canvas size in pixels for this study.
     fn size(self, snapshot: &StudySnapshot) -> (u32, u32) {
-        let n_params = snapshot.param_names().len().max(1) as u32;
+        let n_params = plotted_params(snapshot).len().max(1) as u32;
         match self {
             PlotKind::OptimizationHistory | PlotKind::IntermediateValues => (960, 540),
             PlotKind::ParamImportances => (960, (170 + 70 * n_params).max(360)),
@@ -97,6 +97,27 @@ impl PlotKind {
             }
             PlotKind::ParallelCoordinate => ((300 + 200 * n_params).max(960), 560),
         }
+    }
+}
+
+/// Plots show at most this many parameters: the canvas grows with each one.
+pub const MAX_PLOTTED_PARAMS: usize = 24;
+
+/// The parameters the slice and parallel-coordinate plots show (the first
+/// [`MAX_PLOTTED_PARAMS`] in first-seen order).
+fn plotted_params(s: &StudySnapshot) -> Vec<String> {
+    let mut names = s.param_names();
+    names.truncate(MAX_PLOTTED_PARAMS);
+    names
+}
+
+/// ` (first 24 of 30 parameters)` when the study has more parameters than the plots show.
+fn truncation_note(s: &StudySnapshot) -> String {
+    let total = s.param_names().len();
+    if total > MAX_PLOTTED_PARAMS {
+        format!(" (first {MAX_PLOTTED_PARAMS} of {total} parameters)")
+    } else {
+        String::new()
     }
 }
 
@@ -384,7 +405,7 @@ fn intermediate_values<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &St
         .y_label_area_size(72)
         .build_cartesian_2d(x0..x1, y0..y1)
         .plot()?;
-    let n_steps = (s1 - s0 + 1).clamp(2, 12) as usize;
+    let n_steps = s1.saturating_sub(s0).saturating_add(1).clamp(2, 12) as usize;
     chart
         .configure_mesh()
         .x_desc("Step (epoch)")
@@ -501,6 +522,8 @@ fn param_importances<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, imps: &I
             .unwrap_or_else(|| "no complete trials yet".into());
         return empty_plot(root, title, &format!("Importances unavailable: {why}"));
     }
+    let mut order = order;
+    order.truncate(MAX_PLOTTED_PARAMS);
     let n = order.len();
     let series: [(&str, RGBColor, &ImportanceResult); 2] = [
         ("PED-ANOVA (Optuna's default)", BLUE, &imps.ped_anova),
@@ -635,15 +658,19 @@ fn distribution_of<'a>(s: &'a StudySnapshot, name: &str) -> Option<&'a Distribut
 
 fn slice<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &StudySnapshot) -> Result<()> {
     let title = PlotKind::Slice.title();
-    let names = s.param_names();
+    let names = plotted_params(s);
     let complete: Vec<&FrozenTrial> =
         s.trials.iter().filter(|t| t.state == TrialState::Complete && plotted_value(t).is_some()).collect();
     if names.is_empty() || complete.is_empty() {
         return empty_plot(root, title, "No complete trials yet");
     }
     let (w, _) = root.dim_in_pixel();
-    root.draw(&Text::new(format!("{title} — objective against each hyperparameter"), (16, 14), title_font()))
-        .plot()?;
+    root.draw(&Text::new(
+        format!("{title} — objective against each hyperparameter{}", truncation_note(s)),
+        (16, 14),
+        title_font(),
+    ))
+    .plot()?;
     root.draw(&Text::new(
         "Complete trials; colour = trial number (dark = early, yellow = late)".to_string(),
         (w as i32 - 16, 20),
@@ -724,7 +751,7 @@ fn slice<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &StudySnapshot) -
 
 fn parallel_coordinate<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &StudySnapshot) -> Result<()> {
     let title = PlotKind::ParallelCoordinate.title();
-    let names = s.param_names();
+    let names = plotted_params(s);
     let complete: Vec<&FrozenTrial> =
         s.trials.iter().filter(|t| t.state == TrialState::Complete && plotted_value(t).is_some()).collect();
     if complete.is_empty() {
@@ -757,7 +784,12 @@ fn parallel_coordinate<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &St
     let n_axes = axes.len();
 
     let (w, _) = root.dim_in_pixel();
-    root.draw(&Text::new(format!("{title} — one line per complete trial"), (16, 14), title_font())).plot()?;
+    root.draw(&Text::new(
+        format!("{title} — one line per complete trial{}", truncation_note(s)),
+        (16, 14),
+        title_font(),
+    ))
+    .plot()?;
     let colour_note = match s.direction {
         StudyDirection::Maximize => "colour = objective value (dark blue = highest = best)",
         StudyDirection::Minimize => "colour = objective value (dark blue = lowest = best)",
