@@ -797,7 +797,7 @@ mod tests {
     }
 
     #[test]
-    fn fanova_ranks_strong_over_weak_over_unused() {
+    fn fanova_ranks_and_values_like_optuna() {
         let imp = param_importances(
             &study(),
             StudyDirection::Minimize,
@@ -814,7 +814,7 @@ mod tests {
     }
 
     #[test]
-    fn ped_anova_ranks_strong_first_and_unused_last() {
+    fn ped_anova_equals_optuna_on_a_mixed_study() {
         let imp = param_importances(
             &study(),
             StudyDirection::Minimize,
@@ -861,7 +861,7 @@ mod tests {
     }
 
     #[test]
-    fn quantile_filter_matches_optuna_float_rounding() {
+    fn quantile_filter_keeps_ties_with_the_cutoff() {
         let fx = Distribution::Float(FloatDistribution { low: 0.0, high: 1.0, log: false, step: None });
         let trials: Vec<FrozenTrial> = (0..30).map(|n| trial(n, n as f64, &[("x", 0.5, &fx)])).collect();
         let refs: Vec<&FrozenTrial> = trials.iter().collect();
