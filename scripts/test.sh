@@ -5,7 +5,7 @@
 # Tests that need ../shared/data or the Python environment say SKIPPED when those are absent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import torch, transformers, optuna, matplotlib' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import torch, transformers, optuna, matplotlib, sklearn' 2>/dev/null; then
   echo "== setting up .venv (Python test dependencies)"
   python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip

@@ -253,7 +253,7 @@ pub fn run_train(args: &TrainArgs, out: &mut dyn Write) -> Result<()> {
         "train_examples": prepared.train.len(),
         "eval_examples": prepared.eval.len(),
         "device": "cpu",
-        "from_study": study_info,
+        "study": study_info,
     });
     export_model(
         &model,

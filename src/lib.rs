@@ -11,6 +11,8 @@ pub mod data;
 pub mod hub;
 pub mod model;
 pub mod pipeline;
+pub mod push;
+pub mod report;
 pub mod search;
 pub mod search_cmd;
 pub mod study;

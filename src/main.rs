@@ -36,6 +36,14 @@ enum Command {
     Trials(hpo_gpu::study::cli::TrialsArgs),
     /// Show a study's best trial.
     Best(hpo_gpu::study::cli::BestArgs),
+    /// Plot a study (history, intermediate values, importances, slices, parallel coordinates).
+    Plot(hpo_gpu::report::cli::PlotArgs),
+    /// Write a self-contained HTML report of a study.
+    Report(hpo_gpu::report::cli::ReportArgs),
+    /// Parameter importances of a study (PED-ANOVA or fANOVA, as Optuna computes them).
+    Importance(hpo_gpu::report::cli::ImportanceArgs),
+    /// Upload a model folder to the Hugging Face Hub.
+    Push(hpo_gpu::push::cli::PushArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -55,6 +63,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tell(a) => hpo_gpu::study::cli::run_tell(&a, &mut out),
         Command::Trials(a) => hpo_gpu::study::cli::run_trials(&a, &mut out),
         Command::Best(a) => hpo_gpu::study::cli::run_best(&a, &mut out),
+        Command::Plot(a) => hpo_gpu::report::cli::run_plot(&a, &mut out),
+        Command::Report(a) => hpo_gpu::report::cli::run_report(&a, &mut out),
+        Command::Importance(a) => hpo_gpu::report::cli::run_importance(&a, &mut out),
+        Command::Push(a) => hpo_gpu::push::cli::run_push(&a, &mut out),
     }
 }
 

@@ -103,7 +103,7 @@ fn search_runs_resumes_and_optuna_reads_it() {
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("training_metrics.json")).unwrap())
             .unwrap();
     let first_best = trials.iter().find(|t| t["value"] == best["value"]).unwrap();
-    assert_eq!(metrics["from_study"]["trial_number"], first_best["number"]);
+    assert_eq!(metrics["study"]["trial_number"], first_best["number"]);
     assert_eq!(metrics["train_config"]["learning_rate"], first_best["params"]["learning_rate"]);
     assert_eq!(metrics["train_config"]["batch_size"], first_best["params"]["per_device_train_batch_size"]);
     let o = hpo(&["train", "--from-study", "nope", "--storage", &storage, "--quiet"]);
