@@ -110,6 +110,22 @@ fn search_runs_resumes_and_optuna_reads_it() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("nope"), "{}", String::from_utf8_lossy(&o.stderr));
 
+    // Plots and the HTML report work on the study the search wrote.
+    let plots = tmp.path().join("plots");
+    let o = hpo(&["plot", "--storage", &storage, "--out", plots.to_str().unwrap()]);
+    assert!(o.status.success(), "plot failed: {}", String::from_utf8_lossy(&o.stderr));
+    for f in ["optimization_history.png", "intermediate_values.svg", "slice.png"] {
+        assert!(plots.join(f).metadata().is_ok_and(|m| m.len() > 1000), "{f} missing or empty");
+    }
+    let html = tmp.path().join("report.html");
+    let o = hpo(&["report", "--storage", &storage, "--out", html.to_str().unwrap()]);
+    assert!(o.status.success(), "report failed: {}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        text.contains("transformers_optuna_study") && text.contains("<svg"),
+        "report lacks the study or plots"
+    );
+
     let Some(python) = common::python() else { return };
     let script = r#"
 import json, sys, optuna
