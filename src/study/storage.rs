@@ -165,6 +165,10 @@ pub struct Storage {
     conn: Connection,
     location: StorageLocation,
     url: String,
+    /// Trials per study as last read. Finished trials never change (they cannot be updated),
+    /// so a refresh only reads new trials and the ones that were unfinished (Optuna's RDB
+    /// storage caches the same way).
+    cache: HashMap<i64, Vec<FrozenTrial>>,
 }
 
 fn is_busy(err: &anyhow::Error) -> bool {
@@ -266,7 +270,7 @@ impl Storage {
                     .with_context(|| format!("--storage {url:?}: cannot open {}", path.display()))?
             }
         };
-        let mut storage = Storage { conn, location, url: url.to_string() };
+        let mut storage = Storage { conn, location, url: url.to_string(), cache: HashMap::new() };
         storage.configure().with_context(|| format!("--storage {url:?}"))?;
         storage.init_schema().with_context(|| format!("--storage {url:?}"))?;
         Ok(storage)
@@ -762,11 +766,36 @@ impl Storage {
 
     /// All trials of a study ordered by `trial_id` (= by number), optionally only some states.
     pub fn trials(&mut self, study_id: i64, states: Option<&[TrialState]>) -> Result<Vec<FrozenTrial>> {
-        let mut trials = self.read(|tx| load_trials(tx, TrialFilter::Study(study_id)))?;
-        if let Some(states) = states {
-            trials.retain(|t| states.contains(&t.state));
+        let all = self.study_trials(study_id)?;
+        Ok(match states {
+            Some(states) => all.iter().filter(|t| states.contains(&t.state)).cloned().collect(),
+            None => all.to_vec(),
+        })
+    }
+
+    /// All trials of a study ordered by `trial_id`, borrowed from the cache after bringing it up
+    /// to date: only trials added since the last read and those that were unfinished are read.
+    pub fn study_trials(&mut self, study_id: i64) -> Result<&[FrozenTrial]> {
+        let cached = self.cache.remove(&study_id).unwrap_or_default();
+        let after = cached.iter().map(|t| t.trial_id).max().unwrap_or(0);
+        let unfinished: Vec<i64> =
+            cached.iter().filter(|t| !t.state.is_finished()).map(|t| t.trial_id).collect();
+        let ids_json = format!("[{}]", unfinished.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
+        let (fresh, count) = self.read(|tx| {
+            let fresh =
+                load_trials(tx, TrialFilter::Refresh { study_id, after, ids_json: ids_json.clone() })?;
+            let count: i64 =
+                row(tx, "SELECT COUNT(*) FROM trials WHERE study_id = ?1", [study_id], |r| r.get(0))?;
+            Ok((fresh, count))
+        })?;
+        let mut trials: Vec<FrozenTrial> = cached.into_iter().filter(|t| t.state.is_finished()).collect();
+        trials.extend(fresh);
+        trials.sort_unstable_by_key(|t| t.trial_id);
+        if trials.len() as i64 != count {
+            // Trials were deleted behind our back (e.g. `optuna delete-study`): read everything.
+            trials = self.read(|tx| load_trials(tx, TrialFilter::Study(study_id)))?;
         }
-        Ok(trials)
+        Ok(self.cache.entry(study_id).or_insert(trials))
     }
 
     pub fn trial_counts(&mut self, study_id: i64) -> Result<TrialCounts> {
@@ -794,8 +823,7 @@ impl Storage {
     /// by trial_id among equals). `None` when no trial is complete.
     pub fn best_trial(&mut self, study: &StudyRef) -> Result<Option<FrozenTrial>> {
         let direction = study.direction()?;
-        let trials = self.trials(study.study_id, Some(&[TrialState::Complete]))?;
-        Ok(best_of(&trials, direction).cloned())
+        Ok(best_of(self.study_trials(study.study_id)?, direction).cloned())
     }
 }
 
@@ -1014,13 +1042,34 @@ fn upsert_heartbeat(tx: &Transaction, trial_id: i64) -> Result<()> {
 enum TrialFilter {
     Id(i64),
     Study(i64),
+    /// The study's trials with `trial_id > after`, plus those listed (JSON array of ids).
+    Refresh {
+        study_id: i64,
+        after: i64,
+        ids_json: String,
+    },
 }
 
 /// Loads trials with one query per table (not one per trial), grouping rows by trial_id.
 fn load_trials(tx: &Transaction, filter: TrialFilter) -> Result<Vec<FrozenTrial>> {
-    let (cond, id) = match filter {
-        TrialFilter::Id(id) => ("t.trial_id = ?1", id),
-        TrialFilter::Study(id) => ("t.study_id = ?1", id),
+    let (cond, id, after, ids_json) = match filter {
+        TrialFilter::Id(id) => ("t.trial_id = ?1", id, 0, String::new()),
+        TrialFilter::Study(id) => ("t.study_id = ?1", id, 0, String::new()),
+        TrialFilter::Refresh { study_id, after, ids_json } => (
+            "t.study_id = ?1 AND (t.trial_id > ?2 OR t.trial_id IN (SELECT value FROM json_each(?3)))",
+            study_id,
+            after,
+            ids_json,
+        ),
+    };
+    let refresh = cond.contains("?2");
+    let bind = |stmt: &mut rusqlite::CachedStatement<'_>| -> rusqlite::Result<()> {
+        stmt.raw_bind_parameter(1, id)?;
+        if refresh {
+            stmt.raw_bind_parameter(2, after)?;
+            stmt.raw_bind_parameter(3, ids_json.as_str())?;
+        }
+        Ok(())
     };
     let mut trials = Vec::new();
     let mut index: HashMap<i64, usize> = HashMap::new();
@@ -1030,7 +1079,8 @@ fn load_trials(tx: &Transaction, filter: TrialFilter) -> Result<Vec<FrozenTrial>
              WHERE {cond} ORDER BY t.trial_id"
         );
         let mut stmt = tx.prepare_cached(&sql)?;
-        let mut rows = stmt.query([id])?;
+        bind(&mut stmt)?;
+        let mut rows = stmt.raw_query();
         while let Some(r) = rows.next()? {
             let trial_id: i64 = r.get(0)?;
             let number: Option<i64> = r.get(1)?;
@@ -1069,7 +1119,8 @@ fn load_trials(tx: &Transaction, filter: TrialFilter) -> Result<Vec<FrozenTrial>
             "x.param_name, x.param_value, x.distribution_json",
             "x.param_id",
         ))?;
-        let mut rows = stmt.query([id])?;
+        bind(&mut stmt)?;
+        let mut rows = stmt.raw_query();
         while let Some(r) = rows.next()? {
             let trial_id: i64 = r.get(0)?;
             let name: String = r.get(1)?;
@@ -1098,7 +1149,8 @@ fn load_trials(tx: &Transaction, filter: TrialFilter) -> Result<Vec<FrozenTrial>
             "x.objective, x.value, x.value_type",
             "x.trial_id, x.objective",
         ))?;
-        let mut rows = stmt.query([id])?;
+        bind(&mut stmt)?;
+        let mut rows = stmt.raw_query();
         while let Some(r) = rows.next()? {
             let trial_id: i64 = r.get(0)?;
             let objective: i64 = r.get(1)?;
@@ -1121,7 +1173,8 @@ fn load_trials(tx: &Transaction, filter: TrialFilter) -> Result<Vec<FrozenTrial>
             "x.step, x.intermediate_value, x.intermediate_value_type",
             "x.trial_intermediate_value_id",
         ))?;
-        let mut rows = stmt.query([id])?;
+        bind(&mut stmt)?;
+        let mut rows = stmt.raw_query();
         while let Some(r) = rows.next()? {
             let trial_id: i64 = r.get(0)?;
             let step: i64 = r.get(1)?;
@@ -1134,7 +1187,8 @@ fn load_trials(tx: &Transaction, filter: TrialFilter) -> Result<Vec<FrozenTrial>
     }
     for (table, system) in [("trial_user_attributes", false), ("trial_system_attributes", true)] {
         let mut stmt = tx.prepare_cached(&join(table, "x.\"key\", x.value_json", "x.rowid"))?;
-        let mut rows = stmt.query([id])?;
+        bind(&mut stmt)?;
+        let mut rows = stmt.raw_query();
         while let Some(r) = rows.next()? {
             let trial_id: i64 = r.get(0)?;
             let key: String = r.get(1)?;
@@ -1338,6 +1392,37 @@ mod tests {
         ));
         let c = s.trial_counts(study.study_id).unwrap();
         assert_eq!((c.complete, c.running, c.finished_ok()), (4, 1, 4));
+    }
+
+    #[test]
+    fn cached_reads_see_other_connections_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let mut a = Storage::open_path(&path).unwrap();
+        let mut b = Storage::open_path(&path).unwrap();
+        let study = a.create_study("s", StudyDirection::Minimize, false).unwrap();
+        let mut done = NewTrial::new(TrialState::Complete);
+        done.values = Some(vec![1.0]);
+        a.create_trial(study.study_id, &done).unwrap();
+        let StartOutcome::Started(run) = a.start_trial(study.study_id, None, false).unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.study_trials(study.study_id).unwrap().len(), 2);
+        // B finishes A's running trial and adds one; A's next read has both changes.
+        b.report(run.trial_id, 1, 0.5, &[]).unwrap();
+        b.set_trial_state(run.trial_id, TrialState::Complete, Some(&[0.5]), &[]).unwrap();
+        b.create_trial(study.study_id, &done).unwrap();
+        let seen = a.study_trials(study.study_id).unwrap();
+        assert_eq!(
+            seen.iter().map(|t| (t.number, t.state)).collect::<Vec<_>>(),
+            vec![(0, TrialState::Complete), (1, TrialState::Complete), (2, TrialState::Complete)]
+        );
+        assert_eq!(seen[1].intermediate_values[&1], 0.5);
+        // A deletion elsewhere (as `optuna delete-study` does) is noticed too.
+        b.conn.execute("DELETE FROM trial_values WHERE trial_id = 1", []).unwrap();
+        b.conn.execute("DELETE FROM trials WHERE trial_id = 1", []).unwrap();
+        let seen = a.study_trials(study.study_id).unwrap();
+        assert_eq!(seen.iter().map(|t| t.trial_id).collect::<Vec<_>>(), vec![2, 3]);
     }
 
     #[test]
