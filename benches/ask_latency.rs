@@ -85,6 +85,7 @@ fn bench_ask(c: &mut Criterion) {
         let url = format!("sqlite:///{}", path.display());
         let (mut storage, study, _) = build_study(&url, n);
         let cleanup = rusqlite::Connection::open(&path).unwrap();
+        cleanup.pragma_update(None, "synchronous", "NORMAL").unwrap(); // as Storage's own connections
         let mut sampler = TpeSampler::new(TpeOptions { seed: Some(0), ..TpeOptions::default() });
         group.bench_function(BenchmarkId::new("sqlite", n), |b| {
             b.iter(|| {
@@ -94,12 +95,13 @@ fn bench_ask(c: &mut Criterion) {
                     panic!("no trial")
                 };
                 assert_eq!(t.number as usize, n);
-                cleanup
-                    .execute_batch(&format!(
-                        "DELETE FROM trial_params WHERE trial_id = {id}; DELETE FROM trials WHERE trial_id = {id};",
-                        id = t.trial_id
-                    ))
-                    .unwrap();
+                let tx = cleanup.unchecked_transaction().unwrap();
+                for sql in
+                    ["DELETE FROM trial_params WHERE trial_id = ?1", "DELETE FROM trials WHERE trial_id = ?1"]
+                {
+                    tx.prepare_cached(sql).unwrap().execute([t.trial_id]).unwrap();
+                }
+                tx.commit().unwrap();
                 black_box(t.number)
             })
         });

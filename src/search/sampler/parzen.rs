@@ -213,28 +213,34 @@ impl ParzenEstimator {
                 KernelColumn::Numerical { mus, sigmas, low, high, step, log } => {
                     let (alow, ahigh) = KernelColumn::adapted_bounds(*low, *high, *step, *log);
                     if *step == 0.0 {
-                        // log normaliser of each kernel, shared by all samples.
-                        let bounds: Vec<(f64, f64, f64)> = mus
-                            .iter()
-                            .zip(sigmas)
-                            .map(|(&mu, &sigma)| {
-                                let (a, b) = ((alow - mu) / sigma, (ahigh - mu) / sigma);
-                                (a, b, truncnorm::log_gauss_mass(a, b) + sigma.ln())
-                            })
-                            .collect();
+                        // Per kernel, shared by all samples: standardised bounds and the constant
+                        // part of the log density (a degenerate kernel, a == b, gives NaN as in
+                        // Optuna). Separate arrays keep the inner loop branch-free.
+                        let mut lo = Vec::with_capacity(n_kernels);
+                        let mut hi = Vec::with_capacity(n_kernels);
+                        let mut constant = Vec::with_capacity(n_kernels);
+                        for (&mu, &sigma) in mus.iter().zip(sigmas) {
+                            let (a, b) = ((alow - mu) / sigma, (ahigh - mu) / sigma);
+                            if a == b {
+                                lo.push(f64::NEG_INFINITY);
+                                hi.push(f64::INFINITY);
+                                constant.push(f64::NAN);
+                            } else {
+                                lo.push(a);
+                                hi.push(b);
+                                constant.push(
+                                    -0.918_938_533_204_672_7 - (truncnorm::log_gauss_mass(a, b) + sigma.ln()),
+                                );
+                            }
+                        }
                         for (s, &x) in xs.iter().enumerate() {
                             let x = if *log { x.ln() } else { x };
+                            let row = &mut weighted[s * n_kernels..(s + 1) * n_kernels];
                             for k in 0..n_kernels {
-                                let (a, b, norm) = bounds[k];
                                 let z = (x - mus[k]) / sigmas[k];
-                                let lp = if a == b {
-                                    f64::NAN
-                                } else if z < a || z > b {
-                                    f64::NEG_INFINITY
-                                } else {
-                                    -(z * z) / 2.0 - 0.918_938_533_204_672_7 - norm
-                                };
-                                weighted[s * n_kernels + k] += lp;
+                                let inside = z >= lo[k] && z <= hi[k];
+                                row[k] +=
+                                    if inside { -(z * z) / 2.0 + constant[k] } else { f64::NEG_INFINITY };
                             }
                         }
                     } else {
