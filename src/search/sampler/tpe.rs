@@ -139,8 +139,9 @@ impl TpeSampler {
             // Finished trials (nearly all of them) are read directly; only unfinished ones may
             // carry relative params shared by another worker.
             if t.state.is_finished() || !self.options.multivariate {
-                for (name, _) in space {
-                    match t.param(name) {
+                // Trials of one space store their params in the space's order: try that first.
+                for (i, (name, _)) in space.iter().enumerate() {
+                    match t.param_hinted(name, i) {
                         Some(p) => row.push(p.internal),
                         None => break,
                     }
