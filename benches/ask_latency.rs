@@ -78,11 +78,14 @@ fn bench_ask(c: &mut Criterion) {
             })
         });
 
-        // Through SQLite: ask (start, load, sample, store) then fail the trial so the history
-        // the next iteration sees is unchanged.
+        // Through SQLite: ask (start, load, sample, store), then delete the trial through a
+        // second connection so that every iteration sees the same history.
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite:///{}", dir.path().join("bench.db").display());
+        let path = dir.path().join("bench.db");
+        let url = format!("sqlite:///{}", path.display());
         let (mut storage, study, _) = build_study(&url, n);
+        let cleanup = rusqlite::Connection::open(&path).unwrap();
+        cleanup.pragma_update(None, "synchronous", "NORMAL").unwrap(); // as Storage's own connections
         let mut sampler = TpeSampler::new(TpeOptions { seed: Some(0), ..TpeOptions::default() });
         group.bench_function(BenchmarkId::new("sqlite", n), |b| {
             b.iter(|| {
@@ -91,11 +94,36 @@ fn bench_ask(c: &mut Criterion) {
                 else {
                     panic!("no trial")
                 };
-                storage.set_trial_state(t.trial_id, TrialState::Fail, None, &[]).unwrap();
+                assert_eq!(t.number as usize, n);
+                let tx = cleanup.unchecked_transaction().unwrap();
+                for sql in
+                    ["DELETE FROM trial_params WHERE trial_id = ?1", "DELETE FROM trials WHERE trial_id = ?1"]
+                {
+                    tx.prepare_cached(sql).unwrap().execute([t.trial_id]).unwrap();
+                }
+                tx.commit().unwrap();
                 black_box(t.number)
             })
         });
     }
+    group.finish();
+
+    // Where the SQLite time goes: loading the history, and one start + finish round trip.
+    let mut group = c.benchmark_group("sqlite_parts");
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:///{}", dir.path().join("parts.db").display());
+    let (mut storage, study, _) = build_study(&url, 1000);
+    group.bench_function("load_1000_trials", |b| {
+        b.iter(|| black_box(storage.trials(study.study_id, None).unwrap().len()))
+    });
+    group.bench_function("start_and_fail_trial", |b| {
+        b.iter(|| {
+            let StartOutcome::Started(t) = storage.start_trial(study.study_id, None, false).unwrap() else {
+                panic!("no trial")
+            };
+            storage.set_trial_state(t.trial_id, TrialState::Fail, None, &[]).unwrap();
+        })
+    });
     group.finish();
 }
 

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::storage::{StartOutcome, Storage, StorageLocation, TrialCounts, best_of};
-use super::{FrozenTrial, ParamSet, StudyRef, TrialState};
+use super::{FrozenTrial, ParamSet, StudyRef, TrialParam, TrialState};
 use crate::search::pruner::Pruner;
 use crate::search::pyjson::float_repr;
 use crate::search::sampler::{Sampler, StudyView, suggest_params};
@@ -245,20 +245,29 @@ pub fn ask(
     if let Some(seed) = opts.seed {
         sampler.reseed(trial_seed(seed, trial.number));
     }
-    let trials = storage.trials(study.study_id, None)?;
-    let view = StudyView { study_name: &study.name, direction, trials: &trials };
-    let filtered = pruner.and_then(|p| p.filter_trials_for_sampler(&view, &trial));
-    let view = match &filtered {
-        Some(ts) => StudyView { trials: ts, ..view },
-        None => view,
+    let params = {
+        let trials = storage.study_trials(study.study_id)?;
+        let view = StudyView { study_name: &study.name, direction, trials };
+        let filtered = pruner.and_then(|p| p.filter_trials_for_sampler(&view, &trial));
+        let view = match &filtered {
+            Some(ts) => StudyView { trials: ts, ..view },
+            None => view,
+        };
+        suggest_params(sampler, &view, &trial, space)
+            .with_context(|| format!("sampling parameters for trial {}", trial.number))?
     };
-    let params = suggest_params(sampler, &view, &trial, space)
-        .with_context(|| format!("sampling parameters for trial {}", trial.number))?;
     let new: Vec<_> = params.into_iter().filter(|(name, _, _)| trial.param(name).is_none()).collect();
-    if !new.is_empty() {
-        storage.set_trial_params(trial.trial_id, &new)?;
+    if new.is_empty() {
+        return Ok(StartOutcome::Started(trial));
     }
-    Ok(StartOutcome::Started(storage.trial(trial.trial_id)?))
+    storage.set_trial_params(trial.trial_id, &new)?;
+    // The stored trial is the started one plus these params; no need to read it back.
+    let mut trial = trial;
+    for (name, internal, distribution) in new {
+        let value = distribution.to_external(internal)?;
+        trial.params.push(TrialParam { name, internal, value, distribution });
+    }
+    Ok(StartOutcome::Started(trial))
 }
 
 /// Asks `k` trials at once. Each sees the previous ones as RUNNING, so with constant liar (TPE's
@@ -371,13 +380,15 @@ pub fn run_study(
                 }
                 *last_step = Some(r.epoch);
                 storage.report(trial.trial_id, i64::from(r.epoch), r.objective, &epoch_attrs(r))?;
-                let trials = storage.trials(study.study_id, None)?;
-                let me = trials
-                    .iter()
-                    .find(|t| t.trial_id == trial.trial_id)
-                    .with_context(|| format!("trial {} vanished from the study", trial.number))?;
-                let view = StudyView { study_name: &study.name, direction, trials: &trials };
-                let decision = pruner.prune(&view, me)?;
+                let decision = {
+                    let trials = storage.study_trials(study.study_id)?;
+                    let me = trials
+                        .iter()
+                        .find(|t| t.trial_id == trial.trial_id)
+                        .with_context(|| format!("trial {} vanished from the study", trial.number))?;
+                    let view = StudyView { study_name: &study.name, direction, trials };
+                    pruner.prune(&view, me)?
+                };
                 for (key, value) in &decision.system_attrs {
                     storage.set_trial_system_attr(trial.trial_id, key, &float_repr(*value))?;
                 }
@@ -421,8 +432,8 @@ pub fn run_study(
             consecutive_failures = 0;
         }
         let counts = storage.trial_counts(study.study_id)?;
-        let all = storage.trials(study.study_id, Some(&[TrialState::Complete]))?;
-        let best = best_of(&all, direction).and_then(|t| Some((t.number, t.value()?)));
+        let best = best_of(storage.study_trials(study.study_id)?, direction)
+            .and_then(|t| Some((t.number, t.value()?)));
         progress.event(&StudyEvent::TrialFinished {
             number: trial.number,
             state,

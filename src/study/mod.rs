@@ -309,6 +309,16 @@ impl FrozenTrial {
         self.params.iter().find(|p| p.name == name)
     }
 
+    /// [`param`](Self::param), trying position `hint` first (trials of one space store their
+    /// parameters in the same order, so samplers scanning thousands of trials pass the position
+    /// they found last time).
+    pub fn param_hinted(&self, name: &str, hint: usize) -> Option<&TrialParam> {
+        match self.params.get(hint) {
+            Some(p) if p.name == name => Some(p),
+            _ => self.param(name),
+        }
+    }
+
     pub fn param_set(&self) -> ParamSet {
         let mut set = ParamSet::new();
         for p in &self.params {

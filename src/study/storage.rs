@@ -13,8 +13,10 @@
 //!   the transaction that inserts it.
 //!
 //! Concurrency: every write is one `BEGIN IMMEDIATE` transaction (the database write lock is taken
-//! up front, so two processes never both read a count and then both insert), the journal is WAL,
-//! and a 30 s busy timeout plus a few retries let several worker processes share one file.
+//! up front, so two processes never both read a count and then both insert), the journal is WAL
+//! (with `synchronous=NORMAL`: durable across process crashes, and a power cut can only lose the
+//! last commits), and a 30 s busy timeout plus a few retries let several worker processes share
+//! one file.
 //!
 //! Heartbeats (`trial_heartbeats`) follow Optuna's RDBStorage: a RUNNING trial whose heartbeat is
 //! older than the grace period is stale; [`Storage::fail_stale_trials`] marks it FAIL and, like
@@ -27,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Params, Row, Transaction, TransactionBehavior, params};
 use serde_json::Value;
 
 use super::{FrozenTrial, StudyDirection, StudyRef, TrialParam, TrialState, UtcDateTime};
@@ -163,6 +165,10 @@ pub struct Storage {
     conn: Connection,
     location: StorageLocation,
     url: String,
+    /// Trials per study as last read. Finished trials never change (they cannot be updated),
+    /// so a refresh only reads new trials and the ones that were unfinished (Optuna's RDB
+    /// storage caches the same way).
+    cache: HashMap<i64, Vec<FrozenTrial>>,
 }
 
 fn is_busy(err: &anyhow::Error) -> bool {
@@ -173,6 +179,21 @@ fn is_busy(err: &anyhow::Error) -> bool {
                 if matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
         )
     })
+}
+
+/// `execute` through the statement cache (an `ask` runs the same few statements every time).
+fn exec<P: Params>(tx: &Transaction, sql: &str, p: P) -> rusqlite::Result<usize> {
+    tx.prepare_cached(sql)?.execute(p)
+}
+
+/// `query_row` through the statement cache.
+fn row<T, P: Params, F: FnOnce(&Row<'_>) -> rusqlite::Result<T>>(
+    tx: &Transaction,
+    sql: &str,
+    p: P,
+    f: F,
+) -> rusqlite::Result<T> {
+    tx.prepare_cached(sql)?.query_row(p, f)
 }
 
 fn value_to_stored(v: f64) -> (Option<f64>, &'static str) {
@@ -249,7 +270,7 @@ impl Storage {
                     .with_context(|| format!("--storage {url:?}: cannot open {}", path.display()))?
             }
         };
-        let mut storage = Storage { conn, location, url: url.to_string() };
+        let mut storage = Storage { conn, location, url: url.to_string(), cache: HashMap::new() };
         storage.configure().with_context(|| format!("--storage {url:?}"))?;
         storage.init_schema().with_context(|| format!("--storage {url:?}"))?;
         Ok(storage)
@@ -279,12 +300,16 @@ impl Storage {
 
     fn configure(&mut self) -> Result<()> {
         self.conn.busy_timeout(BUSY_TIMEOUT)?;
+        self.conn.set_prepared_statement_cache_capacity(64);
         if let StorageLocation::File(_) = self.location {
             // journal_mode returns the mode as a row; WAL persists in the file.
             let mode: String = self.conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
             if !mode.eq_ignore_ascii_case("wal") {
                 bail!("cannot switch the database to WAL mode (got journal_mode={mode})");
             }
+            // In WAL mode NORMAL never corrupts the database; a power cut (not a process crash)
+            // may lose the last commits. It saves an fsync per write, most of an `ask`.
+            self.conn.pragma_update(None, "synchronous", "NORMAL")?;
         }
         Ok(())
     }
@@ -292,7 +317,7 @@ impl Storage {
     fn init_schema(&mut self) -> Result<()> {
         self.write(|tx| {
             for stmt in SCHEMA {
-                tx.execute(stmt, [])?;
+                exec(tx, stmt, [])?;
             }
             let version: Option<(Option<i64>, Option<String>)> = tx
                 .query_row("SELECT schema_version, library_version FROM version_info", [], |r| {
@@ -301,7 +326,7 @@ impl Storage {
                 .optional()?;
             match version {
                 None => {
-                    tx.execute(
+                    exec(tx,
                         "INSERT INTO version_info (version_info_id, schema_version, library_version) VALUES (1, ?1, ?2)",
                         params![SCHEMA_VERSION, LIBRARY_VERSION],
                     )?;
@@ -314,12 +339,12 @@ impl Storage {
                 ),
             }
             let revisions: Vec<String> = tx
-                .prepare("SELECT version_num FROM alembic_version")?
+                .prepare_cached("SELECT version_num FROM alembic_version")?
                 .query_map([], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
             match revisions.as_slice() {
                 [] => {
-                    tx.execute("INSERT INTO alembic_version (version_num) VALUES (?1)", [ALEMBIC_VERSION])?;
+                    exec(tx, "INSERT INTO alembic_version (version_num) VALUES (?1)", [ALEMBIC_VERSION])?;
                 }
                 [r] if r == ALEMBIC_VERSION => {}
                 other => bail!(
@@ -385,9 +410,10 @@ impl Storage {
             if existing.is_some() {
                 return Ok(false);
             }
-            tx.execute("INSERT INTO studies (study_name) VALUES (?1)", [name])?;
+            exec(tx, "INSERT INTO studies (study_name) VALUES (?1)", [name])?;
             let study_id = tx.last_insert_rowid();
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO study_directions (direction, study_id, objective) VALUES (?1, ?2, 0)",
                 params![direction.as_str(), study_id],
             )?;
@@ -421,7 +447,7 @@ impl Storage {
                 .optional()?;
             let Some(study_id) = id else {
                 let names: Vec<String> = tx
-                    .prepare("SELECT study_name FROM studies ORDER BY study_id")?
+                    .prepare_cached("SELECT study_name FROM studies ORDER BY study_id")?
                     .query_map([], |r| r.get(0))?
                     .collect::<rusqlite::Result<_>>()?;
                 if names.is_empty() {
@@ -437,7 +463,7 @@ impl Storage {
     pub fn studies(&mut self) -> Result<Vec<StudyRef>> {
         self.read(|tx| {
             let rows: Vec<(i64, String)> = tx
-                .prepare("SELECT study_id, study_name FROM studies ORDER BY study_id")?
+                .prepare_cached("SELECT study_id, study_name FROM studies ORDER BY study_id")?
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<rusqlite::Result<_>>()?;
             rows.into_iter()
@@ -452,7 +478,8 @@ impl Storage {
     pub fn set_study_user_attr(&mut self, study_id: i64, key: &str, value: &Value) -> Result<()> {
         let json = pyjson::dumps(value);
         self.write(|tx| {
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO study_user_attributes (study_id, \"key\", value_json) VALUES (?1, ?2, ?3) \
                  ON CONFLICT (study_id, \"key\") DO UPDATE SET value_json = excluded.value_json",
                 params![study_id, key, json],
@@ -505,7 +532,7 @@ impl Storage {
     ) -> Result<StartOutcome> {
         let started = self.write(|tx| {
             if let Some(target) = target {
-                let (finished, running): (i64, i64) = tx.query_row(
+                let (finished, running): (i64, i64) = row(tx,
                     "SELECT \
                        (SELECT COUNT(*) FROM trials WHERE study_id = ?1 AND state IN ('COMPLETE', 'PRUNED')), \
                        (SELECT COUNT(*) FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id \
@@ -528,7 +555,7 @@ impl Storage {
                 .optional()?;
             let trial_id = match waiting {
                 Some(id) => {
-                    tx.execute(
+                    exec(tx,
                         "UPDATE trials SET state = 'RUNNING', datetime_start = ?2 WHERE trial_id = ?1",
                         params![id, now],
                     )?;
@@ -613,7 +640,7 @@ impl Storage {
             if let Some(vs) = values {
                 for (objective, v) in vs.iter().enumerate() {
                     let (stored, kind) = value_to_stored(*v);
-                    tx.execute(
+                    exec(tx,
                         "INSERT INTO trial_values (trial_id, objective, value, value_type) VALUES (?1, ?2, ?3, ?4) \
                          ON CONFLICT (trial_id, objective) DO UPDATE SET value = excluded.value, value_type = excluded.value_type",
                         params![trial_id, objective as i64, stored, kind],
@@ -625,17 +652,17 @@ impl Storage {
             }
             let now = UtcDateTime::now().format();
             if state == TrialState::Running {
-                tx.execute(
+                exec(tx,
                     "UPDATE trials SET state = 'RUNNING', datetime_start = ?2 WHERE trial_id = ?1",
                     params![trial_id, now],
                 )?;
             } else if state.is_finished() {
-                tx.execute(
+                exec(tx,
                     "UPDATE trials SET state = ?2, datetime_complete = ?3 WHERE trial_id = ?1",
                     params![trial_id, state.as_str(), now],
                 )?;
             } else {
-                tx.execute("UPDATE trials SET state = ?2 WHERE trial_id = ?1", params![trial_id, state.as_str()])?;
+                exec(tx, "UPDATE trials SET state = ?2 WHERE trial_id = ?1", params![trial_id, state.as_str()])?;
             }
             Ok(())
         })
@@ -658,7 +685,7 @@ impl Storage {
     ) -> Result<Vec<u64>> {
         let stale: Vec<(i64, String)> = self.read(|tx| {
             let rows = tx
-                .prepare(
+                .prepare_cached(
                     "SELECT t.trial_id, h.heartbeat FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id \
                      WHERE t.study_id = ?1 AND t.state = 'RUNNING' ORDER BY t.trial_id",
                 )?
@@ -678,7 +705,7 @@ impl Storage {
             let done = self.write(|tx| {
                 // Another worker may have failed it since we looked.
                 let state: String =
-                    tx.query_row("SELECT state FROM trials WHERE trial_id = ?1", [trial_id], |r| r.get(0))?;
+                    row(tx, "SELECT state FROM trials WHERE trial_id = ?1", [trial_id], |r| r.get(0))?;
                 if state != "RUNNING" {
                     return Ok(false);
                 }
@@ -695,7 +722,8 @@ impl Storage {
                     "fail_reason",
                     &pyjson::string_literal(&reason),
                 )?;
-                tx.execute(
+                exec(
+                    tx,
                     "UPDATE trials SET state = 'FAIL', datetime_complete = ?2 WHERE trial_id = ?1",
                     params![trial_id, now.format()],
                 )?;
@@ -738,18 +766,43 @@ impl Storage {
 
     /// All trials of a study ordered by `trial_id` (= by number), optionally only some states.
     pub fn trials(&mut self, study_id: i64, states: Option<&[TrialState]>) -> Result<Vec<FrozenTrial>> {
-        let mut trials = self.read(|tx| load_trials(tx, TrialFilter::Study(study_id)))?;
-        if let Some(states) = states {
-            trials.retain(|t| states.contains(&t.state));
+        let all = self.study_trials(study_id)?;
+        Ok(match states {
+            Some(states) => all.iter().filter(|t| states.contains(&t.state)).cloned().collect(),
+            None => all.to_vec(),
+        })
+    }
+
+    /// All trials of a study ordered by `trial_id`, borrowed from the cache after bringing it up
+    /// to date: only trials added since the last read and those that were unfinished are read.
+    pub fn study_trials(&mut self, study_id: i64) -> Result<&[FrozenTrial]> {
+        let cached = self.cache.remove(&study_id).unwrap_or_default();
+        let after = cached.iter().map(|t| t.trial_id).max().unwrap_or(0);
+        let unfinished: Vec<i64> =
+            cached.iter().filter(|t| !t.state.is_finished()).map(|t| t.trial_id).collect();
+        let ids_json = format!("[{}]", unfinished.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
+        let (fresh, count) = self.read(|tx| {
+            let fresh =
+                load_trials(tx, TrialFilter::Refresh { study_id, after, ids_json: ids_json.clone() })?;
+            let count: i64 =
+                row(tx, "SELECT COUNT(*) FROM trials WHERE study_id = ?1", [study_id], |r| r.get(0))?;
+            Ok((fresh, count))
+        })?;
+        let mut trials: Vec<FrozenTrial> = cached.into_iter().filter(|t| t.state.is_finished()).collect();
+        trials.extend(fresh);
+        trials.sort_unstable_by_key(|t| t.trial_id);
+        if trials.len() as i64 != count {
+            // Trials were deleted behind our back (e.g. `optuna delete-study`): read everything.
+            trials = self.read(|tx| load_trials(tx, TrialFilter::Study(study_id)))?;
         }
-        Ok(trials)
+        Ok(self.cache.entry(study_id).or_insert(trials))
     }
 
     pub fn trial_counts(&mut self, study_id: i64) -> Result<TrialCounts> {
         self.read(|tx| {
             let mut counts = TrialCounts::default();
             let mut stmt =
-                tx.prepare("SELECT state, COUNT(*) FROM trials WHERE study_id = ?1 GROUP BY state")?;
+                tx.prepare_cached("SELECT state, COUNT(*) FROM trials WHERE study_id = ?1 GROUP BY state")?;
             let rows = stmt.query_map([study_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
             for row in rows {
                 let (state, n) = row?;
@@ -770,8 +823,7 @@ impl Storage {
     /// by trial_id among equals). `None` when no trial is complete.
     pub fn best_trial(&mut self, study: &StudyRef) -> Result<Option<FrozenTrial>> {
         let direction = study.direction()?;
-        let trials = self.trials(study.study_id, Some(&[TrialState::Complete]))?;
-        Ok(best_of(&trials, direction).cloned())
+        Ok(best_of(self.study_trials(study.study_id)?, direction).cloned())
     }
 }
 
@@ -841,15 +893,17 @@ fn retry_template(trial: &FrozenTrial, max_retry: Option<u32>) -> Option<NewTria
 
 fn study_directions(tx: &Transaction, study_id: i64) -> Result<Vec<StudyDirection>> {
     let rows: Vec<String> = tx
-        .prepare("SELECT direction FROM study_directions WHERE study_id = ?1 ORDER BY objective")?
+        .prepare_cached("SELECT direction FROM study_directions WHERE study_id = ?1 ORDER BY objective")?
         .query_map([study_id], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     rows.iter().map(|d| StudyDirection::parse(d)).collect()
 }
 
 fn attrs_of(tx: &Transaction, sql: &str, id: i64) -> Result<BTreeMap<String, Value>> {
-    let rows: Vec<(String, Option<String>)> =
-        tx.prepare(sql)?.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+    let rows: Vec<(String, Option<String>)> = tx
+        .prepare_cached(sql)?
+        .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
     rows.into_iter()
         .map(|(k, v)| {
             let value =
@@ -875,7 +929,8 @@ fn check_updatable(tx: &Transaction, trial_id: i64) -> Result<(i64, TrialState)>
 }
 
 fn insert_trial(tx: &Transaction, study_id: i64, t: &NewTrial) -> Result<i64> {
-    tx.execute(
+    exec(
+        tx,
         "INSERT INTO trials (number, study_id, state, datetime_start, datetime_complete) VALUES (NULL, ?1, ?2, ?3, ?4)",
         params![
             study_id,
@@ -888,7 +943,8 @@ fn insert_trial(tx: &Transaction, study_id: i64, t: &NewTrial) -> Result<i64> {
     if let Some(values) = &t.values {
         for (objective, v) in values.iter().enumerate() {
             let (stored, kind) = value_to_stored(*v);
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO trial_values (trial_id, objective, value, value_type) VALUES (?1, ?2, ?3, ?4)",
                 params![trial_id, objective as i64, stored, kind],
             )?;
@@ -907,12 +963,13 @@ fn insert_trial(tx: &Transaction, study_id: i64, t: &NewTrial) -> Result<i64> {
         upsert_intermediate(tx, trial_id, *step, *v)?;
     }
     // Optuna's count_past_trials, inside the write transaction: unique and gap-free.
-    let number: i64 = tx.query_row(
+    let number: i64 = row(
+        tx,
         "SELECT COUNT(trial_id) FROM trials WHERE study_id = ?1 AND trial_id < ?2",
         params![study_id, trial_id],
         |r| r.get(0),
     )?;
-    tx.execute("UPDATE trials SET number = ?2 WHERE trial_id = ?1", params![trial_id, number])?;
+    exec(tx, "UPDATE trials SET number = ?2 WHERE trial_id = ?1", params![trial_id, number])?;
     Ok(trial_id)
 }
 
@@ -940,7 +997,7 @@ fn insert_param(
             Distribution::from_json(&prev).with_context(|| format!("stored distribution of {name:?}"))?;
         check_distribution_compatibility(name, &prev, dist)?;
     }
-    tx.execute(
+    exec(tx,
         "INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json) VALUES (?1, ?2, ?3, ?4)",
         params![trial_id, name, internal, dist.to_json()],
     )
@@ -956,13 +1013,14 @@ fn upsert_attr(tx: &Transaction, table: &str, trial_id: i64, key: &str, json: &s
         "INSERT INTO {table} (trial_id, \"key\", value_json) VALUES (?1, ?2, ?3) \
          ON CONFLICT (trial_id, \"key\") DO UPDATE SET value_json = excluded.value_json"
     );
-    tx.execute(&sql, params![trial_id, key, json])?;
+    exec(tx, &sql, params![trial_id, key, json])?;
     Ok(())
 }
 
 fn upsert_intermediate(tx: &Transaction, trial_id: i64, step: i64, value: f64) -> Result<()> {
     let (stored, kind) = value_to_stored(value);
-    tx.execute(
+    exec(
+        tx,
         "INSERT INTO trial_intermediate_values (trial_id, step, intermediate_value, intermediate_value_type) \
          VALUES (?1, ?2, ?3, ?4) ON CONFLICT (trial_id, step) DO UPDATE SET \
          intermediate_value = excluded.intermediate_value, intermediate_value_type = excluded.intermediate_value_type",
@@ -972,7 +1030,8 @@ fn upsert_intermediate(tx: &Transaction, trial_id: i64, step: i64, value: f64) -
 }
 
 fn upsert_heartbeat(tx: &Transaction, trial_id: i64) -> Result<()> {
-    tx.execute(
+    exec(
+        tx,
         "INSERT INTO trial_heartbeats (trial_id, heartbeat) VALUES (?1, ?2) \
          ON CONFLICT (trial_id) DO UPDATE SET heartbeat = excluded.heartbeat",
         params![trial_id, UtcDateTime::now().format()],
@@ -983,13 +1042,38 @@ fn upsert_heartbeat(tx: &Transaction, trial_id: i64) -> Result<()> {
 enum TrialFilter {
     Id(i64),
     Study(i64),
+    /// The study's trials with `trial_id > after`, plus those listed (JSON array of ids).
+    Refresh {
+        study_id: i64,
+        after: i64,
+        ids_json: String,
+    },
 }
 
 /// Loads trials with one query per table (not one per trial), grouping rows by trial_id.
 fn load_trials(tx: &Transaction, filter: TrialFilter) -> Result<Vec<FrozenTrial>> {
-    let (cond, id) = match filter {
-        TrialFilter::Id(id) => ("t.trial_id = ?1", id),
-        TrialFilter::Study(id) => ("t.study_id = ?1", id),
+    let (cond, id, after, ids_json) = match filter {
+        TrialFilter::Id(id) => ("t.trial_id = ?1", id, 0, String::new()),
+        TrialFilter::Study(id) => ("t.study_id = ?1", id, 0, String::new()),
+        TrialFilter::Refresh { study_id, after, ids_json } => (
+            // `+` keeps SQLite off the study_id index: the rowid range and lookups touch only the
+            // few rows that can have changed instead of scanning the whole study.
+            // `(SELECT ?2)` rather than `?2`: with a bare parameter, SQLite (built with STAT4)
+            // re-plans the statement every time a new value is bound.
+            "+t.study_id = ?1 AND (t.trial_id > (SELECT ?2) OR t.trial_id IN (SELECT value FROM json_each(?3)))",
+            study_id,
+            after,
+            ids_json,
+        ),
+    };
+    let refresh = cond.contains("?2");
+    let bind = |stmt: &mut rusqlite::CachedStatement<'_>| -> rusqlite::Result<()> {
+        stmt.raw_bind_parameter(1, id)?;
+        if refresh {
+            stmt.raw_bind_parameter(2, after)?;
+            stmt.raw_bind_parameter(3, ids_json.as_str())?;
+        }
+        Ok(())
     };
     let mut trials = Vec::new();
     let mut index: HashMap<i64, usize> = HashMap::new();
@@ -998,8 +1082,9 @@ fn load_trials(tx: &Transaction, filter: TrialFilter) -> Result<Vec<FrozenTrial>
             "SELECT t.trial_id, t.number, t.state, t.datetime_start, t.datetime_complete FROM trials t \
              WHERE {cond} ORDER BY t.trial_id"
         );
-        let mut stmt = tx.prepare(&sql)?;
-        let mut rows = stmt.query([id])?;
+        let mut stmt = tx.prepare_cached(&sql)?;
+        bind(&mut stmt)?;
+        let mut rows = stmt.raw_query();
         while let Some(r) = rows.next()? {
             let trial_id: i64 = r.get(0)?;
             let number: Option<i64> = r.get(1)?;
@@ -1026,19 +1111,23 @@ fn load_trials(tx: &Transaction, filter: TrialFilter) -> Result<Vec<FrozenTrial>
     if trials.is_empty() {
         return Ok(trials);
     }
+    // `IN (subquery)` rather than a join: SQLite then looks rows up through the (trial_id, ...)
+    // unique index for just the selected trials, where a join would scan the whole table.
     let join = |table: &str, cols: &str, order: &str| {
         format!(
-            "SELECT x.trial_id, {cols} FROM {table} x JOIN trials t ON t.trial_id = x.trial_id WHERE {cond} ORDER BY {order}"
+            "SELECT x.trial_id, {cols} FROM {table} x \
+             WHERE x.trial_id IN (SELECT t.trial_id FROM trials t WHERE {cond}) ORDER BY {order}"
         )
     };
     {
         let mut dist_cache: HashMap<String, Distribution> = HashMap::new();
-        let mut stmt = tx.prepare(&join(
+        let mut stmt = tx.prepare_cached(&join(
             "trial_params",
             "x.param_name, x.param_value, x.distribution_json",
             "x.param_id",
         ))?;
-        let mut rows = stmt.query([id])?;
+        bind(&mut stmt)?;
+        let mut rows = stmt.raw_query();
         while let Some(r) = rows.next()? {
             let trial_id: i64 = r.get(0)?;
             let name: String = r.get(1)?;
@@ -1062,12 +1151,13 @@ fn load_trials(tx: &Transaction, filter: TrialFilter) -> Result<Vec<FrozenTrial>
         }
     }
     {
-        let mut stmt = tx.prepare(&join(
+        let mut stmt = tx.prepare_cached(&join(
             "trial_values",
             "x.objective, x.value, x.value_type",
             "x.trial_id, x.objective",
         ))?;
-        let mut rows = stmt.query([id])?;
+        bind(&mut stmt)?;
+        let mut rows = stmt.raw_query();
         while let Some(r) = rows.next()? {
             let trial_id: i64 = r.get(0)?;
             let objective: i64 = r.get(1)?;
@@ -1085,12 +1175,13 @@ fn load_trials(tx: &Transaction, filter: TrialFilter) -> Result<Vec<FrozenTrial>
         }
     }
     {
-        let mut stmt = tx.prepare(&join(
+        let mut stmt = tx.prepare_cached(&join(
             "trial_intermediate_values",
             "x.step, x.intermediate_value, x.intermediate_value_type",
             "x.trial_intermediate_value_id",
         ))?;
-        let mut rows = stmt.query([id])?;
+        bind(&mut stmt)?;
+        let mut rows = stmt.raw_query();
         while let Some(r) = rows.next()? {
             let trial_id: i64 = r.get(0)?;
             let step: i64 = r.get(1)?;
@@ -1102,8 +1193,9 @@ fn load_trials(tx: &Transaction, filter: TrialFilter) -> Result<Vec<FrozenTrial>
         }
     }
     for (table, system) in [("trial_user_attributes", false), ("trial_system_attributes", true)] {
-        let mut stmt = tx.prepare(&join(table, "x.\"key\", x.value_json", "x.rowid"))?;
-        let mut rows = stmt.query([id])?;
+        let mut stmt = tx.prepare_cached(&join(table, "x.\"key\", x.value_json", "x.rowid"))?;
+        bind(&mut stmt)?;
+        let mut rows = stmt.raw_query();
         while let Some(r) = rows.next()? {
             let trial_id: i64 = r.get(0)?;
             let key: String = r.get(1)?;
@@ -1307,6 +1399,37 @@ mod tests {
         ));
         let c = s.trial_counts(study.study_id).unwrap();
         assert_eq!((c.complete, c.running, c.finished_ok()), (4, 1, 4));
+    }
+
+    #[test]
+    fn cached_reads_see_other_connections_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let mut a = Storage::open_path(&path).unwrap();
+        let mut b = Storage::open_path(&path).unwrap();
+        let study = a.create_study("s", StudyDirection::Minimize, false).unwrap();
+        let mut done = NewTrial::new(TrialState::Complete);
+        done.values = Some(vec![1.0]);
+        a.create_trial(study.study_id, &done).unwrap();
+        let StartOutcome::Started(run) = a.start_trial(study.study_id, None, false).unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.study_trials(study.study_id).unwrap().len(), 2);
+        // B finishes A's running trial and adds one; A's next read has both changes.
+        b.report(run.trial_id, 1, 0.5, &[]).unwrap();
+        b.set_trial_state(run.trial_id, TrialState::Complete, Some(&[0.5]), &[]).unwrap();
+        b.create_trial(study.study_id, &done).unwrap();
+        let seen = a.study_trials(study.study_id).unwrap();
+        assert_eq!(
+            seen.iter().map(|t| (t.number, t.state)).collect::<Vec<_>>(),
+            vec![(0, TrialState::Complete), (1, TrialState::Complete), (2, TrialState::Complete)]
+        );
+        assert_eq!(seen[1].intermediate_values[&1], 0.5);
+        // A deletion elsewhere (as `optuna delete-study` does) is noticed too.
+        b.conn.execute("DELETE FROM trial_values WHERE trial_id = 1", []).unwrap();
+        b.conn.execute("DELETE FROM trials WHERE trial_id = 1", []).unwrap();
+        let seen = a.study_trials(study.study_id).unwrap();
+        assert_eq!(seen.iter().map(|t| t.trial_id).collect::<Vec<_>>(), vec![2, 3]);
     }
 
     #[test]

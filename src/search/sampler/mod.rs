@@ -67,19 +67,27 @@ pub trait Sampler: Send {
 /// Optuna's `IntersectionSearchSpace(include_pruned=True)`: the parameters every COMPLETE or
 /// PRUNED trial has, with identical distributions, sorted by name.
 pub fn intersection_search_space(trials: &[FrozenTrial]) -> Vec<(String, Distribution)> {
-    let mut space: Option<BTreeMap<String, Distribution>> = None;
+    // (position in the first trial seen, name, distribution): the position is a lookup hint.
+    let mut space: Option<Vec<(usize, &str, &Distribution)>> = None;
     for t in trials.iter().rev() {
         if !matches!(t.state, TrialState::Complete | TrialState::Pruned) {
             continue;
         }
         match &mut space {
             None => {
-                space = Some(t.params.iter().map(|p| (p.name.clone(), p.distribution.clone())).collect());
+                space = Some(
+                    t.params.iter().enumerate().map(|(i, p)| (i, p.name.as_str(), &p.distribution)).collect(),
+                );
             }
-            Some(s) => s.retain(|name, dist| t.param(name).is_some_and(|p| &p.distribution == dist)),
+            Some(s) => s.retain(|(hint, name, dist)| {
+                t.param_hinted(name, *hint).is_some_and(|p| &p.distribution == *dist)
+            }),
         }
     }
-    space.unwrap_or_default().into_iter().collect()
+    let mut out: Vec<(String, Distribution)> =
+        space.unwrap_or_default().into_iter().map(|(_, n, d)| (n.to_string(), d.clone())).collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
 }
 
 /// Computes all parameters of `trial` for `space` with Optuna's precedence and returns them as

@@ -139,8 +139,9 @@ impl TpeSampler {
             // Finished trials (nearly all of them) are read directly; only unfinished ones may
             // carry relative params shared by another worker.
             if t.state.is_finished() || !self.options.multivariate {
-                for (name, _) in space {
-                    match t.param(name) {
+                // Trials of one space store their params in the space's order: try that first.
+                for (i, (name, _)) in space.iter().enumerate() {
+                    match t.param_hinted(name, i) {
                         Some(p) => row.push(p.internal),
                         None => break,
                     }
@@ -326,15 +327,17 @@ pub fn split_trials<'a>(
             pruned.push(t);
         }
     }
-    let key = |t: &FrozenTrial| t.value().unwrap_or(f64::NAN);
-    // Python's sorted() is stable; `reverse=True` keeps equal elements in original order.
-    match direction {
-        StudyDirection::Minimize => complete.sort_by(|a, b| key(a).total_cmp(&key(b))),
-        StudyDirection::Maximize => complete.sort_by(|a, b| key(b).total_cmp(&key(a))),
+    // The best `n_below` by value as Python's stable sorted() ranks them (`reverse=True` keeps
+    // equal values in their original order): rank by (value, position), selected in O(n).
+    let sign = if direction == StudyDirection::Minimize { 1.0 } else { -1.0 };
+    let mut ranked: Vec<(f64, usize, &FrozenTrial)> =
+        complete.iter().enumerate().map(|(i, t)| (sign * t.value().unwrap_or(f64::NAN), i, *t)).collect();
+    let take = n_below.min(ranked.len());
+    if take > 0 && take < ranked.len() {
+        ranked.select_nth_unstable_by(take - 1, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     }
-    let take = n_below.min(complete.len());
-    let mut below: Vec<&FrozenTrial> = complete[..take].to_vec();
-    let mut above: Vec<&FrozenTrial> = complete[take..].to_vec();
+    let mut below: Vec<&FrozenTrial> = ranked[..take].iter().map(|r| r.2).collect();
+    let mut above: Vec<&FrozenTrial> = ranked[take..].iter().map(|r| r.2).collect();
     let n_below = n_below - take;
 
     pruned.sort_by(|a, b| {
