@@ -36,7 +36,6 @@ pub struct CpuTrialRunner<'a> {
     /// The model every trial starts from.
     pub initial: BertModel,
     pub base: TrainConfig,
-    pub hyper: HyperArgs,
 }
 
 /// Truncates a tokenized split to `max_length` tokens, keeping the final [SEP] as the tokenizer's
@@ -177,7 +176,7 @@ pub fn run_search(args: &SearchArgs, out: &mut dyn Write) -> Result<()> {
         prepared.eval.len(),
         args.study.n_trials
     );
-    let mut runner = CpuTrialRunner { prepared: &prepared, initial, base, hyper: args.hyper.clone() };
+    let mut runner = CpuTrialRunner { prepared: &prepared, initial, base };
     let mut progress = LineProgress { out: std::io::stderr(), n_trials: args.study.n_trials };
     let outcome = run_study(
         &mut study.storage,

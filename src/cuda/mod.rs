@@ -42,8 +42,11 @@ pub fn resolve_device(requested: Device) -> Result<Device> {
             )
         }
         Device::Auto => {
-            if let Err(why) = availability() {
-                eprintln!("note: running on the CPU ({why})");
+            match availability() {
+                Err(why) => eprintln!("note: running on the CPU ({why})"),
+                Ok(name) => eprintln!(
+                    "note: running on the CPU ({name} found, but the GPU trial array is not built yet)"
+                ),
             }
             Ok(Device::Cpu)
         }
