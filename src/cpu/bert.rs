@@ -199,6 +199,20 @@ pub fn layernorm_forward<F: Real>(
     );
 }
 
+/// `layernorm_forward` into fresh buffers: returns (y, xhat, rstd).
+pub fn layernorm_new<F: Real>(
+    x: &[F],
+    gamma: &[F],
+    beta: &[F],
+    eps: f64,
+    h: usize,
+) -> (Vec<F>, Vec<F>, Vec<F>) {
+    let n = x.len() / h;
+    let (mut y, mut xhat, mut rstd) = (vec![F::zero(); n * h], vec![F::zero(); n * h], vec![F::zero(); n]);
+    layernorm_forward(x, gamma, beta, eps, h, &mut y, &mut xhat, &mut rstd);
+    (y, xhat, rstd)
+}
+
 /// dy, xhat, dx are (n, h): dx = rstd/h · (h·g − Σg − xhat·Σ(g·xhat)) with g = dy·γ;
 /// accumulates dγ += Σ dy·xhat, dβ += Σ dy.
 #[allow(clippy::too_many_arguments)]
@@ -597,19 +611,9 @@ pub fn forward<F: Real>(
     // Embeddings → LayerNorm → dropout
     let mut emb = vec![F::zero(); n * h];
     embedding_forward(p, layout, batch, h, &mut emb);
-    let (mut x, mut emb_xhat, mut emb_rstd) =
-        (vec![F::zero(); n * h], vec![F::zero(); n * h], vec![F::zero(); n]);
     let e = &layout.embeddings;
-    layernorm_forward(
-        &emb,
-        &p[e.ln_weight.clone()],
-        &p[e.ln_bias.clone()],
-        c.layer_norm_eps,
-        h,
-        &mut x,
-        &mut emb_xhat,
-        &mut emb_rstd,
-    );
+    let (mut x, emb_xhat, emb_rstd) =
+        layernorm_new(&emb, &p[e.ln_weight.clone()], &p[e.ln_bias.clone()], c.layer_norm_eps, h);
     apply_dropout(dr, |d| d.hidden, site_embeddings(), 0, &mut x);
 
     let mut layer_inputs = Vec::new();
@@ -710,18 +714,8 @@ fn layer_forward<F: Real>(
     linear_forward(&ctx, &p[lp.attn_out_w.clone()], &p[lp.attn_out_b.clone()], nq, h, h, &mut y);
     apply_dropout(dropout, |d| d.hidden, site_attn_out(l), 0, &mut y);
     y.iter_mut().zip(&xq).for_each(|(a, b)| *a += *b);
-    let (mut h1, mut ln1_xhat, mut ln1_rstd) =
-        (vec![F::zero(); nq * h], vec![F::zero(); nq * h], vec![F::zero(); nq]);
-    layernorm_forward(
-        &y,
-        &p[lp.attn_ln_weight.clone()],
-        &p[lp.attn_ln_bias.clone()],
-        c.layer_norm_eps,
-        h,
-        &mut h1,
-        &mut ln1_xhat,
-        &mut ln1_rstd,
-    );
+    let (h1, ln1_xhat, ln1_rstd) =
+        layernorm_new(&y, &p[lp.attn_ln_weight.clone()], &p[lp.attn_ln_bias.clone()], c.layer_norm_eps, h);
 
     // FFN: dense → GELU → dense → dropout → + residual → LayerNorm
     let mut inter_pre = vec![F::zero(); nq * inter];
@@ -732,18 +726,8 @@ fn layer_forward<F: Real>(
     linear_forward(&inter_act, &p[lp.out_w.clone()], &p[lp.out_b.clone()], nq, inter, h, &mut z);
     apply_dropout(dropout, |d| d.hidden, site_ffn_out(l), 0, &mut z);
     z.iter_mut().zip(&h1).for_each(|(a, b)| *a += *b);
-    let (mut out, mut ln2_xhat, mut ln2_rstd) =
-        (vec![F::zero(); nq * h], vec![F::zero(); nq * h], vec![F::zero(); nq]);
-    layernorm_forward(
-        &z,
-        &p[lp.out_ln_weight.clone()],
-        &p[lp.out_ln_bias.clone()],
-        c.layer_norm_eps,
-        h,
-        &mut out,
-        &mut ln2_xhat,
-        &mut ln2_rstd,
-    );
+    let (out, ln2_xhat, ln2_rstd) =
+        layernorm_new(&z, &p[lp.out_ln_weight.clone()], &p[lp.out_ln_bias.clone()], c.layer_norm_eps, h);
 
     let cache = if dropout.is_some() {
         LayerCache {
