@@ -3,8 +3,6 @@
 //! Optuna comparisons.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
@@ -27,46 +25,11 @@ pub fn temp_db() -> (tempfile::TempDir, String) {
     (dir, url)
 }
 
-/// The Python with Optuna: `$HPO_GPU_PYTHON`, else the repository's `.venv`. None (after printing
-/// why) when it is missing or cannot import optuna.
-pub fn python() -> Option<PathBuf> {
-    let path = std::env::var_os("HPO_GPU_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python")));
-    if !path.exists() {
-        eprintln!("SKIP: no Python at {} (set HPO_GPU_PYTHON to a Python with optuna)", path.display());
-        return None;
-    }
-    match Command::new(&path).args(["-c", "import optuna"]).output() {
-        Ok(o) if o.status.success() => Some(path),
-        Ok(o) => {
-            eprintln!(
-                "SKIP: {} cannot import optuna: {}",
-                path.display(),
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            None
-        }
-        Err(e) => {
-            eprintln!("SKIP: cannot run {}: {e}", path.display());
-            None
-        }
-    }
-}
-
-/// Runs tests/interop/SCRIPT with arguments; returns stdout, panicking with stderr on failure.
-pub fn run_python(python: &PathBuf, script: &str, args: &[&str]) -> String {
-    let script = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop")).join(script);
-    let out = Command::new(python).arg(&script).args(args).output().expect("run python");
-    assert!(
-        out.status.success(),
-        "{} failed:\nstdout:\n{}\nstderr:\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+/// The Python with Optuna and the interop script runner, shared with the study tests.
+#[path = "../common_study/mod.rs"]
+mod common_study;
+#[allow(unused_imports)] // only the interop test binary uses them
+pub use common_study::{python, run_python};
 
 pub const BATCH_SIZES: [i64; 4] = [16, 32, 64, 128];
 
