@@ -7,9 +7,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-fn hpo(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hpo-gpu")).args(args).output().unwrap()
-}
+use common::hpo_gpu as hpo;
 
 #[test]
 fn search_runs_resumes_and_optuna_reads_it() {

@@ -95,3 +95,8 @@ pub fn tiny_data(dir: &Path) -> PathBuf {
     }
     d
 }
+
+/// Runs the `hpo-gpu` binary built for these tests.
+pub fn hpo_gpu(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_hpo-gpu")).args(args).output().expect("run hpo-gpu")
+}
