@@ -2,6 +2,7 @@
 //! their own connections asking and telling. Trial numbers must be unique and gap-free, the study
 //! must end with exactly n_trials finished trials, and no report or tell may be lost.
 
+mod common;
 mod common_study;
 
 use std::collections::HashSet;
@@ -171,4 +172,99 @@ fn nop_pruner_is_the_default_for_ask() {
         ask_batch(&mut storage, &study, &space, &mut sampler, Some(&NopPruner), 2, &AskOptions::default())
             .unwrap();
     assert_eq!(t.iter().map(|t| t.number).collect::<Vec<_>>(), vec![0, 1]);
+}
+
+/// Issue 7: four `hpo-gpu search` processes run a 100-trial study (about 25 trials each) on one
+/// SQLite file while a fifth process asks and tells through the CLI. Every trial number is unique,
+/// every trial was run by exactly one process, every tell is stored, and no worker ever sees
+/// "database is locked".
+#[test]
+fn four_search_processes_and_a_cli_asker_share_one_study() {
+    if std::env::var(WORKER_URL).is_ok() {
+        return;
+    }
+    const TARGET: u64 = 100;
+    const ASKS: u64 = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(dir.path());
+    let data = common::tiny_data(dir.path());
+    // A path with a space in it: URLs are taken as they are.
+    let url = format!("sqlite:///{}", dir.path().join("shared study.db").display());
+    let exe = env!("CARGO_BIN_EXE_hpo-gpu");
+    let n_trials = TARGET.to_string();
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(exe)
+                .args(["search", "--model"])
+                .arg(&model)
+                .args(["--random-init", "--dataset"])
+                .arg(&data)
+                .args(["--train-samples", "0", "--eval-samples", "0", "--max-length", "16", "--epochs", "1"])
+                .args(["--device", "cpu", "--pruner", "none", "--study-name", "shared", "--storage", &url])
+                .args(["--n-trials", &n_trials, "--heartbeat-interval", "1", "--grace-period", "30"])
+                .output_spawn()
+        })
+        .collect();
+    let space = r#"{"learning_rate": {"name": "FloatDistribution", "attributes": {"low": 1e-06, "high": 0.0001, "log": true, "step": null}}}"#;
+    let mut told = Vec::new();
+    for i in 0..ASKS {
+        let ask = Command::new(exe)
+            .args(["ask", "--storage", &url, "--study-name", "shared", "--direction", "maximize"])
+            .args(["--search-space", space])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&ask.stdout);
+        assert!(ask.status.success(), "ask failed: {}", String::from_utf8_lossy(&ask.stderr));
+        let line: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        let number = line["number"].as_u64().unwrap();
+        let value = 0.25 + i as f64 / 1000.0;
+        let tell = Command::new(exe)
+            .args(["tell", "--storage", &url, "--study-name", "shared", "--trial-number"])
+            .arg(number.to_string())
+            .arg("--values")
+            .arg(value.to_string())
+            .output()
+            .unwrap();
+        assert!(tell.status.success(), "tell failed: {}", String::from_utf8_lossy(&tell.stderr));
+        told.push((number, value));
+    }
+    let mut run_by: Vec<HashSet<u64>> = Vec::new();
+    for child in workers {
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "worker failed:\n{stderr}");
+        assert!(!stderr.contains("locked"), "a worker saw a locked database:\n{stderr}");
+        let started: HashSet<u64> = stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix("trial ")?.split_once(" started")?.0.parse().ok())
+            .collect();
+        assert!(!started.is_empty(), "a worker ran no trial:\n{stderr}");
+        eprintln!("worker ran {} trials", started.len());
+        run_by.push(started);
+    }
+    let mut storage = Storage::open(&url).unwrap();
+    let study = storage.load_study("shared").unwrap();
+    let trials = storage.trials(study.study_id, None).unwrap();
+    let numbers: Vec<u64> = trials.iter().map(|t| t.number).collect();
+    assert_eq!(numbers, (0..trials.len() as u64).collect::<Vec<_>>(), "unique, gap-free trial numbers");
+    let mut owner = std::collections::HashMap::new();
+    for (w, set) in run_by.iter().enumerate() {
+        for n in set {
+            assert!(owner.insert(*n, w).is_none(), "trial {n} run by two workers");
+        }
+    }
+    for (n, _) in &told {
+        assert!(owner.insert(*n, 4).is_none(), "asked trial {n} was also run by a worker");
+    }
+    assert_eq!(owner.len(), trials.len(), "every trial belongs to exactly one process");
+    for (n, v) in &told {
+        let t = &trials[*n as usize];
+        assert_eq!((t.state, t.value()), (TrialState::Complete, Some(*v)), "tell of trial {n} lost");
+    }
+    for t in trials.iter().filter(|t| owner[&t.number] < 4) {
+        assert_eq!(t.state, TrialState::Complete, "worker trial {} ended {:?}", t.number, t.state);
+        assert_eq!(t.intermediate_values.len(), 1, "worker trial {} lost its epoch report", t.number);
+    }
+    let finished = storage.trial_counts(study.study_id).unwrap().finished_ok();
+    assert!((TARGET..=TARGET + ASKS).contains(&finished), "{finished} finished trials");
 }

@@ -31,6 +31,7 @@ pub fn export_model(
     if out.exists() && !out.is_dir() {
         bail!("{}: exists and is not a directory", out.display());
     }
+    clean_leftovers(&parent, name, out)?;
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot remove", tmp.display()))?;
@@ -70,14 +71,148 @@ pub fn export_model(
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e.context(format!("{}: export failed", out.display())));
     }
-    if out.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(out, &old)
-            .with_context(|| format!("{}: cannot move the old export aside", out.display()))?;
-        std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot rename into place", out.display()))?;
-        std::fs::remove_dir_all(&old).with_context(|| format!("{}: cannot remove", old.display()))?;
-    } else {
-        std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot rename into place", out.display()))?;
+    move_into_place(&tmp, out, &parent, name)
+}
+
+/// Puts the finished folder `tmp` under the name `out`. On Linux an existing export is swapped
+/// with the new one in one atomic `renameat2(RENAME_EXCHANGE)`, so a crash at any moment leaves
+/// one complete model under `out` (old or new). Elsewhere the old export is moved aside first;
+/// a crash between the two renames is repaired by the next export (`clean_leftovers`).
+fn move_into_place(tmp: &Path, out: &Path, parent: &Path, name: &str) -> Result<()> {
+    if !out.exists() {
+        return std::fs::rename(tmp, out)
+            .with_context(|| format!("{}: cannot rename into place", out.display()));
+    }
+    #[cfg(target_os = "linux")]
+    if exchange(tmp, out).is_ok() {
+        // `tmp` now holds the previous export.
+        return std::fs::remove_dir_all(tmp)
+            .with_context(|| format!("{}: cannot remove the previous export", tmp.display()));
+    }
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    std::fs::rename(out, &old)
+        .with_context(|| format!("{}: cannot move the old export aside", out.display()))?;
+    std::fs::rename(tmp, out).with_context(|| format!("{}: cannot rename into place", out.display()))?;
+    std::fs::remove_dir_all(&old).with_context(|| format!("{}: cannot remove", old.display()))
+}
+
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let a = CString::new(a.as_os_str().as_bytes())?;
+    let b = CString::new(b.as_os_str().as_bytes())?;
+    // SAFETY: both are valid NUL-terminated paths; renameat2 reads them only during the call.
+    let rc = unsafe {
+        libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE)
+    };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// What a killed export leaves beside `out`: `.NAME.tmp-PID` folders (incomplete, removed when
+/// their process is gone) and, on the non-atomic path, `.NAME.old-PID` (the previous complete
+/// export, put back when `out` is missing).
+fn clean_leftovers(parent: &Path, name: &str, out: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(parent) else { return Ok(()) };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(file_name) = file_name.to_str() else { continue };
+        let Some(rest) = file_name.strip_prefix(&format!(".{name}.")) else { continue };
+        let (kind, pid) = match rest.split_once('-') {
+            Some((kind @ ("tmp" | "old"), pid)) => match pid.parse::<u32>() {
+                Ok(pid) => (kind, pid),
+                Err(_) => continue,
+            },
+            _ => continue,
+        };
+        if pid == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        let path = entry.path();
+        if kind == "old" && !out.exists() {
+            std::fs::rename(&path, out)
+                .with_context(|| format!("{}: cannot restore the previous export", path.display()))?;
+        } else {
+            std::fs::remove_dir_all(&path).with_context(|| {
+                format!("{}: cannot remove a leftover of a killed export", path.display())
+            })?;
+        }
     }
     Ok(())
+}
+
+fn process_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid.to_string()).exists()
+    } else {
+        // Without /proc we cannot tell: keep the leftover.
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn folder(path: &Path, content: &str) {
+        std::fs::create_dir_all(path).unwrap();
+        std::fs::write(path.join("model.safetensors"), content).unwrap();
+    }
+
+    fn content(path: &Path) -> String {
+        std::fs::read_to_string(path.join("model.safetensors")).unwrap()
+    }
+
+    /// A pid that is certainly not running: a child that has exited and been reaped.
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    }
+
+    #[test]
+    fn replacing_an_export_swaps_whole_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("final_model");
+        folder(&out, "old");
+        let tmp = dir.path().join(".final_model.tmp-1");
+        folder(&tmp, "new");
+        move_into_place(&tmp, &out, dir.path(), "final_model").unwrap();
+        assert_eq!(content(&out), "new");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["final_model"], "the previous export is removed, nothing else is left");
+    }
+
+    #[test]
+    fn leftovers_of_a_killed_export_are_removed_or_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("m");
+        let pid = dead_pid();
+        let half = dir.path().join(format!(".m.tmp-{pid}"));
+        folder(&half, "half");
+        let previous = dir.path().join(format!(".m.old-{pid}"));
+        folder(&previous, "previous");
+        let alive = dir.path().join(format!(".m.tmp-{}", std::process::id()));
+        folder(&alive, "mine");
+        let other = dir.path().join(format!(".other.tmp-{pid}"));
+        folder(&other, "not ours");
+        clean_leftovers(dir.path(), "m", &out).unwrap();
+        assert!(!half.exists(), "an incomplete folder of a dead export is removed");
+        assert_eq!(content(&out), "previous", "the moved-aside complete export is put back");
+        assert!(alive.exists(), "a live process's folder is left alone");
+        assert!(other.exists(), "another model's folders are left alone");
+    }
+
+    #[test]
+    fn an_old_export_is_not_restored_over_a_present_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("m");
+        folder(&out, "current");
+        let previous = dir.path().join(format!(".m.old-{}", dead_pid()));
+        folder(&previous, "previous");
+        clean_leftovers(dir.path(), "m", &out).unwrap();
+        assert_eq!(content(&out), "current");
+        assert!(!previous.exists());
+    }
 }

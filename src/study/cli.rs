@@ -118,6 +118,16 @@ pub struct SearchStudyArgs {
     /// Search space file (.toml or .json); default: the recipe's space.
     #[arg(long)]
     pub space: Option<PathBuf>,
+    /// Seconds between heartbeats of a running trial (Optuna's `heartbeat_interval`).
+    #[arg(long, default_value_t = 10.0)]
+    pub heartbeat_interval: f64,
+    /// A RUNNING trial without a heartbeat for this many seconds is stale: it is marked FAIL and
+    /// its parameters re-queued (Optuna's `grace_period`). A restart after a crash waits this long.
+    #[arg(long, default_value_t = 60.0)]
+    pub grace_period: f64,
+    /// How often a stale trial's parameters are re-queued at most (Optuna's `max_retry`).
+    #[arg(long, default_value_t = 3)]
+    pub failed_trial_max_retry: u32,
 }
 
 /// Everything `search` needs besides the trainer.
@@ -159,8 +169,29 @@ impl SearchStudyArgs {
         };
         let mut storage = Storage::open(&self.storage)?;
         let study = storage.create_study(&self.study_name, self.direction.into(), true)?;
+        let seconds = |flag: &str, v: f64| -> Result<Duration> {
+            if v.is_finite() && v > 0.0 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                bail!("--{flag} must be a positive number of seconds, got {v}")
+            }
+        };
+        let heartbeat_interval = seconds("heartbeat-interval", self.heartbeat_interval)?;
+        let grace_period = seconds("grace-period", self.grace_period)?;
+        if grace_period <= heartbeat_interval {
+            bail!(
+                "--grace-period ({} s) must be longer than --heartbeat-interval ({} s), or live trials \
+                 would be taken for crashed ones",
+                self.grace_period,
+                self.heartbeat_interval
+            );
+        }
         let mut options = DriverOptions::new(self.n_trials);
         options.timeout = timeout;
+        options.heartbeat_interval = heartbeat_interval;
+        options.grace_period = grace_period;
+        options.max_retry = Some(self.failed_trial_max_retry);
+        options.poll_interval = options.poll_interval.min(heartbeat_interval);
         options.seed = self.sampler_seed;
         Ok(PreparedStudy {
             storage,
