@@ -179,13 +179,7 @@ pub fn print_epoch(out: &mut dyn Write, m: &EpochMetrics) -> Result<()> {
 
 /// The best COMPLETE trial of a stored study: its number and parameters.
 fn best_trial_params(storage_url: &str, study_name: &str) -> Result<(u64, f64, crate::study::ParamSet)> {
-    use crate::study::storage::{Storage, StorageLocation, parse_storage_url};
-    if let StorageLocation::File(path) = parse_storage_url(storage_url)?
-        && !path.exists()
-    {
-        bail!("--storage {storage_url}: {} does not exist", path.display());
-    }
-    let mut storage = Storage::open(storage_url)?;
+    let mut storage = crate::study::storage::Storage::open_existing(storage_url)?;
     let study = storage.load_study(study_name)?;
     let Some(best) = storage.best_trial(&study)? else {
         bail!("--from-study {study_name}: the study has no COMPLETE trial yet");

@@ -136,10 +136,7 @@ impl SearchStudyArgs {
     /// Opens the storage, creates or loads the study, reads the space and builds sampler,
     /// pruner and driver options.
     pub fn prepare(&self) -> Result<PreparedStudy> {
-        let (space, warnings) = match &self.space {
-            Some(path) => SearchSpace::from_file(path)?,
-            None => (SearchSpace::recipe_default(), Vec::new()),
-        };
+        let (space, warnings) = self.search_space()?;
         if self.n_trials == 0 {
             bail!("--n-trials must be at least 1");
         }
@@ -159,6 +156,7 @@ impl SearchStudyArgs {
         };
         let mut storage = Storage::open(&self.storage)?;
         let study = storage.create_study(&self.study_name, self.direction.into(), true)?;
+        self.check_space_matches_study(&mut storage, &study, &space)?;
         let mut options = DriverOptions::new(self.n_trials);
         options.timeout = timeout;
         options.seed = self.sampler_seed;
@@ -171,6 +169,66 @@ impl SearchStudyArgs {
             pruner,
             options,
         })
+    }
+}
+
+impl SearchStudyArgs {
+    /// The `--space` file's space, or the recipe's.
+    fn search_space(&self) -> Result<(SearchSpace, Vec<String>)> {
+        match &self.space {
+            Some(path) => SearchSpace::from_file(path),
+            None => Ok((SearchSpace::recipe_default(), Vec::new())),
+        }
+    }
+
+    /// Checks every flag that can be checked without opening the database (the space file, the
+    /// counts, the storage URL and its directory), so a search fails on a typo before it spends
+    /// time loading data and before it creates a database or study.
+    pub fn check(&self) -> Result<()> {
+        self.search_space()?;
+        if self.n_trials == 0 {
+            bail!("--n-trials must be at least 1");
+        }
+        if let Some(t) = self.timeout
+            && !(t.is_finite() && t > 0.0)
+        {
+            bail!("--timeout must be a positive number of seconds, got {t}");
+        }
+        if self.pruner == PrunerKind::Percentile {
+            PercentilePruner::new(self.pruner_percentile, 5, 0, 1, 1).context("--pruner-percentile")?;
+        }
+        if let super::storage::StorageLocation::File(path) = super::storage::parse_storage_url(&self.storage)?
+            && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.is_dir()
+        {
+            bail!("--storage {:?}: directory {} does not exist", self.storage, dir.display());
+        }
+        Ok(())
+    }
+
+    /// Refuses a space whose distributions the study's trials cannot share (Optuna's
+    /// `check_distribution_compatibility`), before any trial is created: otherwise the first
+    /// trial would fail while sampling and stay RUNNING in the study.
+    fn check_space_matches_study(
+        &self,
+        storage: &mut Storage,
+        study: &StudyRef,
+        space: &SearchSpace,
+    ) -> Result<()> {
+        let source = match &self.space {
+            Some(path) => format!("--space {}", path.display()),
+            None => "the default search space (no --space)".to_string(),
+        };
+        let trials = storage.trials(study.study_id, None)?;
+        for (name, dist) in space.iter() {
+            if let Some(stored) = trials.iter().find_map(|t| t.param(name)) {
+                super::storage::check_distribution_compatibility(name, &stored.distribution, dist)
+                    .with_context(|| {
+                        format!("{source} does not match study {:?} in {}", study.name, self.storage)
+                    })?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -244,7 +302,8 @@ pub struct BestArgs {
 }
 
 fn open_study(args: &StudyArgs, create: Option<StudyDirection>) -> Result<(Storage, StudyRef)> {
-    let mut storage = Storage::open(&args.storage)?;
+    let mut storage =
+        if create.is_some() { Storage::open(&args.storage)? } else { Storage::open_existing(&args.storage)? };
     let study = match create {
         Some(direction) => storage.create_study(&args.study_name, direction, true)?,
         None => storage.load_study(&args.study_name)?,

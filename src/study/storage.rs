@@ -266,14 +266,38 @@ impl Storage {
                 {
                     bail!("--storage {url:?}: directory {} does not exist", dir.display());
                 }
+                if path.is_dir() {
+                    bail!("--storage {url:?}: {} is a directory, not a database file", path.display());
+                }
                 Connection::open(path)
                     .with_context(|| format!("--storage {url:?}: cannot open {}", path.display()))?
             }
         };
         let mut storage = Storage { conn, location, url: url.to_string(), cache: HashMap::new() };
-        storage.configure().with_context(|| format!("--storage {url:?}"))?;
+        if let Err(e) = storage.configure() {
+            // SQLite only looks at the file on the first statement, so this is where a file that
+            // is not a database (a CSV, a JSON journal passed by mistake) shows up.
+            if let (Some(rusqlite::ErrorCode::NotADatabase), StorageLocation::File(path)) =
+                (e.downcast_ref::<rusqlite::Error>().and_then(|e| e.sqlite_error_code()), &storage.location)
+            {
+                bail!("--storage {url:?}: {} is not an SQLite database", path.display());
+            }
+            return Err(e.context(format!("--storage {url:?}")));
+        }
         storage.init_schema().with_context(|| format!("--storage {url:?}"))?;
         Ok(storage)
+    }
+
+    /// Opens the database a storage URL points to only if it exists: the commands that read a
+    /// study (`trials`, `best`, `tell`, `plot`, …) must not leave an empty database behind when
+    /// the path is mistyped.
+    pub fn open_existing(url: &str) -> Result<Self> {
+        if let StorageLocation::File(path) = parse_storage_url(url)?
+            && !path.exists()
+        {
+            bail!("--storage {url:?}: {} does not exist", path.display());
+        }
+        Self::open(url)
     }
 
     /// Opens the database file at `path` (a convenience for `sqlite:///{path}`).
