@@ -191,6 +191,10 @@ pub fn run_train(args: &TrainArgs, out: &mut dyn Write) -> Result<()> {
     resolve_device(args.device)?;
     let mut cfg = args.hyper.train_config();
     cfg.validate()?;
+    // Checked again on export; here so a training run is not spent before the export refuses.
+    if args.output.exists() && !args.output.is_dir() {
+        bail!("--output {}: exists and is not a directory", args.output.display());
+    }
     let from_study = match &args.from_study {
         Some(name) => Some((name, best_trial_params(&args.storage, name)?)),
         None => None,

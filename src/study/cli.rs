@@ -156,7 +156,11 @@ impl SearchStudyArgs {
         };
         let mut storage = Storage::open(&self.storage)?;
         let study = storage.create_study(&self.study_name, self.direction.into(), true)?;
-        self.check_space_matches_study(&mut storage, &study, &space)?;
+        let source = match &self.space {
+            Some(path) => format!("--space {}", path.display()),
+            None => "the default search space (no --space)".to_string(),
+        };
+        check_space_matches_study(&mut storage, &study, &space, &source)?;
         let mut options = DriverOptions::new(self.n_trials);
         options.timeout = timeout;
         options.seed = self.sampler_seed;
@@ -198,38 +202,31 @@ impl SearchStudyArgs {
             PercentilePruner::new(self.pruner_percentile, 5, 0, 1, 1).context("--pruner-percentile")?;
         }
         if let super::storage::StorageLocation::File(path) = super::storage::parse_storage_url(&self.storage)?
-            && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-            && !dir.is_dir()
         {
-            bail!("--storage {:?}: directory {} does not exist", self.storage, dir.display());
+            super::storage::check_database_directory(&self.storage, &path)?;
         }
         Ok(())
     }
+}
 
-    /// Refuses a space whose distributions the study's trials cannot share (Optuna's
-    /// `check_distribution_compatibility`), before any trial is created: otherwise the first
-    /// trial would fail while sampling and stay RUNNING in the study.
-    fn check_space_matches_study(
-        &self,
-        storage: &mut Storage,
-        study: &StudyRef,
-        space: &SearchSpace,
-    ) -> Result<()> {
-        let source = match &self.space {
-            Some(path) => format!("--space {}", path.display()),
-            None => "the default search space (no --space)".to_string(),
-        };
-        let trials = storage.trials(study.study_id, None)?;
-        for (name, dist) in space.iter() {
-            if let Some(stored) = trials.iter().find_map(|t| t.param(name)) {
-                super::storage::check_distribution_compatibility(name, &stored.distribution, dist)
-                    .with_context(|| {
-                        format!("{source} does not match study {:?} in {}", study.name, self.storage)
-                    })?;
-            }
+/// Refuses a space whose distributions the study's trials cannot share (Optuna's
+/// `check_distribution_compatibility`) before any trial is created: otherwise the new trial would
+/// fail while sampling and stay RUNNING in the study. `source` names the flag the space came from.
+fn check_space_matches_study(
+    storage: &mut Storage,
+    study: &StudyRef,
+    space: &SearchSpace,
+    source: &str,
+) -> Result<()> {
+    let trials = storage.trials(study.study_id, None)?;
+    for (name, dist) in space.iter() {
+        if let Some(stored) = trials.iter().find_map(|t| t.param(name)) {
+            super::storage::check_distribution_compatibility(name, &stored.distribution, dist).with_context(
+                || format!("{source} does not match study {:?} in {}", study.name, storage.url()),
+            )?;
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// `hpo-gpu ask`: create trials and print their parameters, like `optuna ask`. Prints one JSON
@@ -324,6 +321,7 @@ pub fn run_ask(args: &AskArgs, out: &mut dyn Write) -> Result<()> {
         }
         Err(e) => return Err(e),
     };
+    check_space_matches_study(&mut storage, &study, &space, "--search-space")?;
     let mut sampler = args.sampler.build(args.seed);
     let opts = AskOptions { target: None, heartbeat: false, seed: args.seed };
     let trials = ask_batch(&mut storage, &study, &space, sampler.as_mut(), Some(&NopPruner), args.n, &opts)?;

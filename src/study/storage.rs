@@ -104,6 +104,20 @@ pub fn parse_storage_url(url: &str) -> Result<StorageLocation> {
     Ok(StorageLocation::File(PathBuf::from(rest)))
 }
 
+/// Checks that the directory a database file goes in exists (SQLite would only say "unable to
+/// open database file").
+pub fn check_database_directory(url: &str, path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        if dir.exists() {
+            bail!("--storage {url:?}: {} is not a directory", dir.display());
+        }
+        bail!("--storage {url:?}: directory {} does not exist", dir.display());
+    }
+    Ok(())
+}
+
 /// What a new trial starts with (Optuna's "template trial" of `create_new_trial`).
 #[derive(Clone, Debug)]
 pub struct NewTrial {
@@ -261,11 +275,7 @@ impl Storage {
                 Connection::open_in_memory().context("opening an in-memory database")?
             }
             StorageLocation::File(path) => {
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-                    && !dir.is_dir()
-                {
-                    bail!("--storage {url:?}: directory {} does not exist", dir.display());
-                }
+                check_database_directory(url, path)?;
                 if path.is_dir() {
                     bail!("--storage {url:?}: {} is a directory, not a database file", path.display());
                 }
