@@ -293,6 +293,12 @@ pub struct PredictArgs {
 
 pub fn run_predict(args: &PredictArgs, out: &mut dyn Write) -> Result<()> {
     let files = ModelFiles::resolve(&args.model)?;
+    if files.weights().is_none() {
+        bail!(
+            "{}: no model.safetensors or pytorch_model.bin; predict needs trained weights (hpo-gpu train --output DIR writes them)",
+            files.origin
+        );
+    }
     let config = crate::config::BertConfig::from_file(&files.config)?;
     let max_length = args.max_length.unwrap_or(512.min(config.max_position_embeddings));
     if max_length > config.max_position_embeddings {
