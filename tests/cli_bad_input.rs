@@ -1491,7 +1491,7 @@ fn render_docs() -> String {
     }
     for command in commands {
         doc.push_str(&format!(
-            "\n## {command}\n\n| bad input | command line | exit | error |\n|---|---|---|---|\n"
+            "\n## {command}\n\n| id | bad input | command line | exit | error |\n|---|---|---|---|---|\n"
         ));
         for c in CASES.iter().filter(|c| c.args[0] == command) {
             let line = std::iter::once("hpo-gpu")
@@ -1501,7 +1501,8 @@ fn render_docs() -> String {
                 .join(" ");
             let error = if c.stderr.is_empty() { "(works)".to_string() } else { code(c.stderr) };
             doc.push_str(&format!(
-                "| {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} |\n",
+                code(c.id),
                 c.input.replace('|', r"\|"),
                 code(&line),
                 c.exit,
