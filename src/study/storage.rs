@@ -1294,7 +1294,7 @@ mod tests {
         let garbage = dir.path().join("garbage.db");
         std::fs::write(&garbage, vec![0x42u8; 8192]).unwrap();
         let err = format!("{:#}", Storage::open_path(&garbage).err().unwrap());
-        assert!(err.contains("garbage.db") && err.contains("not a database"), "{err}");
+        assert!(err.contains("garbage.db") && err.contains("is not an SQLite database"), "{err}");
 
         let old = dir.path().join("old.db");
         drop(Storage::open_path(&old).unwrap());
