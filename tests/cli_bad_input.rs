@@ -274,6 +274,14 @@ static CASES: &[Case] = &[
         stderr: "error: --threads must be at least 1",
     },
     Case {
+        id: "train-threads-not-a-number",
+        input: "--threads not a number",
+        setup: none,
+        args: &["train", "@train", "--threads", "many"],
+        exit: 2,
+        stderr: "error: invalid value 'many' for '--threads <THREADS>': invalid digit found in string",
+    },
+    Case {
         id: "train-unknown-flag",
         input: "a flag that does not exist",
         setup: none,
@@ -517,6 +525,14 @@ static CASES: &[Case] = &[
         args: &["train", "@train", "--dataset", "nobody/no-such-data"],
         exit: 1,
         stderr: "error: --dataset nobody/no-such-data: no such local file or directory, so tried the Hub: dataset repo nobody/no-such-data: not in the local cache ($HF_HOME/hub = <tmp>/hf/hub) and HF_HUB_OFFLINE=1 forbids listing it on the Hub",
+    },
+    Case {
+        id: "eval-dataset-missing",
+        input: "--eval-dataset path does not exist",
+        setup: none,
+        args: &["train", "@train", "--eval-dataset", "<tmp>/no-eval-data"],
+        exit: 1,
+        stderr: "error: --eval-dataset <tmp>/no-eval-data: no such file or directory (and not a Hugging Face dataset id)",
     },
     Case {
         id: "dataset-split-missing",
@@ -1084,6 +1100,14 @@ static CASES: &[Case] = &[
         stderr: "",
     },
     // ----- trials / best -----
+    Case {
+        id: "trials-in-memory-storage",
+        input: "an in-memory database (always empty)",
+        setup: none,
+        args: &["trials", "--storage", "sqlite:///:memory:", "--study-name", "s"],
+        exit: 1,
+        stderr: "error: no study named \"s\" in sqlite:///:memory: (the storage has no studies)",
+    },
     Case {
         id: "trials-missing-study",
         input: "a study that does not exist",
