@@ -179,13 +179,7 @@ pub fn print_epoch(out: &mut dyn Write, m: &EpochMetrics) -> Result<()> {
 
 /// The best COMPLETE trial of a stored study: its number and parameters.
 fn best_trial_params(storage_url: &str, study_name: &str) -> Result<(u64, f64, crate::study::ParamSet)> {
-    use crate::study::storage::{Storage, StorageLocation, parse_storage_url};
-    if let StorageLocation::File(path) = parse_storage_url(storage_url)?
-        && !path.exists()
-    {
-        bail!("--storage {storage_url}: {} does not exist", path.display());
-    }
-    let mut storage = Storage::open(storage_url)?;
+    let mut storage = crate::study::storage::Storage::open_existing(storage_url)?;
     let study = storage.load_study(study_name)?;
     let Some(best) = storage.best_trial(&study)? else {
         bail!("--from-study {study_name}: the study has no COMPLETE trial yet");
@@ -197,6 +191,10 @@ pub fn run_train(args: &TrainArgs, out: &mut dyn Write) -> Result<()> {
     resolve_device(args.device)?;
     let mut cfg = args.hyper.train_config();
     cfg.validate()?;
+    // Checked again on export; here so a training run is not spent before the export refuses.
+    if args.output.exists() && !args.output.is_dir() {
+        bail!("--output {}: exists and is not a directory", args.output.display());
+    }
     let from_study = match &args.from_study {
         Some(name) => Some((name, best_trial_params(&args.storage, name)?)),
         None => None,
@@ -295,6 +293,12 @@ pub struct PredictArgs {
 
 pub fn run_predict(args: &PredictArgs, out: &mut dyn Write) -> Result<()> {
     let files = ModelFiles::resolve(&args.model)?;
+    if files.weights().is_none() {
+        bail!(
+            "{}: no model.safetensors or pytorch_model.bin; predict needs trained weights (hpo-gpu train --output DIR writes them)",
+            files.origin
+        );
+    }
     let config = crate::config::BertConfig::from_file(&files.config)?;
     let max_length = args.max_length.unwrap_or(512.min(config.max_position_embeddings));
     if max_length > config.max_position_embeddings {

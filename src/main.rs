@@ -1,7 +1,7 @@
 //! The `hpo-gpu` command line: parse, call the library, print. Errors become one line on stderr
 //! and a non-zero exit code; nothing panics across this boundary.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use hpo_gpu::cli;
 
@@ -70,8 +70,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The parser with negative numbers accepted as values everywhere: without this clap reads
+/// `--values -0.5` or `--weight-decay -1` as an unknown flag `-0`/`-1` instead of handing the
+/// number to the option (which then accepts it, or says which range it must be in).
+fn command() -> clap::Command {
+    fn allow_negative(cmd: clap::Command) -> clap::Command {
+        cmd.mut_args(|a| if a.get_action().takes_values() { a.allow_negative_numbers(true) } else { a })
+            .mut_subcommands(allow_negative)
+    }
+    allow_negative(Cli::command())
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli)));
     match result {
         Ok(Ok(())) => {}
@@ -86,7 +97,10 @@ fn main() {
     }
 }
 
-/// "outer: inner: innermost" on one line.
+/// "outer: inner: innermost" on one line. A message from a library that spans several lines
+/// (a parser's snippet with a caret) is folded into that line rather than breaking the rule.
 fn format_chain(e: &anyhow::Error) -> String {
-    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+    let fold =
+        |msg: String| msg.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+    e.chain().map(|c| fold(c.to_string())).collect::<Vec<_>>().join(": ")
 }

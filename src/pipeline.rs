@@ -127,7 +127,15 @@ pub fn prepare(args: &ModelDataArgs) -> Result<Prepared> {
         );
     }
     let eval_source = args.eval_dataset.as_deref().unwrap_or(&args.dataset);
-    let eval_ds = load_split(eval_source, &args.eval_split, &columns, Some(&label_names))?;
+    let eval_ds = load_split(eval_source, &args.eval_split, &columns, Some(&label_names)).map_err(|e| {
+        // The reader names the flag `--dataset` when the source is not found; here it came from
+        // `--eval-dataset`.
+        let message = format!("{e:#}");
+        match (&args.eval_dataset, message.strip_prefix(&format!("--dataset {eval_source}:"))) {
+            (Some(_), Some(rest)) => anyhow::anyhow!("--eval-dataset {eval_source}:{rest}"),
+            _ => e,
+        }
+    })?;
     let train_ds = subset(train_ds, args.data_seed, args.train_samples)?;
     let eval_ds = subset(eval_ds, args.data_seed, args.eval_samples)?;
     config.set_labels(&label_names);

@@ -158,13 +158,15 @@ pub fn run_search(args: &SearchArgs, out: &mut dyn Write) -> Result<()> {
     resolve_device(args.device)?;
     let base = args.hyper.train_config();
     base.validate()?;
+    args.study.check()?;
+    // Data and weights before the database: bad input must not leave a new, empty study behind.
+    let mut prepared = prepare(&args.data)?;
+    args.hyper.apply_dropout(&mut prepared.config)?;
+    let (initial, report) = initial_model(&args.data, &prepared, base.seed)?;
     let mut study = args.study.prepare()?;
     for w in &study.warnings {
         eprintln!("note: {w}");
     }
-    let mut prepared = prepare(&args.data)?;
-    args.hyper.apply_dropout(&mut prepared.config)?;
-    let (initial, report) = initial_model(&args.data, &prepared, base.seed)?;
     if !report.initialised.is_empty() {
         eprintln!("note: newly initialised (not in the checkpoint): {}", report.initialised.join(", "));
     }

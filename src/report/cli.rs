@@ -2,9 +2,9 @@
 //! argument structs plus `run_*` functions that write to any `Write` (main.rs only dispatches).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
@@ -76,7 +76,23 @@ pub struct ImportanceArgs {
     pub json: bool,
 }
 
+/// Refuses an output path that cannot be created because it, or a folder above it, is an
+/// existing file; checked before the study is read so the error is the first thing said.
+fn check_out_path(out: &Path, must_be_dir: bool) -> Result<()> {
+    if must_be_dir && out.exists() && !out.is_dir() {
+        bail!("--out {}: exists and is not a directory", out.display());
+    }
+    if !must_be_dir && out.is_dir() {
+        bail!("--out {}: is a directory; give the path of the HTML file to write", out.display());
+    }
+    if let Some(file) = out.ancestors().skip(1).find(|a| a.exists()).filter(|a| !a.is_dir()) {
+        bail!("--out {}: {} is a file, not a directory", out.display(), file.display());
+    }
+    Ok(())
+}
+
 pub fn run_plot(args: &PlotArgs, out: &mut dyn Write) -> Result<()> {
+    check_out_path(&args.out, true)?;
     let snapshot = StudySnapshot::load(&args.study.storage, &args.study.study_name)?;
     let importances = Importances::compute(&snapshot, args.seed);
     let files = plots::write_all(&snapshot, &importances, &args.out)?;
@@ -87,6 +103,7 @@ pub fn run_plot(args: &PlotArgs, out: &mut dyn Write) -> Result<()> {
 }
 
 pub fn run_report(args: &ReportArgs, out: &mut dyn Write) -> Result<()> {
+    check_out_path(&args.out, false)?;
     let snapshot = StudySnapshot::load(&args.study.storage, &args.study.study_name)?;
     let importances = Importances::compute(&snapshot, args.seed);
     html::write_report(&snapshot, &importances, &args.out)?;

@@ -30,7 +30,7 @@ pub struct StudySnapshot {
 impl StudySnapshot {
     /// Reads study `study_name` from the storage at `storage_url`.
     pub fn load(storage_url: &str, study_name: &str) -> Result<Self> {
-        let mut storage = Storage::open(storage_url)?;
+        let mut storage = Storage::open_existing(storage_url)?;
         let study = storage.load_study(study_name)?;
         Self::from_storage(&mut storage, study)
     }

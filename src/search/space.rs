@@ -105,8 +105,9 @@ impl SearchSpace {
 
     /// Parses the TOML form; `origin` names the source in errors.
     pub fn from_toml_str(text: &str, origin: &str) -> Result<(Self, Vec<String>)> {
-        let table: toml::Table =
-            text.parse().map_err(|e: toml::de::Error| anyhow!("{origin}: invalid TOML: {e}"))?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| anyhow!("{origin}: invalid TOML: {}", toml_error_line(text, &e)))?;
         let value = serde_json::to_value(&table).map_err(|e| anyhow!("{origin}: {e}"))?;
         let Value::Object(map) = value else { bail!("{origin}: expected a table of parameters") };
         // toml::Table keeps key order only with its preserve_order feature; restore file order.
@@ -296,6 +297,17 @@ fn json_key_position(text: &str, key: &str) -> usize {
         from = at + quoted.len();
     }
     usize::MAX
+}
+
+/// A TOML parse error on one line: "line L, column C: message" (the parser's own `Display` is a
+/// multi-line snippet with a caret).
+fn toml_error_line(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim();
+    let Some(start) = e.span().map(|s| s.start.min(text.len())) else { return message.to_string() };
+    let before = text.get(..start).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {column}: {message}")
 }
 
 #[cfg(test)]

@@ -146,10 +146,7 @@ impl SearchStudyArgs {
     /// Opens the storage, creates or loads the study, reads the space and builds sampler,
     /// pruner and driver options.
     pub fn prepare(&self) -> Result<PreparedStudy> {
-        let (space, warnings) = match &self.space {
-            Some(path) => SearchSpace::from_file(path)?,
-            None => (SearchSpace::recipe_default(), Vec::new()),
-        };
+        let (space, warnings) = self.search_space()?;
         if self.n_trials == 0 {
             bail!("--n-trials must be at least 1");
         }
@@ -158,6 +155,7 @@ impl SearchStudyArgs {
             Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
             Some(t) => bail!("--timeout must be a positive number of seconds, got {t}"),
         };
+        let (heartbeat_interval, grace_period) = self.heartbeat_settings()?;
         let pruner: Box<dyn Pruner> = match self.pruner {
             PrunerKind::None => Box::new(NopPruner),
             PrunerKind::Median => Box::new(MedianPruner::default()),
@@ -169,23 +167,11 @@ impl SearchStudyArgs {
         };
         let mut storage = Storage::open(&self.storage)?;
         let study = storage.create_study(&self.study_name, self.direction.into(), true)?;
-        let seconds = |flag: &str, v: f64| -> Result<Duration> {
-            if v.is_finite() && v > 0.0 {
-                Ok(Duration::from_secs_f64(v))
-            } else {
-                bail!("--{flag} must be a positive number of seconds, got {v}")
-            }
+        let source = match &self.space {
+            Some(path) => format!("--space {}", path.display()),
+            None => "the default search space (no --space)".to_string(),
         };
-        let heartbeat_interval = seconds("heartbeat-interval", self.heartbeat_interval)?;
-        let grace_period = seconds("grace-period", self.grace_period)?;
-        if grace_period <= heartbeat_interval {
-            bail!(
-                "--grace-period ({} s) must be longer than --heartbeat-interval ({} s), or live trials \
-                 would be taken for crashed ones",
-                self.grace_period,
-                self.heartbeat_interval
-            );
-        }
+        check_space_matches_study(&mut storage, &study, &space, &source)?;
         let mut options = DriverOptions::new(self.n_trials);
         options.timeout = timeout;
         options.heartbeat_interval = heartbeat_interval;
@@ -203,6 +189,82 @@ impl SearchStudyArgs {
             options,
         })
     }
+}
+
+impl SearchStudyArgs {
+    /// The `--space` file's space, or the recipe's.
+    fn search_space(&self) -> Result<(SearchSpace, Vec<String>)> {
+        match &self.space {
+            Some(path) => SearchSpace::from_file(path),
+            None => Ok((SearchSpace::recipe_default(), Vec::new())),
+        }
+    }
+
+    /// `--heartbeat-interval` and `--grace-period`, checked.
+    fn heartbeat_settings(&self) -> Result<(Duration, Duration)> {
+        let seconds = |flag: &str, v: f64| -> Result<Duration> {
+            if v.is_finite() && v > 0.0 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                bail!("--{flag} must be a positive number of seconds, got {v}")
+            }
+        };
+        let heartbeat_interval = seconds("heartbeat-interval", self.heartbeat_interval)?;
+        let grace_period = seconds("grace-period", self.grace_period)?;
+        if grace_period <= heartbeat_interval {
+            bail!(
+                "--grace-period ({} s) must be longer than --heartbeat-interval ({} s), or live trials \
+                 would be taken for crashed ones",
+                self.grace_period,
+                self.heartbeat_interval
+            );
+        }
+        Ok((heartbeat_interval, grace_period))
+    }
+
+    /// Checks every flag that can be checked without opening the database (the space file, the
+    /// counts, the storage URL and its directory), so a search fails on a typo before it spends
+    /// time loading data and before it creates a database or study.
+    pub fn check(&self) -> Result<()> {
+        self.search_space()?;
+        if self.n_trials == 0 {
+            bail!("--n-trials must be at least 1");
+        }
+        if let Some(t) = self.timeout
+            && !(t.is_finite() && t > 0.0)
+        {
+            bail!("--timeout must be a positive number of seconds, got {t}");
+        }
+        if self.pruner == PrunerKind::Percentile {
+            PercentilePruner::new(self.pruner_percentile, 5, 0, 1, 1).context("--pruner-percentile")?;
+        }
+        self.heartbeat_settings()?;
+        if let super::storage::StorageLocation::File(path) = super::storage::parse_storage_url(&self.storage)?
+        {
+            super::storage::check_database_directory(&self.storage, &path)?;
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a space whose distributions the study's trials cannot share (Optuna's
+/// `check_distribution_compatibility`) before any trial is created: otherwise the new trial would
+/// fail while sampling and stay RUNNING in the study. `source` names the flag the space came from.
+fn check_space_matches_study(
+    storage: &mut Storage,
+    study: &StudyRef,
+    space: &SearchSpace,
+    source: &str,
+) -> Result<()> {
+    let trials = storage.trials(study.study_id, None)?;
+    for (name, dist) in space.iter() {
+        if let Some(stored) = trials.iter().find_map(|t| t.param(name)) {
+            super::storage::check_distribution_compatibility(name, &stored.distribution, dist).with_context(
+                || format!("{source} does not match study {:?} in {}", study.name, storage.url()),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// `hpo-gpu ask`: create trials and print their parameters, like `optuna ask`. Prints one JSON
@@ -275,7 +337,8 @@ pub struct BestArgs {
 }
 
 fn open_study(args: &StudyArgs, create: Option<StudyDirection>) -> Result<(Storage, StudyRef)> {
-    let mut storage = Storage::open(&args.storage)?;
+    let mut storage =
+        if create.is_some() { Storage::open(&args.storage)? } else { Storage::open_existing(&args.storage)? };
     let study = match create {
         Some(direction) => storage.create_study(&args.study_name, direction, true)?,
         None => storage.load_study(&args.study_name)?,
@@ -296,6 +359,7 @@ pub fn run_ask(args: &AskArgs, out: &mut dyn Write) -> Result<()> {
         }
         Err(e) => return Err(e),
     };
+    check_space_matches_study(&mut storage, &study, &space, "--search-space")?;
     let mut sampler = args.sampler.build(args.seed);
     let opts = AskOptions { target: None, heartbeat: false, seed: args.seed };
     let trials = ask_batch(&mut storage, &study, &space, sampler.as_mut(), Some(&NopPruner), args.n, &opts)?;

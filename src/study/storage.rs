@@ -104,6 +104,20 @@ pub fn parse_storage_url(url: &str) -> Result<StorageLocation> {
     Ok(StorageLocation::File(PathBuf::from(rest)))
 }
 
+/// Checks that the directory a database file goes in exists (SQLite would only say "unable to
+/// open database file").
+pub fn check_database_directory(url: &str, path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        if dir.exists() {
+            bail!("--storage {url:?}: {} is not a directory", dir.display());
+        }
+        bail!("--storage {url:?}: directory {} does not exist", dir.display());
+    }
+    Ok(())
+}
+
 /// What a new trial starts with (Optuna's "template trial" of `create_new_trial`).
 #[derive(Clone, Debug)]
 pub struct NewTrial {
@@ -261,19 +275,39 @@ impl Storage {
                 Connection::open_in_memory().context("opening an in-memory database")?
             }
             StorageLocation::File(path) => {
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-                    && !dir.is_dir()
-                {
-                    bail!("--storage {url:?}: directory {} does not exist", dir.display());
+                check_database_directory(url, path)?;
+                if path.is_dir() {
+                    bail!("--storage {url:?}: {} is a directory, not a database file", path.display());
                 }
                 Connection::open(path)
                     .with_context(|| format!("--storage {url:?}: cannot open {}", path.display()))?
             }
         };
         let mut storage = Storage { conn, location, url: url.to_string(), cache: HashMap::new() };
-        storage.configure().with_context(|| format!("--storage {url:?}"))?;
+        if let Err(e) = storage.configure() {
+            // SQLite only looks at the file on the first statement, so this is where a file that
+            // is not a database (a CSV, a JSON journal passed by mistake) shows up.
+            if let (Some(rusqlite::ErrorCode::NotADatabase), StorageLocation::File(path)) =
+                (e.downcast_ref::<rusqlite::Error>().and_then(|e| e.sqlite_error_code()), &storage.location)
+            {
+                bail!("--storage {url:?}: {} is not an SQLite database", path.display());
+            }
+            return Err(e.context(format!("--storage {url:?}")));
+        }
         storage.init_schema().with_context(|| format!("--storage {url:?}"))?;
         Ok(storage)
+    }
+
+    /// Opens the database a storage URL points to only if it exists: the commands that read a
+    /// study (`trials`, `best`, `tell`, `plot`, …) must not leave an empty database behind when
+    /// the path is mistyped.
+    pub fn open_existing(url: &str) -> Result<Self> {
+        if let StorageLocation::File(path) = parse_storage_url(url)?
+            && !path.exists()
+        {
+            bail!("--storage {url:?}: {} does not exist", path.display());
+        }
+        Self::open(url)
     }
 
     /// Opens the database file at `path` (a convenience for `sqlite:///{path}`).
@@ -1260,7 +1294,7 @@ mod tests {
         let garbage = dir.path().join("garbage.db");
         std::fs::write(&garbage, vec![0x42u8; 8192]).unwrap();
         let err = format!("{:#}", Storage::open_path(&garbage).err().unwrap());
-        assert!(err.contains("garbage.db") && err.contains("not a database"), "{err}");
+        assert!(err.contains("garbage.db") && err.contains("is not an SQLite database"), "{err}");
 
         let old = dir.path().join("old.db");
         drop(Storage::open_path(&old).unwrap());
