@@ -835,6 +835,22 @@ static CASES: &[Case] = &[
         stderr: "error: --timeout must be a positive number of seconds, got -5",
     },
     Case {
+        id: "search-heartbeat-zero",
+        input: "heartbeat interval 0",
+        setup: none,
+        args: &["search", "@search", "--heartbeat-interval", "0"],
+        exit: 1,
+        stderr: "error: --heartbeat-interval must be a positive number of seconds, got 0",
+    },
+    Case {
+        id: "search-grace-not-longer-than-heartbeat",
+        input: "grace period not longer than the heartbeat interval",
+        setup: none,
+        args: &["search", "@search", "--heartbeat-interval", "5", "--grace-period", "5"],
+        exit: 1,
+        stderr: "error: --grace-period (5 s) must be longer than --heartbeat-interval (5 s), or live trials would be taken for crashed ones",
+    },
+    Case {
         id: "search-percentile-out-of-range",
         input: "pruner percentile 150",
         setup: none,
