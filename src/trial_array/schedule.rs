@@ -351,11 +351,12 @@ impl Array {
             .iter()
             .map(|(i, b, scale, d)| SlotMicroBatch { slot: *i, batch: b, loss_scale: *scale, dropout: *d })
             .collect();
-        let losses = self.call(backend, host, work, |b, w| b.forward_backward(w))?;
+        // Sized before the call: the array may shrink in it.
         let mut examples = vec![0usize; self.slots.len()];
         for (i, b, _, _) in &prepared {
             examples[*i] = b.seqs.len();
         }
+        let losses = self.call(backend, host, work, |b, w| b.forward_backward(w))?;
         for (i, loss) in losses {
             let s = self.slot(i);
             s.pos += examples[i];
