@@ -299,6 +299,11 @@ pub fn run_search(args: &SearchArgs, out: &mut dyn Write) -> Result<()> {
     let base = args.hyper.train_config();
     base.validate()?;
     let mut study = args.study.prepare()?;
+    // Checked before loading data: a bad --micro-batch should fail at once.
+    let micro_batch = match args.slots {
+        1 => 0,
+        _ => micro_batch_size(args.micro_batch, &space_batch_sizes(&study.space, &base)?)?,
+    };
     for w in &study.warnings {
         eprintln!("note: {w}");
     }
@@ -318,7 +323,6 @@ pub fn run_search(args: &SearchArgs, out: &mut dyn Write) -> Result<()> {
     );
     let mut progress = LineProgress { out: std::io::stderr(), n_trials: args.study.n_trials };
     let outcome = if args.slots > 1 {
-        let micro_batch = micro_batch_size(args.micro_batch, &space_batch_sizes(&study.space, &base)?)?;
         eprintln!("trial array on the CPU: {} slots, micro-batch {micro_batch}", args.slots);
         let backend = Box::new(CpuArrayBackend::new(&initial.config, args.slots));
         let options = ArrayOptions { micro_batch };

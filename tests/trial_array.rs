@@ -456,3 +456,121 @@ fn unfit_trials_fail_with_a_reason() {
     }
     host.finished(1);
 }
+
+/// `search` with the given extra flags on the tiny model and data; returns the stored trials.
+fn search_trials(dir: &std::path::Path, db: &str, extra: &[&str]) -> Vec<serde_json::Value> {
+    let model = common::tiny_model(dir);
+    let data = common::tiny_data(dir);
+    let storage = format!("sqlite:///{}", dir.join(db).display());
+    // Learning rates at which the tiny model learns, batch sizes 4–16 (micro-batch 4) and 1–3
+    // epochs, so trials end at different ticks and freed slots refill.
+    let space = dir.join("space.toml");
+    std::fs::write(
+        &space,
+        "[learning_rate]\ntype = \"float\"\nlow = 1e-3\nhigh = 3e-2\nlog = true\n\n\
+         [per_device_train_batch_size]\ntype = \"categorical\"\nchoices = [4, 8, 16]\n\n\
+         [num_train_epochs]\ntype = \"int\"\nlow = 1\nhigh = 3\n",
+    )
+    .unwrap();
+    let mut args = vec![
+        "search",
+        "--space",
+        space.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--random-init",
+        "--dataset",
+        data.to_str().unwrap(),
+        "--train-samples",
+        "0",
+        "--eval-samples",
+        "0",
+        "--max-length",
+        "16",
+        "--hidden-dropout",
+        "0",
+        "--attention-dropout",
+        "0",
+        "--storage",
+        &storage,
+        "--n-trials",
+        "6",
+        "--sampler",
+        "random",
+        "--sampler-seed",
+        "7",
+        "--pruner",
+        "none",
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    let o = common::hpo_gpu(&args);
+    assert!(o.status.success(), "search {extra:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("best trial"));
+    let o = common::hpo_gpu(&["trials", "--storage", &storage, "--study-name", "transformers_optuna_study", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let trials: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    trials.as_array().unwrap().clone()
+}
+
+#[test]
+fn search_with_slots_matches_one_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The random sampler reseeded per trial number proposes the same parameters either way, so
+    // the two studies train the same trials; dropout is off because the array draws masks per
+    // micro-batch (16 here), train() per batch.
+    let sequential = search_trials(tmp.path(), "one.db", &[]);
+    let array = search_trials(tmp.path(), "array.db", &["--slots", "4"]);
+    assert_eq!(array.len(), 6, "n_trials reached: {array:?}");
+    assert_eq!(sequential.len(), 6);
+    let distinct = |key: &str| -> std::collections::BTreeSet<String> {
+        array.iter().map(|t| t["params"][key].to_string()).collect()
+    };
+    assert!(distinct("per_device_train_batch_size").len() > 1, "the trials mix batch sizes");
+    assert!(distinct("num_train_epochs").len() > 1, "the trials end at different ticks");
+    let values: std::collections::BTreeSet<String> = array.iter().map(|t| t["value"].to_string()).collect();
+    assert!(values.len() > 1, "the trials learn different amounts: {values:?}");
+    for (a, s) in array.iter().zip(&sequential) {
+        assert_eq!(a["number"], s["number"]);
+        assert_eq!(a["state"], "COMPLETE");
+        assert_eq!(a["params"], s["params"], "same proposals");
+        assert_eq!(a["value"], s["value"], "trial {}: objective", a["number"]);
+        assert_eq!(a["intermediate_values"], s["intermediate_values"]);
+        let epochs = a["params"]["num_train_epochs"].as_u64().unwrap();
+        for epoch in 1..=epochs {
+            for key in ["train_loss", "eval_loss"] {
+                let k = format!("epoch_{epoch}_{key}");
+                let (x, y) = (a["user_attrs"][&k].as_f64().unwrap(), s["user_attrs"][&k].as_f64().unwrap());
+                assert!((x - y).abs() <= 1e-5 * y.abs(), "trial {} {k}: {x} vs {y}", a["number"]);
+            }
+        }
+    }
+}
+
+#[test]
+fn search_rejects_a_micro_batch_that_does_not_divide_the_batch_sizes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(tmp.path());
+    let data = common::tiny_data(tmp.path());
+    let storage = format!("sqlite:///{}", tmp.path().join("s.db").display());
+    let o = common::hpo_gpu(&[
+        "search",
+        "--model",
+        model.to_str().unwrap(),
+        "--random-init",
+        "--dataset",
+        data.to_str().unwrap(),
+        "--storage",
+        &storage,
+        "--device",
+        "cpu",
+        "--slots",
+        "4",
+        "--micro-batch",
+        "5",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--micro-batch 5 does not divide the batch size 16"), "{err}");
+}
