@@ -574,3 +574,125 @@ fn search_rejects_a_micro_batch_that_does_not_divide_the_batch_sizes() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--micro-batch 5 does not divide the batch size 16"), "{err}");
 }
+
+/// A concurrent runner without a model: each round advances every running trial by one epoch
+/// (objective = epoch / 10); the trial numbered `evict` is evicted at its first epoch, trials
+/// with `learning_rate` above `fail_above` fail.
+struct FakeArray {
+    slots: usize,
+    epochs: u32,
+    evict: u64,
+    fail_above: f64,
+    max_running: usize,
+    asks: Vec<usize>,
+}
+
+impl hpo_gpu::study::driver::ConcurrentTrialRunner for FakeArray {
+    fn run_trials(&mut self, host: &mut dyn hpo_gpu::study::driver::TrialHost) -> Result<()> {
+        use hpo_gpu::study::driver::{EpochReport, TrialOutcome, Verdict as V};
+        let mut running: Vec<(u64, f64, u32)> = Vec::new();
+        loop {
+            let free = self.slots - running.len();
+            if free > 0 {
+                self.asks.push(free);
+                for (n, p) in host.next_trials(free, running.is_empty())? {
+                    running.push((n, p.get_f64("learning_rate")?.unwrap(), 0));
+                }
+            }
+            if running.is_empty() {
+                return Ok(());
+            }
+            self.max_running = self.max_running.max(running.len());
+            let mut still = Vec::new();
+            for (n, lr, e) in running.drain(..) {
+                let epoch = e + 1;
+                if n == self.evict && epoch == 1 {
+                    host.finish(n, TrialOutcome::Evicted("evicted: simulated out of memory".into()))?;
+                    continue;
+                }
+                if lr > self.fail_above {
+                    host.finish(n, TrialOutcome::Failed("simulated divergence".into()))?;
+                    continue;
+                }
+                let value = f64::from(epoch) / 10.0;
+                let r = EpochReport {
+                    epoch,
+                    objective: value,
+                    train_loss: 1.0,
+                    eval_loss: 1.0,
+                    eval_accuracy: value,
+                    seconds: 0.0,
+                };
+                let pruned = host.report(n, &r)? == V::Prune;
+                if pruned || epoch == self.epochs {
+                    host.finish(n, TrialOutcome::Value(value))?;
+                } else {
+                    still.push((n, lr, epoch));
+                }
+            }
+            running = still;
+        }
+    }
+}
+
+#[test]
+fn study_driver_for_the_array_counts_requeues_and_fails() {
+    use hpo_gpu::search::pruner::NopPruner;
+    use hpo_gpu::search::sampler::RandomSampler;
+    use hpo_gpu::search::space::SearchSpace;
+    use hpo_gpu::study::driver::{DriverOptions, NoProgress, StopReason, run_study_array};
+    use hpo_gpu::study::storage::Storage;
+    use hpo_gpu::study::{StudyDirection, TrialState};
+
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:///{}", dir.path().join("s.db").display());
+    let mut storage = Storage::open(&url).unwrap();
+    let study = storage.create_study("array", StudyDirection::Maximize, true).unwrap();
+    let space = SearchSpace::recipe_default();
+    let mut runner = FakeArray { slots: 3, epochs: 2, evict: 1, fail_above: 5e-5, max_running: 0, asks: Vec::new() };
+    let mut opts = DriverOptions::new(7);
+    opts.seed = Some(3);
+    opts.max_consecutive_failures = 100;
+    let out = run_study_array(
+        &mut storage,
+        &study,
+        &space,
+        &mut RandomSampler::new(Some(3)),
+        &mut NopPruner,
+        &opts,
+        &mut runner,
+        &mut NoProgress,
+    )
+    .unwrap();
+    assert_eq!(out.stop, StopReason::TargetReached);
+    assert_eq!(runner.max_running, 3, "three trials ran at once");
+    assert_eq!(runner.asks[0], 3, "the first ask fills every slot");
+    let trials = storage.trials(study.study_id, None).unwrap();
+    let count = |s: TrialState| trials.iter().filter(|t| t.state == s).count();
+    assert_eq!(count(TrialState::Complete), 7, "n_trials counts COMPLETE trials; FAIL ones do not");
+    assert_eq!(count(TrialState::Running) + count(TrialState::Waiting), 0);
+    assert_eq!(out.trials_run as usize, trials.len());
+    for t in &trials {
+        let lr = t.param("learning_rate").unwrap().value.as_f64().unwrap();
+        match t.state {
+            TrialState::Complete => {
+                assert_eq!(t.value(), Some(0.2));
+                assert_eq!(t.intermediate_values.len(), 2);
+                assert!(lr <= 5e-5);
+            }
+            TrialState::Fail if t.number == 1 => {
+                assert!(t.system_attrs["fail_reason"].as_str().unwrap().contains("evicted"));
+            }
+            TrialState::Fail => {
+                assert_eq!(t.system_attrs["fail_reason"], "simulated divergence");
+                assert!(lr > 5e-5);
+            }
+            s => panic!("trial {} ended {s:?}", t.number),
+        }
+    }
+    // The evicted trial's parameters ran again as a later trial.
+    let retry = trials.iter().find(|t| t.system_attrs.get("failed_trial").and_then(|v| v.as_u64()) == Some(1));
+    let retry = retry.expect("trial 1 was re-queued");
+    assert!(retry.number > 1);
+    assert_eq!(retry.params, trials[1].params);
+}
