@@ -13,10 +13,10 @@ use crate::cuda::{Device, resolve_device};
 use crate::data::batch::TokenizedSplit;
 use crate::model::BertModel;
 use crate::pipeline::{ModelDataArgs, Prepared, initial_model, prepare};
-use crate::study::ParamSet;
-use crate::study::cli::SearchStudyArgs;
 use crate::search::distributions::Distribution;
 use crate::search::space::SearchSpace;
+use crate::study::ParamSet;
+use crate::study::cli::SearchStudyArgs;
 use crate::study::driver::{
     ConcurrentTrialRunner, EpochReport, LineProgress, TrialHost, TrialOutcome, TrialRunner,
     Verdict as StudyVerdict, run_study, run_study_array,
@@ -209,7 +209,10 @@ impl StudyArrayHost<'_, '_> {
             .entry(max_length)
             .or_insert_with(|| {
                 if max_length < limit {
-                    (Arc::new(truncate(&r.prepared.train, max_length)), Arc::new(truncate(&r.prepared.eval, max_length)))
+                    (
+                        Arc::new(truncate(&r.prepared.train, max_length)),
+                        Arc::new(truncate(&r.prepared.eval, max_length)),
+                    )
                 } else {
                     (Arc::new(r.prepared.train.clone()), Arc::new(r.prepared.eval.clone()))
                 }

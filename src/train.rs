@@ -14,11 +14,11 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
+use crate::config::BertConfig;
 use crate::cpu::adamw::{AdamState, AdamW, clip_grad_norm, linear_schedule};
 use crate::cpu::bert::{self, Dropout};
 use crate::cpu::philox::DropoutRng;
 use crate::data::batch::{TokenizedSplit, chunk_by_attention_budget};
-use crate::config::BertConfig;
 use crate::model::BertModel;
 use crate::model::layout::ParamLayout;
 

@@ -14,7 +14,9 @@ use hpo_gpu::model::BertModel;
 use hpo_gpu::pipeline::{ModelDataArgs, prepare};
 use hpo_gpu::train::{EpochMetrics, NoProgress, TrainConfig, Verdict, train};
 use hpo_gpu::trial_array::cpu::CpuArrayBackend;
-use hpo_gpu::trial_array::schedule::{ArrayHost, ArrayOptions, ArrayTrial, DropoutProbs, TrialEnd, run_array};
+use hpo_gpu::trial_array::schedule::{
+    ArrayHost, ArrayOptions, ArrayTrial, DropoutProbs, TrialEnd, run_array,
+};
 use hpo_gpu::trial_array::{
     ArrayBackend, ArrayError, ArrayResult, SlotEval, SlotMicroBatch, SlotOptimizerStep,
 };
@@ -76,7 +78,12 @@ impl Fixture {
     }
 
     /// The same trial through `train()`: its epochs and final (kept) parameters.
-    fn train_alone(&self, cfg: &TrainConfig, dropout: bool, stop_after: Option<usize>) -> (Vec<EpochMetrics>, Vec<f32>) {
+    fn train_alone(
+        &self,
+        cfg: &TrainConfig,
+        dropout: bool,
+        stop_after: Option<usize>,
+    ) -> (Vec<EpochMetrics>, Vec<f32>) {
         let config = self.config(dropout);
         let mut model = BertModel::random_init(&config, 5);
         let mut on_epoch = |m: &EpochMetrics| -> Result<Verdict> {
@@ -154,7 +161,12 @@ struct Recording {
 
 impl Recording {
     fn new(config: &BertConfig, slots: usize) -> Self {
-        Recording { inner: CpuArrayBackend::new(config, slots), calls: Vec::new(), oom_on_forward: None, forwards: 0 }
+        Recording {
+            inner: CpuArrayBackend::new(config, slots),
+            calls: Vec::new(),
+            oom_on_forward: None,
+            forwards: 0,
+        }
     }
 
     /// Ticks (1-based, counted by forward calls) in which `slot` stepped its optimizer, and the
@@ -448,10 +460,13 @@ fn out_of_memory_shrinks_the_array_and_evicts_the_last_slot() {
 #[test]
 fn unfit_trials_fail_with_a_reason() {
     let fx = fixture();
-    let mut host = TestHost::new(vec![fx.trial(0, cfg(1e-3, 6, 1), false), fx.trial(1, cfg(1e-3, 4, 1), false)]);
+    let mut host =
+        TestHost::new(vec![fx.trial(0, cfg(1e-3, 6, 1), false), fx.trial(1, cfg(1e-3, 4, 1), false)]);
     run(&mut CpuArrayBackend::new(&fx.config, 1), &mut host, 4);
     match &host.ends[&0] {
-        TrialEnd::Failed { reason } => assert!(reason.contains("batch size 6") && reason.contains("micro-batch size 4"), "{reason}"),
+        TrialEnd::Failed { reason } => {
+            assert!(reason.contains("batch size 6") && reason.contains("micro-batch size 4"), "{reason}")
+        }
         other => panic!("{other:?}"),
     }
     host.finished(1);
@@ -508,7 +523,14 @@ fn search_trials(dir: &std::path::Path, db: &str, extra: &[&str]) -> Vec<serde_j
     let o = common::hpo_gpu(&args);
     assert!(o.status.success(), "search {extra:?} failed: {}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("best trial"));
-    let o = common::hpo_gpu(&["trials", "--storage", &storage, "--study-name", "transformers_optuna_study", "--json"]);
+    let o = common::hpo_gpu(&[
+        "trials",
+        "--storage",
+        &storage,
+        "--study-name",
+        "transformers_optuna_study",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let trials: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     trials.as_array().unwrap().clone()
@@ -649,7 +671,8 @@ fn study_driver_for_the_array_counts_requeues_and_fails() {
     let mut storage = Storage::open(&url).unwrap();
     let study = storage.create_study("array", StudyDirection::Maximize, true).unwrap();
     let space = SearchSpace::recipe_default();
-    let mut runner = FakeArray { slots: 3, epochs: 2, evict: 1, fail_above: 5e-5, max_running: 0, asks: Vec::new() };
+    let mut runner =
+        FakeArray { slots: 3, epochs: 2, evict: 1, fail_above: 5e-5, max_running: 0, asks: Vec::new() };
     let mut opts = DriverOptions::new(7);
     opts.seed = Some(3);
     opts.max_consecutive_failures = 100;
@@ -691,7 +714,8 @@ fn study_driver_for_the_array_counts_requeues_and_fails() {
         }
     }
     // The evicted trial's parameters ran again as a later trial.
-    let retry = trials.iter().find(|t| t.system_attrs.get("failed_trial").and_then(|v| v.as_u64()) == Some(1));
+    let retry =
+        trials.iter().find(|t| t.system_attrs.get("failed_trial").and_then(|v| v.as_u64()) == Some(1));
     let retry = retry.expect("trial 1 was re-queued");
     assert!(retry.number > 1);
     assert_eq!(retry.params, trials[1].params);

@@ -405,13 +405,25 @@ impl<'a> StudyContext<'a> {
             if self.opts.timeout.is_some_and(|t| self.started.elapsed() >= t) {
                 return Ok(Asked::Stop(StopReason::Timeout));
             }
-            let stale = self.storage.fail_stale_trials(self.study.study_id, self.opts.grace_period, self.opts.max_retry)?;
+            let stale = self.storage.fail_stale_trials(
+                self.study.study_id,
+                self.opts.grace_period,
+                self.opts.max_retry,
+            )?;
             if !stale.is_empty() {
                 self.progress.event(&StudyEvent::StaleTrialsFailed { numbers: &stale });
             }
-            let ask_opts = AskOptions { target: Some(self.opts.n_trials), heartbeat: true, seed: self.opts.seed };
-            let trials =
-                ask_batch(self.storage, self.study, self.space, self.sampler, Some(&*self.pruner), k, &ask_opts)?;
+            let ask_opts =
+                AskOptions { target: Some(self.opts.n_trials), heartbeat: true, seed: self.opts.seed };
+            let trials = ask_batch(
+                self.storage,
+                self.study,
+                self.space,
+                self.sampler,
+                Some(&*self.pruner),
+                k,
+                &ask_opts,
+            )?;
             if trials.is_empty() {
                 let counts = self.storage.trial_counts(self.study.study_id)?;
                 let finished = counts.finished_ok();
@@ -438,7 +450,11 @@ impl<'a> StudyContext<'a> {
                 }
                 let params = space_params(&trial, self.space)?;
                 let retry_of = trial.system_attrs.get("failed_trial").and_then(|v| v.as_u64());
-                self.progress.event(&StudyEvent::TrialStarted { number: trial.number, params: &params, retry_of });
+                self.progress.event(&StudyEvent::TrialStarted {
+                    number: trial.number,
+                    params: &params,
+                    retry_of,
+                });
                 started.push((trial, params));
             }
             return Ok(Asked::Started(started));
@@ -484,7 +500,9 @@ impl<'a> StudyContext<'a> {
             (TrialState::Pruned, last, None)
         } else {
             match result {
-                Ok(v) if v.is_nan() => (TrialState::Fail, None, Some("the objective value is NaN".to_string())),
+                Ok(v) if v.is_nan() => {
+                    (TrialState::Fail, None, Some("the objective value is NaN".to_string()))
+                }
                 Ok(v) => (TrialState::Complete, Some(v), None),
                 Err(e) => (TrialState::Fail, None, Some(format!("{e:#}"))),
             }
@@ -513,7 +531,13 @@ impl<'a> StudyContext<'a> {
         self.storage.requeue_trial(self.study.study_id, &live.trial)
     }
 
-    fn store(&mut self, live: &LiveTrial, state: TrialState, values: Option<f64>, reason: Option<&str>) -> Result<()> {
+    fn store(
+        &mut self,
+        live: &LiveTrial,
+        state: TrialState,
+        values: Option<f64>,
+        reason: Option<&str>,
+    ) -> Result<()> {
         let trial = &live.trial;
         if let Some(h) = &self.heartbeat {
             h.remove(trial.trial_id);
@@ -529,7 +553,14 @@ impl<'a> StudyContext<'a> {
         let counts = self.storage.trial_counts(self.study.study_id)?;
         let best = best_of(self.storage.study_trials(self.study.study_id)?, self.direction)
             .and_then(|t| Some((t.number, t.value()?)));
-        self.progress.event(&StudyEvent::TrialFinished { number: trial.number, state, value: values, reason, counts, best });
+        self.progress.event(&StudyEvent::TrialFinished {
+            number: trial.number,
+            state,
+            value: values,
+            reason,
+            counts,
+            best,
+        });
         Ok(())
     }
 
@@ -640,12 +671,14 @@ impl TrialHost for StudyHost<'_> {
     }
 
     fn report(&mut self, number: u64, report: &EpochReport) -> Result<Verdict> {
-        let live = self.live.get_mut(&number).with_context(|| format!("trial {number} is not running here"))?;
+        let live =
+            self.live.get_mut(&number).with_context(|| format!("trial {number} is not running here"))?;
         self.cx.report(live, report)
     }
 
     fn finish(&mut self, number: u64, outcome: TrialOutcome) -> Result<()> {
-        let live = self.live.remove(&number).with_context(|| format!("trial {number} is not running here"))?;
+        let live =
+            self.live.remove(&number).with_context(|| format!("trial {number} is not running here"))?;
         self.blocked = false;
         match outcome {
             TrialOutcome::Value(v) => self.cx.tell(&live, Ok(v)),

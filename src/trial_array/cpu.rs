@@ -73,8 +73,10 @@ impl ArrayBackend for CpuArrayBackend {
             .into());
         }
         let n = self.slots.len();
-        let entry =
-            self.slots.get_mut(slot).ok_or_else(|| anyhow!("trial-array slot {slot} out of range (T = {n})"))?;
+        let entry = self
+            .slots
+            .get_mut(slot)
+            .ok_or_else(|| anyhow!("trial-array slot {slot} out of range (T = {n})"))?;
         *entry = Some(CpuSlot {
             params: params.to_vec(),
             grads: vec![0.0; params.len()],

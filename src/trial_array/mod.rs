@@ -107,8 +107,14 @@ pub trait ArrayBackend {
 /// best weights (5·P), plus training activations for one micro-batch of `micro_batch` sequences
 /// of up to `max_len` tokens (the largest the tick can hold). An estimate from the shapes the
 /// backward pass keeps per layer, not a measurement: size with headroom.
-pub fn bytes_per_slot(config: &crate::config::BertConfig, param_len: usize, micro_batch: usize, max_len: usize) -> u64 {
-    let (h, i, a) = (config.hidden_size as u64, config.intermediate_size as u64, config.num_attention_heads as u64);
+pub fn bytes_per_slot(
+    config: &crate::config::BertConfig,
+    param_len: usize,
+    micro_batch: usize,
+    max_len: usize,
+) -> u64 {
+    let (h, i, a) =
+        (config.hidden_size as u64, config.intermediate_size as u64, config.num_attention_heads as u64);
     let rows = (micro_batch * max_len) as u64;
     // Per layer: input, q, k, v, ctx, attention output, LayerNorm caches (2×), FFN pre/post
     // activation, plus attention probabilities A·L² per sequence.
@@ -143,7 +149,7 @@ pub fn micro_batch_size(requested: Option<usize>, batch_sizes: &[usize]) -> anyh
         Some(m) => m,
         None => batch_sizes.iter().fold(16, |g, &b| gcd(g, b)).max(1),
     };
-    if let Some(b) = batch_sizes.iter().find(|&&b| b % m != 0) {
+    if let Some(b) = batch_sizes.iter().find(|&&b| !b.is_multiple_of(m)) {
         anyhow::bail!(
             "--micro-batch {m} does not divide the batch size {b}: every batch size the search can choose \
              must be a multiple of the micro-batch size"

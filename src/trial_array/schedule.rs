@@ -171,7 +171,11 @@ impl Slot {
         let batch = self.trial.train.packed_batch(&self.epoch_order[self.pos..end]);
         let scale = 1.0 / (self.batch_end() - self.batch_start) as f32;
         let d = self.trial.dropout;
-        let rng = DropoutRng { seed: self.trial.cfg.seed, stream: self.trial.dropout_stream, step: self.micro_batches };
+        let rng = DropoutRng {
+            seed: self.trial.cfg.seed,
+            stream: self.trial.dropout_stream,
+            step: self.micro_batches,
+        };
         (batch, scale, Dropout { rng, hidden: d.hidden, attention: d.attention, classifier: d.classifier })
     }
 }
@@ -184,7 +188,7 @@ fn unfit(trial: &ArrayTrial, m: usize, param_len: usize) -> Option<String> {
     if trial.train.is_empty() || trial.eval.is_empty() {
         return Some("training needs a non-empty train and eval split".to_string());
     }
-    if trial.cfg.batch_size % m != 0 {
+    if !trial.cfg.batch_size.is_multiple_of(m) {
         return Some(format!(
             "batch size {} is not a multiple of the trial array's micro-batch size {m}",
             trial.cfg.batch_size
@@ -313,7 +317,8 @@ impl Array {
                 }
                 if i >= self.slots.len() {
                     // The array shrank while placing this batch of trials.
-                    let reason = "evicted from the trial array before it started: out of device memory".into();
+                    let reason =
+                        "evicted from the trial array before it started: out of device memory".into();
                     host.on_end(trial.key, TrialEnd::Evicted { reason })?;
                     continue;
                 }
@@ -381,7 +386,8 @@ impl Array {
                 let s = self.slots[i].as_ref().expect("active");
                 (s.pos == s.batch_end()).then(|| {
                     let c = &s.trial.cfg;
-                    let lr = linear_schedule(c.learning_rate, s.steps_done, s.plan.total_steps, s.plan.warmup);
+                    let lr =
+                        linear_schedule(c.learning_rate, s.steps_done, s.plan.total_steps, s.plan.warmup);
                     SlotOptimizerStep { slot: i, lr, adamw: c.optimizer(), max_grad_norm: c.max_grad_norm }
                 })
             })
