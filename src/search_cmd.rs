@@ -1,6 +1,8 @@
 //! `hpo-gpu search`: the recipe's study. Samples hyperparameters (study engine in `study`/`search`),
 //! trains each trial with the CPU reference (re-creating the model from the same checkpoint and
 //! seed for every trial, as Trainer's `model_init` does) and stores everything in Optuna's schema.
+//! With `--slots T` (T > 1) trials train T at once in a trial array (`trial_array`) through
+//! `run_study_array`; on the CPU backend today, the GPU backend plugs in behind the same trait.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -298,6 +300,9 @@ pub fn run_search(args: &SearchArgs, out: &mut dyn Write) -> Result<()> {
     resolve_device(args.device)?;
     if args.slots == 0 {
         bail!("--slots must be at least 1");
+    }
+    if args.slots == 1 && args.micro_batch.is_some() {
+        bail!("--micro-batch applies to the trial array: use it with --slots 2 or more");
     }
     let base = args.hyper.train_config();
     base.validate()?;

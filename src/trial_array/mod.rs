@@ -174,6 +174,22 @@ mod tests {
     }
 
     #[test]
+    fn slot_bytes_count_five_parameter_copies_and_grow_with_the_micro_batch() {
+        let c = crate::config::BertConfig::from_json_str(
+            r#"{"vocab_size": 100, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "intermediate_size": 32, "max_position_embeddings": 64}"#,
+        )
+        .unwrap();
+        let p = 10_000;
+        let one = bytes_per_slot(&c, p, 1, 8);
+        let two = bytes_per_slot(&c, p, 2, 8);
+        assert!(one > 20 * p as u64, "{one}");
+        // Per layer and sequence: 8 rows × (9·16 + 2·32) + 2·64 attention = 1792 values; two
+        // layers plus 8 × 48 embedding values = 3968, kept twice (forward + backward), 4 bytes.
+        assert_eq!(two - one, 4 * 2 * 3968);
+    }
+
+    #[test]
     fn slots_are_sized_from_free_memory() {
         assert_eq!(slots_that_fit(100, 1000, 100, 0.1).unwrap(), 9);
         assert_eq!(slots_that_fit(4, 1000, 100, 0.1).unwrap(), 4);
