@@ -19,6 +19,11 @@
 //! than the grace period become FAIL and their parameters are re-queued (WAITING), and the
 //! re-queued trials run first. While other workers' live trials could still complete the study, a
 //! worker waits for them (and takes over their trials if they go stale).
+//!
+//! [`run_study_array`] is the same driver for a [`ConcurrentTrialRunner`] (the trial array): it
+//! asks as many trials at once as the runner has free slots (`ask_batch`, so constant liar sees
+//! the others as RUNNING), beats every running trial's heartbeat from one thread, and tells each
+//! trial as it ends. A trial the runner evicts (out of device memory) is FAILed and re-queued.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, mpsc};
