@@ -307,16 +307,16 @@ pub fn run_search(args: &SearchArgs, out: &mut dyn Write) -> Result<()> {
     let base = args.hyper.train_config();
     base.validate()?;
     args.study.check()?;
+    // Checked before loading data: a bad --micro-batch should fail at once.
+    let micro_batch = match args.slots {
+        1 => 0,
+        _ => micro_batch_size(args.micro_batch, &space_batch_sizes(&args.study.search_space()?.0, &base)?)?,
+    };
     // Data and weights before the database: bad input must not leave a new, empty study behind.
     let mut prepared = prepare(&args.data)?;
     args.hyper.apply_dropout(&mut prepared.config)?;
     let (initial, report) = initial_model(&args.data, &prepared, base.seed)?;
     let mut study = args.study.prepare()?;
-    // Checked before loading data: a bad --micro-batch should fail at once.
-    let micro_batch = match args.slots {
-        1 => 0,
-        _ => micro_batch_size(args.micro_batch, &space_batch_sizes(&study.space, &base)?)?,
-    };
     for w in &study.warnings {
         eprintln!("note: {w}");
     }

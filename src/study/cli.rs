@@ -193,7 +193,7 @@ impl SearchStudyArgs {
 
 impl SearchStudyArgs {
     /// The `--space` file's space, or the recipe's.
-    fn search_space(&self) -> Result<(SearchSpace, Vec<String>)> {
+    pub fn search_space(&self) -> Result<(SearchSpace, Vec<String>)> {
         match &self.space {
             Some(path) => SearchSpace::from_file(path),
             None => Ok((SearchSpace::recipe_default(), Vec::new())),
