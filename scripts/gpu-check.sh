@@ -52,7 +52,7 @@ run_bench() {  # the packed criterion bench $1, short measurement
 }
 
 step kernels 120 run_tests gpu_kernels
-step array 90 run_tests trial_array_gpu
+step array 90 run_tests gpu_array
 step bench_kernels 120 run_bench kernels
 step bench_train_step 90 run_bench train_step
 db="$out/study.db"
