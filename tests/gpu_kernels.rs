@@ -431,33 +431,45 @@ struct AttnCase {
     trials: usize,
     dropout: bool,
     cls_only: bool,
+    /// Trial t packs the sequences rotated by t: a different layout per trial, same row count.
+    per_trial_layout: bool,
 }
 
 fn attention_case<A: Act>(g: &Gpu, r: &mut StdRng, c: &AttnCase) {
     let tag = format!(
-        "attention_{} D={} heads={} seqs={:?} T={} dropout={} cls_only={}",
+        "attention_{} D={} heads={} seqs={:?} T={} dropout={} cls_only={} per_trial_layout={}",
         A::SUFFIX,
         c.head_dim,
         c.heads,
         c.seqs,
         c.trials,
         c.dropout,
-        c.cls_only
+        c.cls_only,
+        c.per_trial_layout
     );
     let bf = A::SUFFIX == "bf16";
     let round = |v: Vec<f32>| if bf { bf16_round(&v) } else { v };
     let tl = tol::<A>();
     let (t_n, heads) = (c.trials, c.heads);
     let h = heads * c.head_dim;
-    let mut seqs = Vec::new();
-    let mut start = 0;
-    for &(len, valid) in &c.seqs {
-        seqs.push(Sequence { start, len, valid });
-        start += len;
-    }
-    let n = start;
-    let (layout, nprobs) = bert::attention_layout(&seqs, heads, c.cls_only);
-    let nq = if c.cls_only { seqs.len() } else { n };
+    let layouts: Vec<(Vec<bert::AttnSeq>, usize)> = (0..t_n)
+        .map(|t| {
+            let mut order = c.seqs.clone();
+            if c.per_trial_layout {
+                let shift = t % order.len();
+                order.rotate_left(shift);
+            }
+            let mut seqs = Vec::new();
+            let mut start = 0;
+            for &(len, valid) in &order {
+                seqs.push(Sequence { start, len, valid });
+                start += len;
+            }
+            bert::attention_layout(&seqs, heads, c.cls_only)
+        })
+        .collect();
+    let n: usize = c.seqs.iter().map(|s| s.0).sum();
+    let nq = if c.cls_only { c.seqs.len() } else { n };
     let q = round(uniform(r, t_n * nq * h, -1.0, 1.0));
     let k = round(uniform(r, t_n * n * h, -1.0, 1.0));
     let v = round(uniform(r, t_n * n * h, -1.0, 1.0));
@@ -470,13 +482,16 @@ fn attention_case<A: Act>(g: &Gpu, r: &mut StdRng, c: &AttnCase) {
     for t in 0..t_n {
         let (qa, ka) = (t * nq * h..(t + 1) * nq * h, t * n * h..(t + 1) * n * h);
         let drop = c.dropout.then_some((&gens[t], p_drop, site));
-        let mut probs = vec![0f32; nprobs];
-        bert::attention_forward(&q[qa.clone()], &k[ka.clone()], &v[ka.clone()], &layout, heads, h, &mut probs, &mut ctx_cpu[qa.clone()], drop);
+        let (layout, nprobs) = &layouts[t];
+        let mut probs = vec![0f32; *nprobs];
+        bert::attention_forward(&q[qa.clone()], &k[ka.clone()], &v[ka.clone()], layout, heads, h, &mut probs, &mut ctx_cpu[qa.clone()], drop);
         let (dqt, dkt, dvt) = (&mut dq_cpu[qa.clone()], &mut dk_cpu[ka.clone()], &mut dv_cpu[ka.clone()]);
-        bert::attention_backward(&q[qa.clone()], &k[ka.clone()], &v[ka], &probs, &dctx[qa], &layout, heads, h, dqt, dkt, dvt, drop);
+        bert::attention_backward(&q[qa.clone()], &k[ka.clone()], &v[ka], &probs, &dctx[qa], layout, heads, h, dqt, dkt, dvt, drop);
     }
 
-    let dseqs = DeviceAttnSeqs::upload(g, &[layout.clone()], nq, n, heads).expect("layout");
+    let device_layouts: Vec<Vec<bert::AttnSeq>> =
+        if c.per_trial_layout { layouts.iter().map(|l| l.0.clone()).collect() } else { vec![layouts[0].0.clone()] };
+    let dseqs = DeviceAttnSeqs::upload(g, &device_layouts, nq, n, heads).expect("layout");
     let drng = DeviceRng::upload(g, &gens).expect("rng");
     let sh = AttnShape { trials: t_n, head_dim: c.head_dim, q_stride: nq * h, kv_stride: n * h, lse_stride: nq * heads };
     let drop = c.dropout.then_some(AttnDropout { p: p_drop, site });
@@ -503,7 +518,15 @@ fn attention_case<A: Act>(g: &Gpu, r: &mut StdRng, c: &AttnCase) {
 
 fn attention_cases() -> Vec<AttnCase> {
     let full = |l: &[usize]| l.iter().map(|x| (*x, *x)).collect::<Vec<_>>();
-    let case = |head_dim, heads, seqs, trials, dropout, cls_only| AttnCase { head_dim, heads, seqs, trials, dropout, cls_only };
+    let case = |head_dim, heads, seqs, trials, dropout, cls_only| AttnCase {
+        head_dim,
+        heads,
+        seqs,
+        trials,
+        dropout,
+        cls_only,
+        per_trial_layout: false,
+    };
     vec![
         // bert-tiny: D = 64, 2 heads
         case(64, 2, full(&[1]), 1, false, false),
@@ -516,6 +539,9 @@ fn attention_cases() -> Vec<AttnCase> {
         case(32, 12, full(&[128, 7]), 1, false, false),
         case(32, 12, full(&[512, 1]), 3, true, false),
         case(32, 12, full(&[7, 128]), 3, true, true),
+        // each trial with its own batch layout (slots at different places in their epochs)
+        AttnCase { per_trial_layout: true, ..case(64, 2, full(&[7, 1, 128, 512]), 3, true, false) },
+        AttnCase { per_trial_layout: true, ..case(32, 12, full(&[7, 1, 128]), 3, true, true) },
     ]
 }
 
@@ -534,7 +560,15 @@ fn attention_bf16_matches_cpu() {
     let mut r = fresh_rng("attention_bf16");
     let full = |l: &[usize]| l.iter().map(|x| (*x, *x)).collect::<Vec<_>>();
     for (head_dim, heads) in [(64, 2), (32, 12)] {
-        let c = AttnCase { head_dim, heads, seqs: full(&[128, 7, 512]), trials: 3, dropout: true, cls_only: false };
+        let c = AttnCase {
+            head_dim,
+            heads,
+            seqs: full(&[128, 7, 512]),
+            trials: 3,
+            dropout: true,
+            cls_only: false,
+            per_trial_layout: false,
+        };
         attention_case::<bf16>(&g, &mut r, &c);
     }
 }

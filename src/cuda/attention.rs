@@ -22,7 +22,7 @@ const BLOCK_ROWS: usize = 16;
 pub struct DeviceAttnSeqs {
     pub buf: CudaSlice<u32>,
     pub count: usize,
-    /// Elements between trials: 0 when one batch serves every trial.
+    /// Sequences between trials: 0 when one batch serves every trial.
     pub stride: usize,
     pub trials: Option<usize>,
     pub q_rows: usize,
@@ -59,7 +59,8 @@ impl DeviceAttnSeqs {
         Ok(DeviceAttnSeqs {
             buf,
             count,
-            stride: if shared { 0 } else { count * 5 },
+            // In AttnSeq records (the kernel indexes `seqs[t * seq_stride + s]`).
+            stride: if shared { 0 } else { count },
             trials: if shared { None } else { Some(per_trial.len()) },
             q_rows,
             k_rows,

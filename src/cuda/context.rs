@@ -42,6 +42,10 @@ impl Gpu {
                 .map_err(|e| anyhow!("kernels/{stem}.cu: the driver refused its PTX on {name}: {e:?}"))?;
             modules.insert(*stem, module);
         }
+        // Like libcuda, a missing libcublas would panic inside cudarc: check first.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            bail!("libcublas was not found: put the CUDA toolkit's (or the nvidia-cublas wheel's) lib folder on LD_LIBRARY_PATH");
+        }
         let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cuBLAS could not start: {e:?}"))?;
         Ok(Gpu { ctx, stream, blas, name, modules })
     }
