@@ -47,7 +47,8 @@ fn gpu_or_skip() -> Option<Gpu> {
 
 /// A fresh generator; the seed is printed so a failure can be replayed.
 fn fresh_rng(test: &str) -> StdRng {
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+    let seed =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
     eprintln!("{test}: seed {seed}");
     StdRng::seed_from_u64(seed)
 }
@@ -104,7 +105,9 @@ fn increments(after: &[f32], before: &[f32]) -> Vec<f32> {
 }
 
 fn rngs(trials: usize, step: u32) -> Vec<DropoutRng> {
-    (0..trials).map(|t| DropoutRng { seed: 0x5eed_0000_0000_002a + t as u64, stream: t as u32, step }).collect()
+    (0..trials)
+        .map(|t| DropoutRng { seed: 0x5eed_0000_0000_002a + t as u64, stream: t as u32, step })
+        .collect()
 }
 
 fn small_config() -> BertConfig {
@@ -130,8 +133,10 @@ fn embedding_matches_cpu() {
         for lens in [vec![1usize], vec![7, 128], vec![512, 3]] {
             let batches: Vec<Batch> = (0..trials)
                 .map(|_| {
-                    let seqs: Vec<Vec<u32>> =
-                        lens.iter().map(|l| (0..*l).map(|_| r.random_range(0..c.vocab_size as u32)).collect()).collect();
+                    let seqs: Vec<Vec<u32>> = lens
+                        .iter()
+                        .map(|l| (0..*l).map(|_| r.random_range(0..c.vocab_size as u32)).collect())
+                        .collect();
                     let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
                     let mut b = Batch::packed(&refs, &vec![0; lens.len()]);
                     b.token_type_ids = (0..b.rows()).map(|_| r.random_range(0..2u32)).collect();
@@ -154,19 +159,40 @@ fn embedding_matches_cpu() {
             }
             let mut out = poisoned::<f32>(&g, trials * n * h);
             embedding::embedding_forward(&g, &mut out, n * h, &dparams, p, &tokens, trials).expect("launch");
-            assert_close(&format!("embedding_forward T={trials} lens={lens:?}"), &down(&g, &out), &cpu, FP32_TOL);
+            assert_close(
+                &format!("embedding_forward T={trials} lens={lens:?}"),
+                &down(&g, &out),
+                &cpu,
+                FP32_TOL,
+            );
 
             let d = uniform(&mut r, trials * n * h, -1.0, 1.0);
             let before = uniform(&mut r, trials * p, -1.0, 1.0);
             let mut cpu_g = before.clone();
             for t in 0..trials {
                 let dt = &d[t * n * h..(t + 1) * n * h];
-                bert::embedding_backward(dt, &layout, &batches[t], h, c.pad_token_id, &mut cpu_g[t * p..(t + 1) * p]);
+                bert::embedding_backward(
+                    dt,
+                    &layout,
+                    &batches[t],
+                    h,
+                    c.pad_token_id,
+                    &mut cpu_g[t * p..(t + 1) * p],
+                );
             }
             let mut grads = up(&g, &before);
             let dd = up(&g, &d);
-            embedding::embedding_backward(&g, &mut grads, p, &dd, n * h, &tokens, Some(c.pad_token_id), trials)
-                .expect("launch");
+            embedding::embedding_backward(
+                &g,
+                &mut grads,
+                p,
+                &dd,
+                n * h,
+                &tokens,
+                Some(c.pad_token_id),
+                trials,
+            )
+            .expect("launch");
             assert_close(
                 &format!("embedding_backward T={trials} lens={lens:?}"),
                 &increments(&down(&g, &grads), &before),
@@ -182,7 +208,8 @@ fn embedding_rejects_out_of_range_tokens() {
     let Some(g) = gpu_or_skip() else { return };
     let c = small_config();
     let tables = EmbeddingTables::from_layout(&ParamLayout::new(&c), c.hidden_size);
-    let err = DeviceTokens::upload(&g, &[5, 97], &[0, 0], &[0, 1], 2, tables).err().expect("id 97 is out of range");
+    let err =
+        DeviceTokens::upload(&g, &[5, 97], &[0, 0], &[0, 1], 2, tables).err().expect("id 97 is out of range");
     assert!(err.to_string().contains("token id 97"), "{err}");
 }
 
@@ -203,11 +230,15 @@ fn layernorm_case<A: Act>(g: &Gpu, r: &mut StdRng, trials: usize, n: usize, h: u
     let x = round(uniform(r, trials * n * h, -2.0, 2.0));
     let res = round(uniform(r, trials * n * h, -2.0, 2.0));
     let eps = 1e-12;
-    let (mut y_cpu, mut xh_cpu, mut rs_cpu) = (vec![0f32; trials * n * h], vec![0f32; trials * n * h], vec![0f32; trials * n]);
+    let (mut y_cpu, mut xh_cpu, mut rs_cpu) =
+        (vec![0f32; trials * n * h], vec![0f32; trials * n * h], vec![0f32; trials * n]);
     for t in 0..trials {
         let a = t * n * h..(t + 1) * n * h;
-        let s: Vec<f32> =
-            x[a.clone()].iter().zip(&res[a.clone()]).map(|(u, v)| if with_residual { u + v } else { *u }).collect();
+        let s: Vec<f32> = x[a.clone()]
+            .iter()
+            .zip(&res[a.clone()])
+            .map(|(u, v)| if with_residual { u + v } else { *u })
+            .collect();
         let pt = &params[t * p..(t + 1) * p];
         bert::layernorm_forward(
             &s,
@@ -235,8 +266,18 @@ fn layernorm_case<A: Act>(g: &Gpu, r: &mut StdRng, trials: usize, n: usize, h: u
     let mut y = poisoned::<A>(g, trials * n * h);
     let mut xhat = poisoned::<f32>(g, trials * n * h);
     let mut rstd = poisoned::<f32>(g, trials * n);
-    layernorm::layernorm_forward(g, &sh, eps, &dx_in, with_residual.then_some(&dres), &dparams, &mut y, &mut xhat, &mut rstd)
-        .expect("launch");
+    layernorm::layernorm_forward(
+        g,
+        &sh,
+        eps,
+        &dx_in,
+        with_residual.then_some(&dres),
+        &dparams,
+        &mut y,
+        &mut xhat,
+        &mut rstd,
+    )
+    .expect("launch");
     let tl = tol::<A>();
     assert_close(&format!("{tag} forward y"), &down_act(g, &y), &y_cpu, tl);
     assert_close(&format!("{tag} forward xhat"), &down(g, &xhat), &xh_cpu, tl);
@@ -269,7 +310,12 @@ fn layernorm_case<A: Act>(g: &Gpu, r: &mut StdRng, trials: usize, n: usize, h: u
     layernorm::layernorm_backward(g, &sh, &ddy, &cxh, &crs, &dparams, &mut dx, &mut grads).expect("launch");
     assert_close(&format!("{tag} backward dx"), &down_act(g, &dx), &dx_cpu, tl);
     // dγ, dβ accumulate in fp32 whatever the storage, from bf16-exact inputs: fp32 tolerance.
-    assert_close(&format!("{tag} backward dγ dβ"), &increments(&down(g, &grads), &before), &increments(&g_cpu, &before), FP32_TOL);
+    assert_close(
+        &format!("{tag} backward dγ dβ"),
+        &increments(&down(g, &grads), &before),
+        &increments(&g_cpu, &before),
+        FP32_TOL,
+    );
 }
 
 #[test]
@@ -349,7 +395,12 @@ fn bias_gelu_case<A: Act>(g: &Gpu, r: &mut StdRng, trials: usize, n: usize, m: u
     let mut grads = up(g, &before);
     gelu::gelu_backward(g, &sh, &dpre, &ddy, &mut dx, Some(&mut grads)).expect("launch");
     assert_close(&format!("{tag} gelu_backward dx"), &down_act(g, &dx), &dx_cpu, tl);
-    assert_close(&format!("{tag} gelu_backward db"), &increments(&down(g, &grads), &before), &increments(&g_cpu, &before), tl);
+    assert_close(
+        &format!("{tag} gelu_backward db"),
+        &increments(&down(g, &grads), &before),
+        &increments(&g_cpu, &before),
+        tl,
+    );
     let mut grads = up(g, &before);
     bias::bias_backward(g, &sh, &ddy, &mut grads).expect("launch");
     assert_close(
@@ -397,7 +448,10 @@ fn dropout_matches_cpu_bit_for_bit() {
                     dropout(&g, &sh, p, &drng, &mut dx, Some(&mut out)).expect("launch");
                     let got = down(&g, &out);
                     let same = got.iter().zip(&cpu).all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "dropout T={trials} n={n} base={base} p={p}: GPU mask or scale differs from the CPU's");
+                    assert!(
+                        same,
+                        "dropout T={trials} n={n} base={base} p={p}: GPU mask or scale differs from the CPU's"
+                    );
                     // In place gives the same.
                     dropout(&g, &sh, p, &drng, &mut dx, None).expect("launch");
                     assert_eq!(down(&g, &dx), cpu, "in-place dropout T={trials} n={n} p={p}");
@@ -478,28 +532,62 @@ fn attention_case<A: Act>(g: &Gpu, r: &mut StdRng, c: &AttnCase) {
     let (p_drop, site) = (0.1, 4u32);
 
     let mut ctx_cpu = vec![0f32; t_n * nq * h];
-    let (mut dq_cpu, mut dk_cpu, mut dv_cpu) = (vec![0f32; t_n * nq * h], vec![0f32; t_n * n * h], vec![0f32; t_n * n * h]);
+    let (mut dq_cpu, mut dk_cpu, mut dv_cpu) =
+        (vec![0f32; t_n * nq * h], vec![0f32; t_n * n * h], vec![0f32; t_n * n * h]);
     for t in 0..t_n {
         let (qa, ka) = (t * nq * h..(t + 1) * nq * h, t * n * h..(t + 1) * n * h);
         let drop = c.dropout.then_some((&gens[t], p_drop, site));
         let (layout, nprobs) = &layouts[t];
         let mut probs = vec![0f32; *nprobs];
-        bert::attention_forward(&q[qa.clone()], &k[ka.clone()], &v[ka.clone()], layout, heads, h, &mut probs, &mut ctx_cpu[qa.clone()], drop);
+        bert::attention_forward(
+            &q[qa.clone()],
+            &k[ka.clone()],
+            &v[ka.clone()],
+            layout,
+            heads,
+            h,
+            &mut probs,
+            &mut ctx_cpu[qa.clone()],
+            drop,
+        );
         let (dqt, dkt, dvt) = (&mut dq_cpu[qa.clone()], &mut dk_cpu[ka.clone()], &mut dv_cpu[ka.clone()]);
-        bert::attention_backward(&q[qa.clone()], &k[ka.clone()], &v[ka], &probs, &dctx[qa], layout, heads, h, dqt, dkt, dvt, drop);
+        bert::attention_backward(
+            &q[qa.clone()],
+            &k[ka.clone()],
+            &v[ka],
+            &probs,
+            &dctx[qa],
+            layout,
+            heads,
+            h,
+            dqt,
+            dkt,
+            dvt,
+            drop,
+        );
     }
 
-    let device_layouts: Vec<Vec<bert::AttnSeq>> =
-        if c.per_trial_layout { layouts.iter().map(|l| l.0.clone()).collect() } else { vec![layouts[0].0.clone()] };
+    let device_layouts: Vec<Vec<bert::AttnSeq>> = if c.per_trial_layout {
+        layouts.iter().map(|l| l.0.clone()).collect()
+    } else {
+        vec![layouts[0].0.clone()]
+    };
     let dseqs = DeviceAttnSeqs::upload(g, &device_layouts, nq, n, heads).expect("layout");
     let drng = DeviceRng::upload(g, &gens).expect("rng");
-    let sh = AttnShape { trials: t_n, head_dim: c.head_dim, q_stride: nq * h, kv_stride: n * h, lse_stride: nq * heads };
+    let sh = AttnShape {
+        trials: t_n,
+        head_dim: c.head_dim,
+        q_stride: nq * h,
+        kv_stride: n * h,
+        lse_stride: nq * heads,
+    };
     let drop = c.dropout.then_some(AttnDropout { p: p_drop, site });
     let (dq_in, dk_in, dv_in) = (up_act::<A>(g, &q), up_act::<A>(g, &k), up_act::<A>(g, &v));
     let mut ctx = poisoned::<A>(g, t_n * nq * h);
     // Only rows that are some sequence's query rows get a logsumexp (the [CLS] layout uses all).
     let mut lse = poisoned::<f32>(g, t_n * nq * heads);
-    attention::attention_forward(g, &sh, &dseqs, &dq_in, &dk_in, &dv_in, &drng, drop, &mut ctx, &mut lse).expect("launch");
+    attention::attention_forward(g, &sh, &dseqs, &dq_in, &dk_in, &dv_in, &drng, drop, &mut ctx, &mut lse)
+        .expect("launch");
     assert_close(&format!("{tag} ctx"), &down_act(g, &ctx), &ctx_cpu, tl);
 
     let ddctx = up_act::<A>(g, &dctx);
@@ -508,7 +596,8 @@ fn attention_case<A: Act>(g: &Gpu, r: &mut StdRng, c: &AttnCase) {
     let mut dk = poisoned::<A>(g, t_n * n * h);
     let mut dv = poisoned::<A>(g, t_n * n * h);
     attention::attention_backward(
-        g, &sh, &dseqs, &dq_in, &dk_in, &dv_in, &ctx, &lse, &ddctx, &drng, drop, &mut delta, &mut dq, &mut dk, &mut dv,
+        g, &sh, &dseqs, &dq_in, &dk_in, &dv_in, &ctx, &lse, &ddctx, &drng, drop, &mut delta, &mut dq,
+        &mut dk, &mut dv,
     )
     .expect("launch");
     assert_close(&format!("{tag} dq"), &down_act(g, &dq), &dq_cpu, tl);
@@ -578,16 +667,18 @@ fn attention_rejects_unsupported_head_size_and_bad_blocks() {
     let Some(g) = gpu_or_skip() else { return };
     let seqs = [Sequence { start: 0, len: 4, valid: 4 }];
     let (layout, _) = bert::attention_layout(&seqs, 1, false);
-    let err = DeviceAttnSeqs::upload(&g, &[layout.clone()], 3, 4, 1).err().expect("4 query rows do not fit 3");
+    let err =
+        DeviceAttnSeqs::upload(&g, &[layout.clone()], 3, 4, 1).err().expect("4 query rows do not fit 3");
     assert!(err.to_string().contains("outside 3 query"), "{err}");
     let dseqs = DeviceAttnSeqs::upload(&g, &[layout], 4, 4, 1).expect("layout");
     let drng = DeviceRng::upload(&g, &rngs(1, 0)).expect("rng");
     let buf = up(&g, &vec![0f32; 4 * 48]);
     let (mut ctx, mut lse) = (up(&g, &vec![0f32; 4 * 48]), up(&g, &[0f32; 4]));
     let sh = AttnShape { trials: 1, head_dim: 48, q_stride: 0, kv_stride: 0, lse_stride: 0 };
-    let err = attention::attention_forward(&g, &sh, &dseqs, &buf, &buf, &buf, &drng, None, &mut ctx, &mut lse)
-        .err()
-        .expect("D = 48 has no kernel");
+    let err =
+        attention::attention_forward(&g, &sh, &dseqs, &buf, &buf, &buf, &drng, None, &mut ctx, &mut lse)
+            .err()
+            .expect("D = 48 has no kernel");
     assert!(err.to_string().contains("head sizes 32 and 64"), "{err}");
 }
 
@@ -613,7 +704,9 @@ fn cross_entropy_and_accuracy_match_cpu() {
                     let yt = &labels[t * b..(t + 1) * b];
                     loss_cpu.extend(bert::cross_entropy(lt, yt, c));
                     // The dlogits step of bert::backward, as written there.
-                    for ((row, d), &y) in lt.chunks_exact(c).zip(d_cpu[t * b * c..].chunks_exact_mut(c)).zip(yt) {
+                    for ((row, d), &y) in
+                        lt.chunks_exact(c).zip(d_cpu[t * b * c..].chunks_exact_mut(c)).zip(yt)
+                    {
                         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                         let sum: f32 = row.iter().map(|v| (*v - max).exp()).sum();
                         for j in 0..c {
@@ -632,14 +725,24 @@ fn cross_entropy_and_accuracy_match_cpu() {
                 let dscale = up(&g, &scale);
                 let mut losses = poisoned::<f32>(&g, trials * b);
                 let mut dlogits = poisoned::<f32>(&g, trials * b * c);
-                softmax_cross_entropy(&g, trials, &dlog, b * c, &dlabels, Some((&mut losses, b)), Some(&mut dlogits), Some(&dscale))
-                    .expect("launch");
+                softmax_cross_entropy(
+                    &g,
+                    trials,
+                    &dlog,
+                    b * c,
+                    &dlabels,
+                    Some((&mut losses, b)),
+                    Some(&mut dlogits),
+                    Some(&dscale),
+                )
+                .expect("launch");
                 assert_close(&format!("cross_entropy losses {tag}"), &down(&g, &losses), &loss_cpu, FP32_TOL);
                 assert_close(&format!("cross_entropy dlogits {tag}"), &down(&g, &dlogits), &d_cpu, FP32_TOL);
 
                 let mut preds = up(&g, &vec![u32::MAX; trials * b]);
                 let mut correct = up(&g, &vec![u32::MAX; trials]);
-                argmax_accuracy(&g, trials, &dlog, b * c, &dlabels, Some(&mut preds), &mut correct).expect("launch");
+                argmax_accuracy(&g, trials, &dlog, b * c, &dlabels, Some(&mut preds), &mut correct)
+                    .expect("launch");
                 assert_eq!(down(&g, &preds), preds_cpu, "argmax {tag}");
                 assert_eq!(down(&g, &correct), correct_cpu, "correct counts {tag}");
             }
@@ -662,14 +765,20 @@ fn grad_norm_and_clipping_match_cpu() {
         let small = 0.5 / (p as f32).sqrt();
         grads[..p].iter_mut().for_each(|x| *x *= small);
         let mut cpu = grads.clone();
-        let norms_cpu: Vec<f64> = (0..trials).map(|t| adamw::clip_grad_norm(&mut cpu[t * p..(t + 1) * p], 1.0)).collect();
+        let norms_cpu: Vec<f64> =
+            (0..trials).map(|t| adamw::clip_grad_norm(&mut cpu[t * p..(t + 1) * p], 1.0)).collect();
         let mut dg = up(&g, &grads);
         let mut work = GradNorm::new(&g, trials).expect("scratch");
         work.run(&g, &mut dg, p, p, Some(1.0)).expect("launch");
         let norms = down(&g, &work.norm);
         for t in 0..trials {
             let e = (norms[t] - norms_cpu[t]).abs() / norms_cpu[t];
-            assert!(e <= 1e-12, "P={p} trial {t}: norm {} vs CPU {} (relative {e:e})", norms[t], norms_cpu[t]);
+            assert!(
+                e <= 1e-12,
+                "P={p} trial {t}: norm {} vs CPU {} (relative {e:e})",
+                norms[t],
+                norms_cpu[t]
+            );
         }
         assert_close(&format!("clip_grad_norm P={p}"), &down(&g, &dg), &cpu, FP32_TOL);
         // Without max_norm only the norm is computed.
@@ -691,7 +800,11 @@ fn adamw_matches_cpu() {
         let v = uniform(&mut r, trials * p, 0.0, 1e-3);
         let decay: Vec<bool> = (0..p).map(|_| r.random::<bool>()).collect();
         // Trial 2 does not step this time (step 0): it must stay untouched.
-        let steps = TrialSteps { lr: vec![1e-3, 5e-5, 2e-4], weight_decay: vec![0.0, 0.01, 0.3], step: vec![1, 5, 0] };
+        let steps = TrialSteps {
+            lr: vec![1e-3, 5e-5, 2e-4],
+            weight_decay: vec![0.0, 0.01, 0.3],
+            step: vec![1, 5, 0],
+        };
         let (mut p_cpu, mut m_cpu, mut v_cpu) = (params.clone(), m.clone(), v.clone());
         for t in 0..trials {
             if steps.step[t] == 0 {
@@ -699,7 +812,11 @@ fn adamw_matches_cpu() {
             }
             let a = t * p..(t + 1) * p;
             let opt = AdamW { weight_decay: steps.weight_decay[t], ..Default::default() };
-            let mut st = AdamState { m: m_cpu[a.clone()].to_vec(), v: v_cpu[a.clone()].to_vec(), step: steps.step[t] as u64 - 1 };
+            let mut st = AdamState {
+                m: m_cpu[a.clone()].to_vec(),
+                v: v_cpu[a.clone()].to_vec(),
+                step: steps.step[t] as u64 - 1,
+            };
             opt.step(&mut p_cpu[a.clone()], &grads[a.clone()], &decay, &mut st, steps.lr[t]);
             m_cpu[a.clone()].copy_from_slice(&st.m);
             v_cpu[a].copy_from_slice(&st.v);
@@ -710,7 +827,12 @@ fn adamw_matches_cpu() {
         let (gp, gm, gv) = (down(&g, &dp), down(&g, &dm), down(&g, &dv));
         let exact = gp == p_cpu && gm == m_cpu && gv == v_cpu;
         eprintln!("adamw P={p}: bit-for-bit equal to the CPU: {exact}");
-        assert_close(&format!("adamw params P={p}"), &increments(&gp, &params), &increments(&p_cpu, &params), FP32_TOL);
+        assert_close(
+            &format!("adamw params P={p}"),
+            &increments(&gp, &params),
+            &increments(&p_cpu, &params),
+            FP32_TOL,
+        );
         assert_close(&format!("adamw m P={p}"), &gm, &m_cpu, FP32_TOL);
         assert_close(&format!("adamw v P={p}"), &gv, &v_cpu, FP32_TOL);
         assert_eq!(&gp[2 * p..], &params[2 * p..], "trial 2 (step 0) must not move");
@@ -721,8 +843,16 @@ fn adamw_matches_cpu() {
 
 /// y = x·Wᵀ, dW = dyᵀ·x and dx = dy·W for T trials through `gemm_trials`, against the CPU's
 /// `linear_forward` / `linear_backward`.
-fn gemm_case<T: Act>(g: &Gpu, r: &mut StdRng, trials: usize, n: usize, k: usize, m: usize, tol: f64, tag: &str)
-where
+fn gemm_case<T: Act>(
+    g: &Gpu,
+    r: &mut StdRng,
+    trials: usize,
+    n: usize,
+    k: usize,
+    m: usize,
+    tol: f64,
+    tag: &str,
+) where
     cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
 {
     let bf = T::SUFFIX == "bf16";
@@ -731,7 +861,8 @@ where
     let x = round(uniform(r, trials * n * k, -1.0, 1.0));
     let params = round(uniform(r, trials * p, -1.0, 1.0));
     let dy = round(uniform(r, trials * n * m, -1.0, 1.0));
-    let (mut y_cpu, mut dw_cpu, mut dx_cpu) = (vec![0f32; trials * n * m], vec![0f32; trials * m * k], vec![0f32; trials * n * k]);
+    let (mut y_cpu, mut dw_cpu, mut dx_cpu) =
+        (vec![0f32; trials * n * m], vec![0f32; trials * m * k], vec![0f32; trials * n * k]);
     let zeros = vec![0f32; m];
     for t in 0..trials {
         let xt = &x[t * n * k..(t + 1) * n * k];
@@ -740,7 +871,17 @@ where
         bert::linear_forward(xt, w, &zeros, n, k, m, &mut y_cpu[t * n * m..(t + 1) * n * m]);
         let mut db = vec![0f32; m];
         let dxt = &mut dx_cpu[t * n * k..(t + 1) * n * k];
-        bert::linear_backward(xt, w, dyt, n, k, m, Some((dxt, false)), &mut dw_cpu[t * m * k..(t + 1) * m * k], &mut db);
+        bert::linear_backward(
+            xt,
+            w,
+            dyt,
+            n,
+            k,
+            m,
+            Some((dxt, false)),
+            &mut dw_cpu[t * m * k..(t + 1) * m * k],
+            &mut db,
+        );
     }
     let (dx_in, dw_in, ddy) = (up_act::<T>(g, &x), up_act::<T>(g, &params), up_act::<T>(g, &dy));
     let (one, zero) = (T::of_f32(1.0), T::of_f32(0.0));
@@ -755,7 +896,8 @@ where
     gemm_trials(g, trials, one, (&ddy, dys(true)), (&dx_in, xs), zero, &mut dw, 0, m * k).expect("gemm");
     assert_close(&format!("{tag} dW = dyᵀ·x T={trials} n={n} k={k} m={m}"), &down_act(g, &dw), &dw_cpu, tol);
     let mut dx = poisoned::<T>(g, trials * n * k);
-    gemm_trials(g, trials, one, (&ddy, dys(false)), (&dw_in, ws(false)), zero, &mut dx, 0, n * k).expect("gemm");
+    gemm_trials(g, trials, one, (&ddy, dys(false)), (&dw_in, ws(false)), zero, &mut dx, 0, n * k)
+        .expect("gemm");
     assert_close(&format!("{tag} dx = dy·W T={trials} n={n} k={k} m={m}"), &down_act(g, &dx), &dx_cpu, tol);
 }
 
@@ -786,7 +928,9 @@ fn without_a_gpu_the_context_says_why() {
         Err(e) => {
             let msg = e.to_string();
             assert!(
-                msg.contains("built without CUDA kernels") || msg.contains("libcuda") || msg.contains("CUDA device"),
+                msg.contains("built without CUDA kernels")
+                    || msg.contains("libcuda")
+                    || msg.contains("CUDA device"),
                 "unexpected reason: {msg}"
             );
         }

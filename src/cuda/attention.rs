@@ -35,20 +35,36 @@ pub struct DeviceAttnSeqs {
 impl DeviceAttnSeqs {
     /// `per_trial` holds one layout (shared by every trial) or one per trial, each with the same
     /// number of sequences, over `q_rows` query and `k_rows` key rows and `heads` heads.
-    pub fn upload(gpu: &Gpu, per_trial: &[Vec<AttnSeq>], q_rows: usize, k_rows: usize, heads: usize) -> Result<Self> {
+    pub fn upload(
+        gpu: &Gpu,
+        per_trial: &[Vec<AttnSeq>],
+        q_rows: usize,
+        k_rows: usize,
+        heads: usize,
+    ) -> Result<Self> {
         let count = per_trial.first().map_or(0, |s| s.len());
         ensure!(count > 0, "attention: the batch has no sequences");
         let mut words = Vec::with_capacity(per_trial.len() * count * 5);
         let (mut max_q, mut max_k) = (0, 0);
         for (t, seqs) in per_trial.iter().enumerate() {
-            ensure!(seqs.len() == count, "attention: trial {t} has {} sequences, trial 0 has {count}", seqs.len());
+            ensure!(
+                seqs.len() == count,
+                "attention: trial {t} has {} sequences, trial 0 has {count}",
+                seqs.len()
+            );
             for (i, s) in seqs.iter().enumerate() {
                 ensure!(
-                    s.q_len > 0 && s.k_len > 0 && s.q_start + s.q_len <= q_rows && s.k_start + s.k_len <= k_rows,
+                    s.q_len > 0
+                        && s.k_len > 0
+                        && s.q_start + s.q_len <= q_rows
+                        && s.k_start + s.k_len <= k_rows,
                     "attention: sequence {i} of trial {t} ({s:?}) is empty or outside {q_rows} query / {k_rows} key rows"
                 );
                 let end = s.p_offset as u64 + (heads * s.q_len * s.k_len) as u64;
-                ensure!(end <= u32::MAX as u64, "attention: dropout index {end} of sequence {i} exceeds 32 bits");
+                ensure!(
+                    end <= u32::MAX as u64,
+                    "attention: dropout index {end} of sequence {i} exceeds 32 bits"
+                );
                 words.extend([s.q_start, s.q_len, s.k_start, s.k_len, s.p_offset].map(|v| v as u32));
                 max_q = max_q.max(s.q_len);
                 max_k = max_k.max(s.k_len);
@@ -107,7 +123,12 @@ struct Common {
     strides: [u64; 4],
 }
 
-fn common<A: Act>(sh: &AttnShape, seqs: &DeviceAttnSeqs, rng: &DeviceRng, dropout: Option<AttnDropout>) -> Result<Common> {
+fn common<A: Act>(
+    sh: &AttnShape,
+    seqs: &DeviceAttnSeqs,
+    rng: &DeviceRng,
+    dropout: Option<AttnDropout>,
+) -> Result<Common> {
     ensure!(
         sh.head_dim == 32 || sh.head_dim == 64,
         "attention kernels exist for head sizes 32 and 64, not {}",
@@ -131,7 +152,14 @@ fn common<A: Act>(sh: &AttnShape, seqs: &DeviceAttnSeqs, rng: &DeviceRng, dropou
     })
 }
 
-fn check_buffers(what: &str, sh: &AttnShape, seqs: &DeviceAttnSeqs, qs: &[(&str, usize)], ks: &[(&str, usize)], ls: &[(&str, usize)]) -> Result<()> {
+fn check_buffers(
+    what: &str,
+    sh: &AttnShape,
+    seqs: &DeviceAttnSeqs,
+    qs: &[(&str, usize)],
+    ks: &[(&str, usize)],
+    ls: &[(&str, usize)],
+) -> Result<()> {
     let h = seqs.heads * sh.head_dim;
     for (name, len) in qs {
         check_len(&format!("{what} {name}"), *len, 0, sh.trials, sh.q_stride, seqs.q_rows * h)?;

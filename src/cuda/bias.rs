@@ -24,13 +24,25 @@ pub struct BiasShape {
 
 impl BiasShape {
     pub(crate) fn check(&self, what: &str, act_len: usize, param_len: usize) -> Result<()> {
-        check_len(&format!("{what} activations"), act_len, 0, self.trials, self.act_stride, self.rows * self.width)?;
+        check_len(
+            &format!("{what} activations"),
+            act_len,
+            0,
+            self.trials,
+            self.act_stride,
+            self.rows * self.width,
+        )?;
         check_len(&format!("{what} bias"), param_len, self.bias, self.trials, self.param_stride, self.width)
     }
 }
 
 /// y += bias per row.
-pub fn bias_add<A: Act>(gpu: &Gpu, sh: &BiasShape, y: &mut CudaSlice<A>, params: &CudaSlice<f32>) -> Result<()> {
+pub fn bias_add<A: Act>(
+    gpu: &Gpu,
+    sh: &BiasShape,
+    y: &mut CudaSlice<A>,
+    params: &CudaSlice<f32>,
+) -> Result<()> {
     sh.check("bias_add", y.len(), params.len())?;
     let name = format!("bias_add_{}", A::SUFFIX);
     let f = gpu.function("bias", &name)?;
@@ -46,7 +58,12 @@ pub fn bias_add<A: Act>(gpu: &Gpu, sh: &BiasShape, y: &mut CudaSlice<A>, params:
 }
 
 /// grads[bias] += Σ rows of dy.
-pub fn bias_backward<A: Act>(gpu: &Gpu, sh: &BiasShape, dy: &CudaSlice<A>, grads: &mut CudaSlice<f32>) -> Result<()> {
+pub fn bias_backward<A: Act>(
+    gpu: &Gpu,
+    sh: &BiasShape,
+    dy: &CudaSlice<A>,
+    grads: &mut CudaSlice<f32>,
+) -> Result<()> {
     sh.check("bias_backward", dy.len(), grads.len())?;
     let name = format!("bias_backward_{}", A::SUFFIX);
     let f = gpu.function("bias", &name)?;

@@ -44,7 +44,9 @@ impl Gpu {
         }
         // Like libcuda, a missing libcublas would panic inside cudarc: check first.
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-            bail!("libcublas was not found: put the CUDA toolkit's (or the nvidia-cublas wheel's) lib folder on LD_LIBRARY_PATH");
+            bail!(
+                "libcublas was not found: put the CUDA toolkit's (or the nvidia-cublas wheel's) lib folder on LD_LIBRARY_PATH"
+            );
         }
         let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cuBLAS could not start: {e:?}"))?;
         Ok(Gpu { ctx, stream, blas, name, modules })
@@ -52,7 +54,8 @@ impl Gpu {
 
     /// Kernel `name` from `kernels/<module>.cu`.
     pub fn function(&self, module: &str, name: &str) -> Result<CudaFunction> {
-        let m = self.modules.get(module).ok_or_else(|| anyhow!("kernels/{module}.cu is not in this build"))?;
+        let m =
+            self.modules.get(module).ok_or_else(|| anyhow!("kernels/{module}.cu is not in this build"))?;
         m.load_function(name).with_context(|| format!("kernel {name} is missing from kernels/{module}.cu"))
     }
 

@@ -21,7 +21,11 @@ pub struct DeviceLabels {
 
 impl DeviceLabels {
     pub fn upload(gpu: &Gpu, labels: &[usize], rows: usize, classes: usize) -> Result<Self> {
-        ensure!(rows > 0 && labels.len() % rows == 0, "labels: {} values are not whole batches of {rows}", labels.len());
+        ensure!(
+            rows > 0 && labels.len() % rows == 0,
+            "labels: {} values are not whole batches of {rows}",
+            labels.len()
+        );
         if let Some((i, y)) = labels.iter().enumerate().find(|(_, y)| **y >= classes) {
             bail!("labels: label {y} at row {i} is not one of the {classes} classes");
         }

@@ -21,7 +21,8 @@ impl DeviceRng {
         ensure!(!rngs.is_empty(), "dropout generators: no trials");
         let words: Vec<u32> =
             rngs.iter().flat_map(|r| [r.seed as u32, (r.seed >> 32) as u32, r.stream, r.step]).collect();
-        let buf = gpu.stream.clone_htod(&words).map_err(|e| anyhow!("uploading dropout generators: {e:?}"))?;
+        let buf =
+            gpu.stream.clone_htod(&words).map_err(|e| anyhow!("uploading dropout generators: {e:?}"))?;
         Ok(DeviceRng { buf, trials: rngs.len() })
     }
 }

@@ -65,7 +65,14 @@ pub fn positions_of(seqs: &[Sequence], rows: usize) -> Vec<u32> {
 impl DeviceTokens {
     /// `ids`, `types`, `positions` hold `rows` values (one batch for every trial) or a multiple
     /// of `rows` (one batch per trial, trial-major).
-    pub fn upload(gpu: &Gpu, ids: &[u32], types: &[u32], positions: &[u32], rows: usize, tables: EmbeddingTables) -> Result<Self> {
+    pub fn upload(
+        gpu: &Gpu,
+        ids: &[u32],
+        types: &[u32],
+        positions: &[u32],
+        rows: usize,
+        tables: EmbeddingTables,
+    ) -> Result<Self> {
         ensure!(rows > 0, "token rows: the batch is empty");
         ensure!(
             ids.len() == types.len() && ids.len() == positions.len() && ids.len() % rows == 0,
@@ -83,7 +90,8 @@ impl DeviceTokens {
                 anyhow::bail!("token rows: {what} {v} at row {i} is outside its table of {limit} rows");
             }
         }
-        let up = |v: &[u32]| gpu.stream.clone_htod(v).map_err(|e| anyhow::anyhow!("uploading token rows: {e:?}"));
+        let up =
+            |v: &[u32]| gpu.stream.clone_htod(v).map_err(|e| anyhow::anyhow!("uploading token rows: {e:?}"));
         Ok(DeviceTokens {
             ids: up(ids)?,
             types: up(types)?,
@@ -112,9 +120,19 @@ pub fn embedding_forward<A: Act>(
 ) -> Result<()> {
     let tb = tokens.tables;
     let (n, h) = (tokens.rows, tb.hidden);
-    ensure!(tokens.trials_available() >= trials, "embedding_forward: the token rows cover fewer than {trials} trials");
+    ensure!(
+        tokens.trials_available() >= trials,
+        "embedding_forward: the token rows cover fewer than {trials} trials"
+    );
     check_len("embedding_forward out", out.len(), 0, trials, out_stride, n * h)?;
-    check_len("embedding_forward params", params.len(), 0, trials, param_stride, tb.token_type + tb.types * h)?;
+    check_len(
+        "embedding_forward params",
+        params.len(),
+        0,
+        trials,
+        param_stride,
+        tb.token_type + tb.types * h,
+    )?;
     let name = format!("embedding_forward_{}", A::SUFFIX);
     let f = gpu.function("embedding", &name)?;
     let s = &gpu.stream;
@@ -148,7 +166,10 @@ pub fn embedding_backward<A: Act>(
 ) -> Result<()> {
     let tb = tokens.tables;
     let (n, h) = (tokens.rows, tb.hidden);
-    ensure!(tokens.trials_available() >= trials, "embedding_backward: the token rows cover fewer than {trials} trials");
+    ensure!(
+        tokens.trials_available() >= trials,
+        "embedding_backward: the token rows cover fewer than {trials} trials"
+    );
     check_len("embedding_backward d", d.len(), 0, trials, d_stride, n * h)?;
     check_len("embedding_backward grads", grads.len(), 0, trials, grad_stride, tb.token_type + tb.types * h)?;
     let name = format!("embedding_backward_{}", A::SUFFIX);

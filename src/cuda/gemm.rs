@@ -79,7 +79,9 @@ where
     check_len("gemm A", abuf.len(), ao.offset, trials, ao.stride, ao.rows * ao.cols)?;
     check_len("gemm B", bbuf.len(), bo.offset, trials, bo.stride, bo.rows * bo.cols)?;
     check_len("gemm C", c.len(), c_offset, trials, c_stride, m * n)?;
-    let i = |name: &str, v: usize| i32::try_from(v).map_err(|_| anyhow!("gemm: {name} = {v} exceeds cuBLAS's int"));
+    let i = |name: &str, v: usize| {
+        i32::try_from(v).map_err(|_| anyhow!("gemm: {name} = {v} exceeds cuBLAS's int"))
+    };
     let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
     let cfg = StridedBatchedConfig {
         gemm: GemmConfig {
@@ -103,5 +105,6 @@ where
     let av = abuf.slice(ao.offset..);
     let bv = bbuf.slice(bo.offset..);
     let mut cv = c.slice_mut(c_offset..);
-    unsafe { gpu.blas.gemm_strided_batched(cfg, &bv, &av, &mut cv) }.map_err(|e| anyhow!("cuBLAS gemm failed: {e:?}"))
+    unsafe { gpu.blas.gemm_strided_batched(cfg, &bv, &av, &mut cv) }
+        .map_err(|e| anyhow!("cuBLAS gemm failed: {e:?}"))
 }

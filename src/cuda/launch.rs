@@ -2,7 +2,9 @@
 //! the bounds checks that keep a wrong shape from becoming an out-of-bounds GPU write.
 
 use anyhow::{Result, anyhow, ensure};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, SyncOnDrop, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, SyncOnDrop, ValidAsZeroBits,
+};
 
 /// An activation storage type: fp32, or bf16 for the bf16 compute mode (arithmetic stays fp32;
 /// master weights, gradients and moments are always fp32).
@@ -42,7 +44,14 @@ pub fn addr<'a, T>(buf: &'a CudaSlice<T>, offset: usize, stream: &'a CudaStream)
 
 /// Checks that `buf` (of `len` elements) holds `trials` blocks of `per_trial` elements spaced
 /// `stride` apart, starting at `offset`.
-pub fn check_len(name: &str, len: usize, offset: usize, trials: usize, stride: usize, per_trial: usize) -> Result<()> {
+pub fn check_len(
+    name: &str,
+    len: usize,
+    offset: usize,
+    trials: usize,
+    stride: usize,
+    per_trial: usize,
+) -> Result<()> {
     let need = if trials == 0 || per_trial == 0 { 0 } else { offset + (trials - 1) * stride + per_trial };
     ensure!(
         len >= need,

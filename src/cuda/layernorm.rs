@@ -122,7 +122,11 @@ pub fn layernorm_backward<A: Act>(
     let (as_, rs, ps) = (sh.act_stride as u64, sh.row_stride as u64, sh.param_stride as u64);
     // 32 rows per block (LN_BWD_ROWS in the kernel); shared memory holds the block's dγ and dβ.
     let shared = u32::try_from(2 * sh.hidden * 4).map_err(|_| anyhow::anyhow!("hidden size too large"))?;
-    ensure!(shared <= 48 * 1024, "layernorm_backward: hidden size {} needs more than 48 KB of shared memory", sh.hidden);
+    ensure!(
+        shared <= 48 * 1024,
+        "layernorm_backward: hidden size {} needs more than 48 KB of shared memory",
+        sh.hidden
+    );
     let cfg = config(blocks(sh.rows, 32), sh.trials, 1, 128, shared)?;
     let mut b = s.launch_builder(&f);
     b.arg(&pdx).arg(&pdg).arg(&pdb).arg(&pdy).arg(&pxh).arg(&prs).arg(&pg).arg(&n).arg(&h);

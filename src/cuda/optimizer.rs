@@ -37,7 +37,14 @@ impl GradNorm {
     /// Computes each trial's global L2 norm of `grads` `[T, P]` (fp64 accumulation) into `norm`
     /// and, with `max_norm`, scales the gradients of every trial whose norm exceeds it by
     /// max_norm/(norm + 1e-6), as `torch.nn.utils.clip_grad_norm_` does.
-    pub fn run(&mut self, gpu: &Gpu, grads: &mut CudaSlice<f32>, p: usize, stride: usize, max_norm: Option<f64>) -> Result<()> {
+    pub fn run(
+        &mut self,
+        gpu: &Gpu,
+        grads: &mut CudaSlice<f32>,
+        p: usize,
+        stride: usize,
+        max_norm: Option<f64>,
+    ) -> Result<()> {
         let t = self.trials;
         check_len("grad_norm grads", grads.len(), 0, t, stride, p)?;
         if let Some(m) = max_norm {
