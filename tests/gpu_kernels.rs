@@ -667,8 +667,9 @@ fn attention_rejects_unsupported_head_size_and_bad_blocks() {
     let Some(g) = gpu_or_skip() else { return };
     let seqs = [Sequence { start: 0, len: 4, valid: 4 }];
     let (layout, _) = bert::attention_layout(&seqs, 1, false);
-    let err =
-        DeviceAttnSeqs::upload(&g, &[layout.clone()], 3, 4, 1).err().expect("4 query rows do not fit 3");
+    let err = DeviceAttnSeqs::upload(&g, std::slice::from_ref(&layout), 3, 4, 1)
+        .err()
+        .expect("4 query rows do not fit 3");
     assert!(err.to_string().contains("outside 3 query"), "{err}");
     let dseqs = DeviceAttnSeqs::upload(&g, &[layout], 4, 4, 1).expect("layout");
     let drng = DeviceRng::upload(&g, &rngs(1, 0)).expect("rng");
@@ -677,8 +678,7 @@ fn attention_rejects_unsupported_head_size_and_bad_blocks() {
     let sh = AttnShape { trials: 1, head_dim: 48, q_stride: 0, kv_stride: 0, lse_stride: 0 };
     let err =
         attention::attention_forward(&g, &sh, &dseqs, &buf, &buf, &buf, &drng, None, &mut ctx, &mut lse)
-            .err()
-            .expect("D = 48 has no kernel");
+            .expect_err("D = 48 has no kernel");
     assert!(err.to_string().contains("head sizes 32 and 64"), "{err}");
 }
 
@@ -843,6 +843,7 @@ fn adamw_matches_cpu() {
 
 /// y = x·Wᵀ, dW = dyᵀ·x and dx = dy·W for T trials through `gemm_trials`, against the CPU's
 /// `linear_forward` / `linear_backward`.
+#[allow(clippy::too_many_arguments)]
 fn gemm_case<T: Act>(
     g: &Gpu,
     r: &mut StdRng,

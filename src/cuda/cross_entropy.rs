@@ -22,7 +22,7 @@ pub struct DeviceLabels {
 impl DeviceLabels {
     pub fn upload(gpu: &Gpu, labels: &[usize], rows: usize, classes: usize) -> Result<Self> {
         ensure!(
-            rows > 0 && labels.len() % rows == 0,
+            rows > 0 && labels.len().is_multiple_of(rows),
             "labels: {} values are not whole batches of {rows}",
             labels.len()
         );

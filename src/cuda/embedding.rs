@@ -75,7 +75,7 @@ impl DeviceTokens {
     ) -> Result<Self> {
         ensure!(rows > 0, "token rows: the batch is empty");
         ensure!(
-            ids.len() == types.len() && ids.len() == positions.len() && ids.len() % rows == 0,
+            ids.len() == types.len() && ids.len() == positions.len() && ids.len().is_multiple_of(rows),
             "token rows: {} ids, {} types and {} positions are not whole batches of {rows} rows",
             ids.len(),
             types.len(),

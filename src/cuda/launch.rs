@@ -72,7 +72,7 @@ pub fn int(name: &str, v: usize) -> Result<i32> {
 
 /// A launch over `x_blocks` × `y` × `z` blocks of `block` threads, within CUDA's grid limits.
 pub fn config(x_blocks: u64, y: usize, z: usize, block: u32, shared_mem_bytes: u32) -> Result<LaunchConfig> {
-    ensure!(x_blocks >= 1 && x_blocks < (1 << 31), "grid x = {x_blocks} blocks is outside CUDA's limit");
+    ensure!((1..(1 << 31)).contains(&x_blocks), "grid x = {x_blocks} blocks is outside CUDA's limit");
     ensure!((1..=65_535).contains(&y), "grid y = {y} is outside CUDA's limit of 65535");
     ensure!((1..=65_535).contains(&z), "grid z = {z} is outside CUDA's limit of 65535");
     Ok(LaunchConfig {
