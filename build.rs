@@ -30,6 +30,7 @@ fn find_nvcc() -> Option<PathBuf> {
 
 fn main() {
     println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     println!("cargo:rerun-if-env-changed=PATH");
@@ -96,7 +97,10 @@ fn run(cmd: &mut Command) -> String {
 /// lines; any spill is an error, since a spilling kernel silently loses most of its speed.
 fn report_registers(nvcc: &Path, src: &Path, cubin: &Path) {
     let text = run(Command::new(nvcc)
-        .args(["-cubin", &format!("-arch={REPORT_ARCH}"), "-O3", "-std=c++17", "-Ikernels", "-Xptxas", "-v"])
+        .args(["-cubin", &format!("-arch={REPORT_ARCH}"), "-O3", "-std=c++17", "-Ikernels"])
+        // -v: registers, stack and spill bytes per kernel; --warn-on-spills: a named warning per
+        // spilling kernel (both are caught below and fail the build).
+        .args(["-Xptxas", "-v", "-Xptxas", "--warn-on-spills"])
         .arg(src)
         .arg("-o")
         .arg(cubin));

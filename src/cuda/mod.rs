@@ -1,7 +1,21 @@
 //! GPU backend. The kernels in `kernels/*.cu` are compiled to PTX by build.rs and embedded here;
 //! this module finds out at run time whether they, libcuda and a device are all present.
+//! `context::Gpu` loads them; each other file launches one kernel family and names its CPU twin.
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+pub mod accuracy;
+pub mod attention;
+pub mod bias;
+pub mod context;
+pub mod cross_entropy;
+pub mod dropout;
+pub mod embedding;
+pub mod gelu;
+pub mod gemm;
+pub mod launch;
+pub mod layernorm;
+pub mod optimizer;
 
 use anyhow::{Result, bail};
 

@@ -1,0 +1,93 @@
+//! What every launcher shares: the activation storage types, device addresses, grid shapes and
+//! the bounds checks that keep a wrong shape from becoming an out-of-bounds GPU write.
+
+use anyhow::{Result, anyhow, ensure};
+use cudarc::driver::{
+    CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, SyncOnDrop, ValidAsZeroBits,
+};
+
+/// An activation storage type: fp32, or bf16 for the bf16 compute mode (arithmetic stays fp32;
+/// master weights, gradients and moments are always fp32).
+pub trait Act: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static {
+    /// The kernel name suffix (`layernorm_forward_f32`, `…_bf16`).
+    const SUFFIX: &'static str;
+    fn of_f32(x: f32) -> Self;
+    fn as_f32(self) -> f32;
+}
+
+impl Act for f32 {
+    const SUFFIX: &'static str = "f32";
+    fn of_f32(x: f32) -> Self {
+        x
+    }
+    fn as_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Act for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+    fn of_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+    fn as_f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// The device address of element `offset` of `buf`, with the guard cudarc needs kept alive until
+/// the launch is enqueued.
+pub fn addr<'a, T>(buf: &'a CudaSlice<T>, offset: usize, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+    let (p, guard) = buf.device_ptr(stream);
+    (p + (offset * std::mem::size_of::<T>()) as u64, guard)
+}
+
+/// Checks that `buf` (of `len` elements) holds `trials` blocks of `per_trial` elements spaced
+/// `stride` apart, starting at `offset`.
+pub fn check_len(
+    name: &str,
+    len: usize,
+    offset: usize,
+    trials: usize,
+    stride: usize,
+    per_trial: usize,
+) -> Result<()> {
+    let need = if trials == 0 || per_trial == 0 { 0 } else { offset + (trials - 1) * stride + per_trial };
+    ensure!(
+        len >= need,
+        "{name}: the device buffer holds {len} elements but the launch reaches element {need} \
+         ({trials} trials, stride {stride}, {per_trial} per trial from offset {offset})"
+    );
+    ensure!(
+        trials <= 1 || stride == 0 || stride >= per_trial,
+        "{name}: per-trial stride {stride} is shorter than one trial's {per_trial} elements"
+    );
+    Ok(())
+}
+
+/// `v` as a kernel `int`.
+pub fn int(name: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| anyhow!("{name} = {v} does not fit a kernel int"))
+}
+
+/// A launch over `x_blocks` × `y` × `z` blocks of `block` threads, within CUDA's grid limits.
+pub fn config(x_blocks: u64, y: usize, z: usize, block: u32, shared_mem_bytes: u32) -> Result<LaunchConfig> {
+    ensure!((1..(1 << 31)).contains(&x_blocks), "grid x = {x_blocks} blocks is outside CUDA's limit");
+    ensure!((1..=65_535).contains(&y), "grid y = {y} is outside CUDA's limit of 65535");
+    ensure!((1..=65_535).contains(&z), "grid z = {z} is outside CUDA's limit of 65535");
+    Ok(LaunchConfig {
+        grid_dim: (x_blocks as u32, y as u32, z as u32),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes,
+    })
+}
+
+/// Blocks of `block` threads covering `n` elements.
+pub fn blocks(n: usize, block: u32) -> u64 {
+    (n as u64).div_ceil(block as u64).max(1)
+}
+
+/// Turns a driver error into one that names the kernel.
+pub fn launched(name: &str, r: std::result::Result<(), cudarc::driver::DriverError>) -> Result<()> {
+    r.map_err(|e| anyhow!("launching {name} failed: {e:?}"))
+}
