@@ -14,11 +14,13 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
+use crate::config::BertConfig;
 use crate::cpu::adamw::{AdamState, AdamW, clip_grad_norm, linear_schedule};
 use crate::cpu::bert::{self, Dropout};
 use crate::cpu::philox::DropoutRng;
 use crate::data::batch::{TokenizedSplit, chunk_by_attention_budget};
 use crate::model::BertModel;
+use crate::model::layout::ParamLayout;
 
 /// Values of the attention-probability buffers one forward/backward chunk may hold (≈1 GiB of
 /// f32 over all layers for the largest models we run on CPU).
@@ -40,6 +42,71 @@ pub enum Objective {
     LastEpoch,
     /// The kept (best) epoch's eval accuracy.
     BestEpoch,
+}
+
+impl BestBy {
+    /// Higher is better: the epoch with the highest score is kept (the first of equals).
+    pub fn score(self, eval_loss: f64, eval_accuracy: f64) -> f64 {
+        match self {
+            BestBy::Loss => -eval_loss,
+            BestBy::Accuracy => eval_accuracy,
+        }
+    }
+}
+
+impl Objective {
+    /// The objective of a run with these epochs whose kept epoch is `best_epoch` (1-based).
+    pub fn value(self, epochs: &[EpochMetrics], best_epoch: usize) -> f64 {
+        let last = epochs.last().map(|m| m.eval_accuracy).unwrap_or(0.0);
+        match self {
+            Objective::LastEpoch => last,
+            Objective::BestEpoch => {
+                epochs.get(best_epoch.wrapping_sub(1)).map(|m| m.eval_accuracy).unwrap_or(last)
+            }
+        }
+    }
+}
+
+/// Optimizer steps of a run: Trainer steps once per batch, the last short batch of an epoch
+/// included, and warms up over `warmup_steps` or `ceil(warmup_ratio · total)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepPlan {
+    pub steps_per_epoch: u64,
+    pub total_steps: u64,
+    pub warmup: u64,
+}
+
+impl StepPlan {
+    pub fn new(cfg: &TrainConfig, train_examples: usize) -> Self {
+        let steps_per_epoch = train_examples.div_ceil(cfg.batch_size) as u64;
+        let total_steps = steps_per_epoch * cfg.epochs as u64;
+        let warmup = if cfg.warmup_steps > 0 {
+            cfg.warmup_steps
+        } else {
+            (cfg.warmup_ratio * total_steps as f64).ceil() as u64
+        };
+        StepPlan { steps_per_epoch, total_steps, warmup }
+    }
+}
+
+/// The example order of successive epochs: one seeded permutation, reshuffled in place each
+/// epoch (so epoch e's order depends on all earlier ones, as a persistent sampler's does).
+#[derive(Debug)]
+pub struct EpochOrder {
+    order: Vec<usize>,
+    rng: rand::rngs::StdRng,
+}
+
+impl EpochOrder {
+    pub fn new(examples: usize, seed: u64) -> Self {
+        EpochOrder { order: (0..examples).collect(), rng: rand::rngs::StdRng::seed_from_u64(seed) }
+    }
+
+    /// The next epoch's order.
+    pub fn next_epoch(&mut self) -> &[usize] {
+        self.order.shuffle(&mut self.rng);
+        &self.order
+    }
 }
 
 /// The training hyperparameters (a subset of transformers' `TrainingArguments`).
@@ -117,7 +184,7 @@ impl TrainConfig {
         Ok(())
     }
 
-    fn optimizer(&self) -> AdamW {
+    pub(crate) fn optimizer(&self) -> AdamW {
         AdamW {
             beta1: self.adam_beta1,
             beta2: self.adam_beta2,
@@ -185,26 +252,19 @@ pub fn train(
     if train.is_empty() || eval.is_empty() {
         bail!("training needs a non-empty train and eval split");
     }
-    let steps_per_epoch = train.len().div_ceil(cfg.batch_size) as u64;
-    let total_steps = steps_per_epoch * cfg.epochs as u64;
-    let warmup = if cfg.warmup_steps > 0 {
-        cfg.warmup_steps
-    } else {
-        (cfg.warmup_ratio * total_steps as f64).ceil() as u64
-    };
+    let StepPlan { steps_per_epoch, total_steps, warmup } = StepPlan::new(cfg, train.len());
     let opt = cfg.optimizer();
     let decay = model.layout.decay_mask();
     let mut state = AdamState::new(model.layout.len);
     let mut grads = vec![0.0f32; model.layout.len];
     let heads = model.config.num_attention_heads * model.config.num_hidden_layers;
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let mut epoch_order = EpochOrder::new(train.len(), cfg.seed);
     let mut forward_passes: u32 = 0;
     let mut result = TrainResult { epochs: Vec::new(), best_epoch: 0, objective: 0.0, stopped_early: false };
     let mut best: Option<(f64, Vec<f32>)> = None;
 
     for epoch in 1..=cfg.epochs {
-        order.shuffle(&mut rng);
+        let order = epoch_order.next_epoch();
         progress.start(&format!("epoch {epoch}/{}", cfg.epochs), train.len() as u64);
         let t0 = Instant::now();
         let mut loss_sum = 0.0;
@@ -258,10 +318,7 @@ pub fn train(
             eval_examples_per_second: eval.len() as f64 / eval_seconds,
             train_tokens_per_second: train.tokens() as f64 / train_seconds,
         };
-        let score = match cfg.best_by {
-            BestBy::Loss => -eval_loss,
-            BestBy::Accuracy => eval_accuracy,
-        };
+        let score = cfg.best_by.score(eval_loss, eval_accuracy);
         if best.as_ref().is_none_or(|(b, _)| score > *b) {
             best = Some((score, model.params.clone()));
             result.best_epoch = epoch;
@@ -275,18 +332,25 @@ pub fn train(
     if let Some((_, params)) = best {
         model.params = params;
     }
-    let last = result.epochs.last().map(|m| m.eval_accuracy).unwrap_or(0.0);
-    result.objective = match cfg.objective {
-        Objective::LastEpoch => last,
-        Objective::BestEpoch => result.epochs[result.best_epoch - 1].eval_accuracy,
-    };
+    result.objective = cfg.objective.value(&result.epochs, result.best_epoch);
     Ok(result)
 }
 
 /// Mean cross-entropy over examples and accuracy of `model` on `split` (no dropout).
 pub fn evaluate(model: &BertModel, split: &TokenizedSplit, batch_size: usize) -> Result<(f64, f64)> {
-    let (logits, losses) = predict(model, split, batch_size.max(32))?;
-    let nl = model.config.num_labels;
+    evaluate_params(&model.config, &model.layout, &model.params, split, batch_size)
+}
+
+/// [`evaluate`] for a bare parameter buffer (one slot of a trial array).
+pub fn evaluate_params(
+    config: &BertConfig,
+    layout: &ParamLayout,
+    params: &[f32],
+    split: &TokenizedSplit,
+    batch_size: usize,
+) -> Result<(f64, f64)> {
+    let (logits, losses) = predict_params(config, layout, params, split, batch_size.max(32))?;
+    let nl = config.num_labels;
     let correct = logits.chunks_exact(nl).zip(&split.labels).filter(|(row, y)| argmax(row) == **y).count();
     let loss = losses.iter().sum::<f64>() / split.len().max(1) as f64;
     Ok((loss, correct as f64 / split.len().max(1) as f64))
@@ -294,12 +358,22 @@ pub fn evaluate(model: &BertModel, split: &TokenizedSplit, batch_size: usize) ->
 
 /// Logits (n × labels) and per-example losses of `split`.
 pub fn predict(model: &BertModel, split: &TokenizedSplit, batch_size: usize) -> Result<(Vec<f32>, Vec<f64>)> {
-    let mut logits = Vec::with_capacity(split.len() * model.config.num_labels);
+    predict_params(&model.config, &model.layout, &model.params, split, batch_size)
+}
+
+fn predict_params(
+    config: &BertConfig,
+    layout: &ParamLayout,
+    params: &[f32],
+    split: &TokenizedSplit,
+    batch_size: usize,
+) -> Result<(Vec<f32>, Vec<f64>)> {
+    let mut logits = Vec::with_capacity(split.len() * config.num_labels);
     let mut losses = Vec::with_capacity(split.len());
     let idx: Vec<usize> = (0..split.len()).collect();
     for chunk in idx.chunks(batch_size) {
         let batch = split.packed_batch(chunk);
-        let fwd = bert::forward(&model.config, &model.layout, &model.params, &batch, None);
+        let fwd = bert::forward(config, layout, params, &batch, None);
         if fwd.logits.iter().any(|v| !v.is_finite()) {
             bail!("the model produced non-finite logits");
         }

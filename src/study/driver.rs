@@ -19,15 +19,21 @@
 //! than the grace period become FAIL and their parameters are re-queued (WAITING), and the
 //! re-queued trials run first. While other workers' live trials could still complete the study, a
 //! worker waits for them (and takes over their trials if they go stale).
+//!
+//! [`run_study_array`] is the same driver for a [`ConcurrentTrialRunner`] (the trial array): it
+//! asks as many trials at once as the runner has free slots (`ask_batch`, so constant liar sees
+//! the others as RUNNING), beats every running trial's heartbeat from one thread, and tells each
+//! trial as it ends. A trial the runner evicts (out of device memory) is FAILed and re-queued.
 
-use std::sync::mpsc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use super::storage::{StartOutcome, Storage, StorageLocation, TrialCounts, best_of};
-use super::{FrozenTrial, ParamSet, StudyRef, TrialParam, TrialState};
+use super::{FrozenTrial, ParamSet, StudyDirection, StudyRef, TrialParam, TrialState};
 use crate::search::pruner::Pruner;
 use crate::search::pyjson::float_repr;
 use crate::search::sampler::{Sampler, StudyView, suggest_params};
@@ -173,28 +179,46 @@ pub struct StudyOutcome {
     pub best: Option<FrozenTrial>,
 }
 
-/// Writes heartbeats for one trial from its own connection until dropped.
+/// Writes heartbeats for this worker's running trials from its own connection until dropped.
 struct HeartbeatThread {
+    trials: Arc<Mutex<Vec<i64>>>,
     stop: Option<mpsc::Sender<()>>,
     handle: Option<JoinHandle<()>>,
 }
 
 impl HeartbeatThread {
-    fn start(storage: &Storage, trial_id: i64, interval: Duration) -> Result<Option<Self>> {
+    fn start(storage: &Storage, interval: Duration) -> Result<Option<Self>> {
         // An in-memory database is private to its connection: nobody else can see it stale.
         if *storage.location() == StorageLocation::Memory {
             return Ok(None);
         }
         let mut conn = storage.reopen().context("opening a heartbeat connection")?;
+        let trials: Arc<Mutex<Vec<i64>>> = Arc::default();
+        let beating = trials.clone();
         let (tx, rx) = mpsc::channel::<()>();
         let handle = std::thread::spawn(move || {
             while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(interval) {
-                // A failed beat is retried at the next interval; only a long outage makes the
-                // trial stale, which is the correct outcome then.
-                let _ = conn.record_heartbeat(trial_id);
+                let ids = beating.lock().map(|t| t.clone()).unwrap_or_default();
+                for id in ids {
+                    // A failed beat is retried at the next interval; only a long outage makes
+                    // the trial stale, which is the correct outcome then.
+                    let _ = conn.record_heartbeat(id);
+                }
             }
         });
-        Ok(Some(HeartbeatThread { stop: Some(tx), handle: Some(handle) }))
+        Ok(Some(HeartbeatThread { trials, stop: Some(tx), handle: Some(handle) }))
+    }
+
+    fn add(&self, trial_id: i64) {
+        if let Ok(mut t) = self.trials.lock() {
+            t.push(trial_id);
+        }
+    }
+
+    fn remove(&self, trial_id: i64) {
+        if let Ok(mut t) = self.trials.lock() {
+            t.retain(|id| *id != trial_id);
+        }
     }
 }
 
@@ -312,6 +336,248 @@ fn epoch_attrs(r: &EpochReport) -> Vec<(String, String)> {
     ]
 }
 
+/// A trial this worker started and has not told yet.
+struct LiveTrial {
+    trial: FrozenTrial,
+    /// The last epoch reported.
+    last_step: Option<u32>,
+    /// The pruner stopped it.
+    pruned: bool,
+}
+
+/// What [`StudyContext::ask_trials`] got.
+enum Asked {
+    Started(Vec<(FrozenTrial, ParamSet)>),
+    /// Nothing to start now (other trials may still end the study).
+    Blocked,
+    Stop(StopReason),
+}
+
+/// The study side shared by [`run_study`] and [`run_study_array`]: asking, reporting epochs,
+/// telling results, heartbeats and the failure streak.
+struct StudyContext<'a> {
+    storage: &'a mut Storage,
+    study: &'a StudyRef,
+    direction: StudyDirection,
+    space: &'a SearchSpace,
+    sampler: &'a mut dyn Sampler,
+    pruner: &'a mut dyn Pruner,
+    opts: &'a DriverOptions,
+    progress: &'a mut dyn Progress,
+    heartbeat: Option<HeartbeatThread>,
+    started: Instant,
+    trials_run: u64,
+    consecutive_failures: u32,
+    last_failure: String,
+    announced_wait: bool,
+}
+
+impl<'a> StudyContext<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        storage: &'a mut Storage,
+        study: &'a StudyRef,
+        space: &'a SearchSpace,
+        sampler: &'a mut dyn Sampler,
+        pruner: &'a mut dyn Pruner,
+        opts: &'a DriverOptions,
+        progress: &'a mut dyn Progress,
+    ) -> Result<Self> {
+        let heartbeat = HeartbeatThread::start(storage, opts.heartbeat_interval)?;
+        Ok(StudyContext {
+            direction: study.direction()?,
+            storage,
+            study,
+            space,
+            sampler,
+            pruner,
+            opts,
+            progress,
+            heartbeat,
+            started: Instant::now(),
+            trials_run: 0,
+            consecutive_failures: 0,
+            last_failure: String::new(),
+            announced_wait: false,
+        })
+    }
+
+    /// Starts up to `k` trials. With `wait`, a study that cannot start one now because other
+    /// workers' trials may complete it is polled (taking over their trials if they go stale)
+    /// until a trial starts or the study stops; without, that is `Asked::Blocked`.
+    fn ask_trials(&mut self, k: usize, wait: bool) -> Result<Asked> {
+        loop {
+            if self.opts.timeout.is_some_and(|t| self.started.elapsed() >= t) {
+                return Ok(Asked::Stop(StopReason::Timeout));
+            }
+            let stale = self.storage.fail_stale_trials(
+                self.study.study_id,
+                self.opts.grace_period,
+                self.opts.max_retry,
+            )?;
+            if !stale.is_empty() {
+                self.progress.event(&StudyEvent::StaleTrialsFailed { numbers: &stale });
+            }
+            let ask_opts =
+                AskOptions { target: Some(self.opts.n_trials), heartbeat: true, seed: self.opts.seed };
+            let trials = ask_batch(
+                self.storage,
+                self.study,
+                self.space,
+                self.sampler,
+                Some(&*self.pruner),
+                k,
+                &ask_opts,
+            )?;
+            if trials.is_empty() {
+                let counts = self.storage.trial_counts(self.study.study_id)?;
+                let finished = counts.finished_ok();
+                if finished >= self.opts.n_trials {
+                    return Ok(Asked::Stop(StopReason::TargetReached));
+                }
+                if !wait {
+                    return Ok(Asked::Blocked);
+                }
+                if !self.announced_wait {
+                    let grace = self.opts.grace_period;
+                    self.progress.event(&StudyEvent::Waiting { finished, running: counts.running, grace });
+                    self.announced_wait = true;
+                }
+                std::thread::sleep(self.opts.poll_interval);
+                continue;
+            }
+            self.announced_wait = false;
+            let mut started = Vec::with_capacity(trials.len());
+            for trial in trials {
+                self.trials_run += 1;
+                if let Some(h) = &self.heartbeat {
+                    h.add(trial.trial_id);
+                }
+                let params = space_params(&trial, self.space)?;
+                let retry_of = trial.system_attrs.get("failed_trial").and_then(|v| v.as_u64());
+                self.progress.event(&StudyEvent::TrialStarted {
+                    number: trial.number,
+                    params: &params,
+                    retry_of,
+                });
+                started.push((trial, params));
+            }
+            return Ok(Asked::Started(started));
+        }
+    }
+
+    /// Stores an epoch's report and asks the pruner.
+    fn report(&mut self, live: &mut LiveTrial, r: &EpochReport) -> Result<Verdict> {
+        if r.epoch == 0 || live.last_step.is_some_and(|s| r.epoch <= s) {
+            bail!("epoch {} reported after epoch {:?}: epochs must count up from 1", r.epoch, live.last_step);
+        }
+        live.last_step = Some(r.epoch);
+        let trial = &live.trial;
+        self.storage.report(trial.trial_id, i64::from(r.epoch), r.objective, &epoch_attrs(r))?;
+        let decision = {
+            let trials = self.storage.study_trials(self.study.study_id)?;
+            let me = trials
+                .iter()
+                .find(|t| t.trial_id == trial.trial_id)
+                .with_context(|| format!("trial {} vanished from the study", trial.number))?;
+            let view = StudyView { study_name: &self.study.name, direction: self.direction, trials };
+            self.pruner.prune(&view, me)?
+        };
+        for (key, value) in &decision.system_attrs {
+            self.storage.set_trial_system_attr(trial.trial_id, key, &float_repr(*value))?;
+        }
+        self.progress.event(&StudyEvent::Epoch { number: trial.number, report: r, prune: decision.prune });
+        if decision.prune {
+            live.pruned = true;
+            Ok(Verdict::Prune)
+        } else {
+            Ok(Verdict::Continue)
+        }
+    }
+
+    /// Tells the trial's result: PRUNED (with the last reported value) when the pruner stopped
+    /// it, else COMPLETE with `result`'s value, or FAIL with the error (or a NaN value) as reason.
+    /// Errors after `max_consecutive_failures` failures in a row.
+    fn tell(&mut self, live: &LiveTrial, result: Result<f64>) -> Result<()> {
+        let (state, values, reason): (TrialState, Option<f64>, Option<String>) = if live.pruned {
+            let stored = self.storage.trial(live.trial.trial_id)?;
+            let last = stored.last_step().map(|s| stored.intermediate_values[&s]).filter(|v| !v.is_nan());
+            (TrialState::Pruned, last, None)
+        } else {
+            match result {
+                Ok(v) if v.is_nan() => {
+                    (TrialState::Fail, None, Some("the objective value is NaN".to_string()))
+                }
+                Ok(v) => (TrialState::Complete, Some(v), None),
+                Err(e) => (TrialState::Fail, None, Some(format!("{e:#}"))),
+            }
+        };
+        self.store(live, state, values, reason.as_deref())?;
+        if state == TrialState::Fail {
+            self.consecutive_failures += 1;
+            self.last_failure = reason.unwrap_or_default();
+        } else {
+            self.consecutive_failures = 0;
+        }
+        if self.consecutive_failures >= self.opts.max_consecutive_failures.max(1) {
+            bail!(
+                "stopping the study: {} trials in a row failed; the last failed with: {}",
+                self.consecutive_failures,
+                self.last_failure
+            );
+        }
+        Ok(())
+    }
+
+    /// FAILs a trial its worker had to drop (not its parameters' fault) and queues its
+    /// parameters again; not counted as a failure in a row.
+    fn tell_evicted(&mut self, live: &LiveTrial, reason: &str) -> Result<()> {
+        self.store(live, TrialState::Fail, None, Some(reason))?;
+        self.storage.requeue_trial(self.study.study_id, &live.trial)
+    }
+
+    fn store(
+        &mut self,
+        live: &LiveTrial,
+        state: TrialState,
+        values: Option<f64>,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        let trial = &live.trial;
+        if let Some(h) = &self.heartbeat {
+            h.remove(trial.trial_id);
+        }
+        let attrs: Vec<(String, String)> = reason
+            .iter()
+            .map(|r| ("fail_reason".to_string(), crate::search::pyjson::string_literal(r)))
+            .collect();
+        let vals = values.map(|v| vec![v]);
+        if let Err(e) = self.storage.set_trial_state(trial.trial_id, state, vals.as_deref(), &attrs) {
+            self.progress.event(&StudyEvent::TellFailed { number: trial.number, error: &format!("{e:#}") });
+        }
+        let counts = self.storage.trial_counts(self.study.study_id)?;
+        let best = best_of(self.storage.study_trials(self.study.study_id)?, self.direction)
+            .and_then(|t| Some((t.number, t.value()?)));
+        self.progress.event(&StudyEvent::TrialFinished {
+            number: trial.number,
+            state,
+            value: values,
+            reason,
+            counts,
+            best,
+        });
+        Ok(())
+    }
+
+    fn outcome(self, stop: StopReason) -> Result<StudyOutcome> {
+        let trials_run = self.trials_run;
+        drop(self.heartbeat);
+        let counts = self.storage.trial_counts(self.study.study_id)?;
+        let best = self.storage.best_trial(self.study)?;
+        Ok(StudyOutcome { stop, trials_run, counts, best })
+    }
+}
+
 /// Runs the study until it holds `opts.n_trials` COMPLETE + PRUNED trials, or the timeout.
 /// Errors only for storage failures, a broken sampler, or `max_consecutive_failures` failed
 /// trials in a row; a single trial's failure is stored and the study goes on.
@@ -326,131 +592,130 @@ pub fn run_study(
     runner: &mut dyn TrialRunner,
     progress: &mut dyn Progress,
 ) -> Result<StudyOutcome> {
-    let direction = study.direction()?;
-    let started = Instant::now();
-    let mut trials_run = 0u64;
-    let mut consecutive_failures = 0u32;
-    let mut last_failure = String::new();
-    let mut announced_wait = false;
+    let mut cx = StudyContext::new(storage, study, space, sampler, pruner, opts, progress)?;
     let stop = loop {
-        if opts.timeout.is_some_and(|t| started.elapsed() >= t) {
-            break StopReason::Timeout;
-        }
-        let stale = storage.fail_stale_trials(study.study_id, opts.grace_period, opts.max_retry)?;
-        if !stale.is_empty() {
-            progress.event(&StudyEvent::StaleTrialsFailed { numbers: &stale });
-        }
-        let ask_opts = AskOptions { target: Some(opts.n_trials), heartbeat: true, seed: opts.seed };
-        let trial = match ask(storage, study, space, sampler, Some(&*pruner), &ask_opts)? {
-            StartOutcome::Started(t) => t,
-            StartOutcome::TargetReached { finished, running } => {
-                if finished >= opts.n_trials {
-                    break StopReason::TargetReached;
-                }
-                if !announced_wait {
-                    progress.event(&StudyEvent::Waiting { finished, running, grace: opts.grace_period });
-                    announced_wait = true;
-                }
-                std::thread::sleep(opts.poll_interval);
-                continue;
-            }
+        let (trial, params) = match cx.ask_trials(1, true)? {
+            Asked::Started(mut started) if !started.is_empty() => started.swap_remove(0),
+            Asked::Started(_) | Asked::Blocked => continue,
+            Asked::Stop(reason) => break reason,
         };
-        announced_wait = false;
-        trials_run += 1;
-        let params = space_params(&trial, space)?;
-        let retry_of = trial.system_attrs.get("failed_trial").and_then(|v| v.as_u64());
-        progress.event(&StudyEvent::TrialStarted { number: trial.number, params: &params, retry_of });
-
-        let heartbeat = HeartbeatThread::start(storage, trial.trial_id, opts.heartbeat_interval)?;
-        let mut pruned = false;
-        let mut last_step: Option<u32> = None;
-        let result = {
-            let storage = &mut *storage;
-            let pruner = &mut *pruner;
-            let progress = &mut *progress;
-            let pruned = &mut pruned;
-            let last_step = &mut last_step;
-            let mut report = |r: &EpochReport| -> Result<Verdict> {
-                if r.epoch == 0 || last_step.is_some_and(|s| r.epoch <= s) {
-                    bail!(
-                        "epoch {} reported after epoch {:?}: epochs must count up from 1",
-                        r.epoch,
-                        last_step
-                    );
-                }
-                *last_step = Some(r.epoch);
-                storage.report(trial.trial_id, i64::from(r.epoch), r.objective, &epoch_attrs(r))?;
-                let decision = {
-                    let trials = storage.study_trials(study.study_id)?;
-                    let me = trials
-                        .iter()
-                        .find(|t| t.trial_id == trial.trial_id)
-                        .with_context(|| format!("trial {} vanished from the study", trial.number))?;
-                    let view = StudyView { study_name: &study.name, direction, trials };
-                    pruner.prune(&view, me)?
-                };
-                for (key, value) in &decision.system_attrs {
-                    storage.set_trial_system_attr(trial.trial_id, key, &float_repr(*value))?;
-                }
-                progress.event(&StudyEvent::Epoch { number: trial.number, report: r, prune: decision.prune });
-                if decision.prune {
-                    *pruned = true;
-                    Ok(Verdict::Prune)
-                } else {
-                    Ok(Verdict::Continue)
-                }
-            };
-            runner.run_trial(trial.number, &params, &mut report)
-        };
-        drop(heartbeat);
-
-        let (state, values, reason): (TrialState, Option<f64>, Option<String>) = if pruned {
-            let stored = storage.trial(trial.trial_id)?;
-            let last = stored.last_step().map(|s| stored.intermediate_values[&s]).filter(|v| !v.is_nan());
-            (TrialState::Pruned, last, None)
-        } else {
-            match result {
-                Ok(v) if v.is_nan() => {
-                    (TrialState::Fail, None, Some("the objective value is NaN".to_string()))
-                }
-                Ok(v) => (TrialState::Complete, Some(v), None),
-                Err(e) => (TrialState::Fail, None, Some(format!("{e:#}"))),
-            }
-        };
-        let attrs: Vec<(String, String)> = reason
-            .iter()
-            .map(|r| ("fail_reason".to_string(), crate::search::pyjson::string_literal(r)))
-            .collect();
-        let vals = values.map(|v| vec![v]);
-        if let Err(e) = storage.set_trial_state(trial.trial_id, state, vals.as_deref(), &attrs) {
-            progress.event(&StudyEvent::TellFailed { number: trial.number, error: &format!("{e:#}") });
-        }
-        if state == TrialState::Fail {
-            consecutive_failures += 1;
-            last_failure = reason.clone().unwrap_or_default();
-        } else {
-            consecutive_failures = 0;
-        }
-        let counts = storage.trial_counts(study.study_id)?;
-        let best = best_of(storage.study_trials(study.study_id)?, direction)
-            .and_then(|t| Some((t.number, t.value()?)));
-        progress.event(&StudyEvent::TrialFinished {
-            number: trial.number,
-            state,
-            value: values,
-            reason: reason.as_deref(),
-            counts,
-            best,
-        });
-        if consecutive_failures >= opts.max_consecutive_failures.max(1) {
-            bail!(
-                "stopping the study: {consecutive_failures} trials in a row failed; the last failed with: {last_failure}"
-            );
-        }
+        let mut live = LiveTrial { trial, last_step: None, pruned: false };
+        let number = live.trial.number;
+        let result = runner.run_trial(number, &params, &mut |r| cx.report(&mut live, r));
+        cx.tell(&live, result)?;
     };
-    let counts = storage.trial_counts(study.study_id)?;
-    let best = storage.best_trial(study)?;
-    Ok(StudyOutcome { stop, trials_run, counts, best })
+    cx.outcome(stop)
+}
+
+/// How a trial of a [`ConcurrentTrialRunner`] ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TrialOutcome {
+    /// Trained (to the end, or until pruned) with this objective value.
+    Value(f64),
+    /// Failed; the reason is stored.
+    Failed(String),
+    /// Dropped by its worker (e.g. a trial array shrinking after out-of-memory): FAIL with the
+    /// reason, and its parameters are queued again.
+    Evicted(String),
+}
+
+/// The driver's side of a [`ConcurrentTrialRunner`].
+pub trait TrialHost {
+    /// Up to `k` trials to start now, as (trial number, parameters); empty when none should
+    /// start. With `idle` (the runner trains nothing), waits while other workers' trials may
+    /// still complete the study, as [`run_study`] does.
+    fn next_trials(&mut self, k: usize, idle: bool) -> Result<Vec<(u64, ParamSet)>>;
+    /// After each epoch of a trial; [`Verdict::Prune`] stops it.
+    fn report(&mut self, number: u64, report: &EpochReport) -> Result<Verdict>;
+    /// A trial ended. An error (storage, too many failures in a row) must stop the runner.
+    fn finish(&mut self, number: u64, outcome: TrialOutcome) -> Result<()>;
+}
+
+/// Trains many trials at once (the trial array): takes trials from the host whenever it has room.
+pub trait ConcurrentTrialRunner {
+    /// Runs until `host.next_trials` gives nothing while idle.
+    fn run_trials(&mut self, host: &mut dyn TrialHost) -> Result<()>;
+}
+
+/// [`TrialHost`] over a study.
+struct StudyHost<'a> {
+    cx: StudyContext<'a>,
+    live: BTreeMap<u64, LiveTrial>,
+    stop: Option<StopReason>,
+    /// The last ask started nothing; ask again only when one of ours ends or we are idle (each
+    /// ask is a database transaction, and a tick can be milliseconds).
+    blocked: bool,
+}
+
+impl TrialHost for StudyHost<'_> {
+    fn next_trials(&mut self, k: usize, idle: bool) -> Result<Vec<(u64, ParamSet)>> {
+        if self.stop.is_some() || k == 0 || (self.blocked && !idle) {
+            return Ok(Vec::new());
+        }
+        match self.cx.ask_trials(k, idle)? {
+            Asked::Started(started) => {
+                self.blocked = false;
+                Ok(started
+                    .into_iter()
+                    .map(|(trial, params)| {
+                        let number = trial.number;
+                        self.live.insert(number, LiveTrial { trial, last_step: None, pruned: false });
+                        (number, params)
+                    })
+                    .collect())
+            }
+            Asked::Blocked => {
+                self.blocked = true;
+                Ok(Vec::new())
+            }
+            Asked::Stop(reason) => {
+                self.stop = Some(reason);
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    fn report(&mut self, number: u64, report: &EpochReport) -> Result<Verdict> {
+        let live =
+            self.live.get_mut(&number).with_context(|| format!("trial {number} is not running here"))?;
+        self.cx.report(live, report)
+    }
+
+    fn finish(&mut self, number: u64, outcome: TrialOutcome) -> Result<()> {
+        let live =
+            self.live.remove(&number).with_context(|| format!("trial {number} is not running here"))?;
+        self.blocked = false;
+        match outcome {
+            TrialOutcome::Value(v) => self.cx.tell(&live, Ok(v)),
+            TrialOutcome::Failed(reason) => self.cx.tell(&live, Err(anyhow::anyhow!(reason))),
+            TrialOutcome::Evicted(reason) => self.cx.tell_evicted(&live, &reason),
+        }
+    }
+}
+
+/// [`run_study`] for a runner that trains many trials at once: asks as many trials as it has
+/// room for in one batch (each sees the previous ones as RUNNING: constant liar), keeps every
+/// running trial's heartbeat, reports epochs to the pruner and tells results as trials end. The
+/// same storage, `n_trials` semantics and failure handling as `run_study`.
+#[allow(clippy::too_many_arguments)]
+pub fn run_study_array(
+    storage: &mut Storage,
+    study: &StudyRef,
+    space: &SearchSpace,
+    sampler: &mut dyn Sampler,
+    pruner: &mut dyn Pruner,
+    opts: &DriverOptions,
+    runner: &mut dyn ConcurrentTrialRunner,
+    progress: &mut dyn Progress,
+) -> Result<StudyOutcome> {
+    let cx = StudyContext::new(storage, study, space, sampler, pruner, opts, progress)?;
+    let mut host = StudyHost { cx, live: BTreeMap::new(), stop: None, blocked: false };
+    runner.run_trials(&mut host)?;
+    if let Some(number) = host.live.keys().next() {
+        bail!("the trial runner returned while trial {number} was still running");
+    }
+    let stop = host.stop.unwrap_or(StopReason::TargetReached);
+    host.cx.outcome(stop)
 }
 
 /// A plain progress display on stderr: one line per trial event, and per epoch.

@@ -669,6 +669,14 @@ impl Storage {
     }
 
     /// Records a heartbeat for a RUNNING trial (Optuna's `record_heartbeat`).
+    /// Queues `trial`'s parameters again as a WAITING trial (with the `failed_trial` /
+    /// `retry_history` attributes a stale-trial retry gets), for a trial that failed for reasons
+    /// of its worker, not its parameters (e.g. evicted from a trial array that ran out of memory).
+    pub fn requeue_trial(&mut self, study_id: i64, trial: &FrozenTrial) -> Result<()> {
+        let Some(retry) = retry_template(trial, None) else { return Ok(()) };
+        self.write(|tx| insert_trial(tx, study_id, &retry).map(|_| ()))
+    }
+
     pub fn record_heartbeat(&mut self, trial_id: i64) -> Result<()> {
         self.write(|tx| upsert_heartbeat(tx, trial_id))
     }
