@@ -133,7 +133,13 @@ impl<O: ArrayOps> ArrayModel<O> {
             (&mut self.grads, Out { offset: w, stride: p }),
         )?;
         if let Some(b) = b {
-            ops.bias_backward(t, RowShape { rows: n, width: out, param: b, param2: 0 }, dy, &mut self.grads, p)?;
+            ops.bias_backward(
+                t,
+                RowShape { rows: n, width: out, param: b, param2: 0 },
+                dy,
+                &mut self.grads,
+                p,
+            )?;
         }
         if let Some((dx, accumulate)) = dx {
             let weight = Operand { rows: out, cols: inp, offset: w, stride: p, transposed: false };
@@ -163,7 +169,18 @@ impl<O: ArrayOps> ArrayModel<O> {
         let mut rstd = ops.zeros(t * rows)?;
         let sh = RowShape { rows, width: h, param: gamma, param2: beta };
         let eps = self.config.layer_norm_eps;
-        ops.layernorm_forward(t, sh, eps, x, residual, &self.params, self.layout.len, &mut y, &mut xhat, &mut rstd)?;
+        ops.layernorm_forward(
+            t,
+            sh,
+            eps,
+            x,
+            residual,
+            &self.params,
+            self.layout.len,
+            &mut y,
+            &mut xhat,
+            &mut rstd,
+        )?;
         Ok((y, xhat, rstd))
     }
 
@@ -184,7 +201,15 @@ impl<O: ArrayOps> ArrayModel<O> {
         Ok(dx)
     }
 
-    fn dropout(&self, tick: &O::Tick, lt: &TickLayout, x: &mut O::Buf, n: usize, site: u32, p: f64) -> Result<()> {
+    fn dropout(
+        &self,
+        tick: &O::Tick,
+        lt: &TickLayout,
+        x: &mut O::Buf,
+        n: usize,
+        site: u32,
+        p: f64,
+    ) -> Result<()> {
         if p > 0.0 { self.ops.dropout(tick, lt, x, n, site, p) } else { Ok(()) }
     }
 
@@ -201,7 +226,8 @@ impl<O: ArrayOps> ArrayModel<O> {
         let mut emb = ops.zeros(t * n * h)?;
         ops.embedding_forward(tick, lt, &self.params, p, &mut emb)?;
         let e = &self.layout.embeddings;
-        let (mut x, emb_xhat, emb_rstd) = self.layernorm(&emb, None, n, e.ln_weight.start, e.ln_bias.start)?;
+        let (mut x, emb_xhat, emb_rstd) =
+            self.layernorm(&emb, None, n, e.ln_weight.start, e.ln_bias.start)?;
         self.dropout(tick, lt, &mut x, n * h, 0, hidden_p)?;
 
         let mut inputs = Vec::new();
@@ -214,12 +240,20 @@ impl<O: ArrayOps> ArrayModel<O> {
         }
         let cls = x;
 
-        let mut pooled = self.linear(&cls, b, h, h, self.layout.pooler_w.start, self.layout.pooler_b.start)?;
+        let mut pooled =
+            self.linear(&cls, b, h, h, self.layout.pooler_w.start, self.layout.pooler_b.start)?;
         ops.tanh_forward(&mut pooled, t * b * h)?;
         let mut pooled_dropped = ops.zeros(t * b * h)?;
         ops.copy(&pooled, 0, &mut pooled_dropped, 0, t * b * h)?;
         let classifier_p = drop.map_or(0.0, |d| d.classifier);
-        self.dropout(tick, lt, &mut pooled_dropped, b * h, site_pooled(self.layout.layers.len()), classifier_p)?;
+        self.dropout(
+            tick,
+            lt,
+            &mut pooled_dropped,
+            b * h,
+            site_pooled(self.layout.layers.len()),
+            classifier_p,
+        )?;
         let (cw, cb) = (self.layout.classifier_w.start, self.layout.classifier_b.start);
         let logits = self.linear(&pooled_dropped, b, h, nl, cw, cb)?;
         inputs.push(cls);
@@ -284,7 +318,8 @@ impl<O: ArrayOps> ArrayModel<O> {
         self.dropout(tick, lt, &mut z, nq * h, site_ffn_out(l), hidden_p)?;
         let (out, ln2_xhat, ln2_rstd) =
             self.layernorm(&z, Some(&h1), nq, lp.out_ln_weight.start, lp.out_ln_bias.start)?;
-        let cache = LayerCache { xq, q, k, v, ctx, lse, h1, ln1_xhat, ln1_rstd, pre, act, ln2_xhat, ln2_rstd };
+        let cache =
+            LayerCache { xq, q, k, v, ctx, lse, h1, ln1_xhat, ln1_rstd, pre, act, ln2_xhat, ln2_rstd };
         Ok((out, cache))
     }
 
@@ -303,7 +338,8 @@ impl<O: ArrayOps> ArrayModel<O> {
         let mut dlogits = if want_grad { Some(ops.zeros(t * b * nl)?) } else { None };
         ops.cross_entropy(tick, lt, nl, &fwd.logits, &mut losses, dlogits.as_mut())?;
         let host = ops.read(&losses, 0, t * b)?;
-        let sums = (0..t).map(|i| host[i * b..i * b + lt.real_seqs[i]].iter().map(|v| *v as f64).sum()).collect();
+        let sums =
+            (0..t).map(|i| host[i * b..i * b + lt.real_seqs[i]].iter().map(|v| *v as f64).sum()).collect();
         Ok((sums, dlogits))
     }
 
@@ -318,7 +354,13 @@ impl<O: ArrayOps> ArrayModel<O> {
         Ok(sums)
     }
 
-    fn backward(&mut self, tick: &O::Tick, lt: &TickLayout, fwd: &ForwardState<O::Buf>, dlogits: &O::Buf) -> Result<()> {
+    fn backward(
+        &mut self,
+        tick: &O::Tick,
+        lt: &TickLayout,
+        fwd: &ForwardState<O::Buf>,
+        dlogits: &O::Buf,
+    ) -> Result<()> {
         let c = self.config.clone();
         let (t, h, nl, b, n) = (self.trials, c.hidden_size, c.num_labels, lt.seqs, lt.rows);
         let drop = lt.dropout.expect("training tick");
@@ -341,7 +383,14 @@ impl<O: ArrayOps> ArrayModel<O> {
 
         self.dropout(tick, lt, &mut dx, n * h, 0, drop.hidden)?;
         let e = self.layout.embeddings.clone();
-        let demb = self.layernorm_backward(&dx, &fwd.emb_xhat, &fwd.emb_rstd, n, e.ln_weight.start, e.ln_bias.start)?;
+        let demb = self.layernorm_backward(
+            &dx,
+            &fwd.emb_xhat,
+            &fwd.emb_rstd,
+            n,
+            e.ln_weight.start,
+            e.ln_bias.start,
+        )?;
         let p = self.layout.len;
         self.ops.embedding_backward(tick, lt, &demb, &mut self.grads, p)
     }
@@ -363,24 +412,56 @@ impl<O: ArrayOps> ArrayModel<O> {
         let hidden_p = lt.dropout.map_or(0.0, |d| d.hidden);
         let xq = lc.xq.as_ref().unwrap_or(x);
 
-        let mut dz = self.layernorm_backward(dout, &lc.ln2_xhat, &lc.ln2_rstd, nq, lp.out_ln_weight.start, lp.out_ln_bias.start)?;
+        let mut dz = self.layernorm_backward(
+            dout,
+            &lc.ln2_xhat,
+            &lc.ln2_rstd,
+            nq,
+            lp.out_ln_weight.start,
+            lp.out_ln_bias.start,
+        )?;
         let mut dh1 = self.ops.zeros(t * nq * h)?;
         self.ops.copy(&dz, 0, &mut dh1, 0, t * nq * h)?;
         self.dropout(tick, lt, &mut dz, nq * h, site_ffn_out(l), hidden_p)?;
         let mut dact = self.ops.zeros(t * nq * inter)?;
-        self.linear_backward(&lc.act, &dz, nq, inter, h, lp.out_w.start, Some(lp.out_b.start), Some((&mut dact, false)))?;
+        self.linear_backward(
+            &lc.act,
+            &dz,
+            nq,
+            inter,
+            h,
+            lp.out_w.start,
+            Some(lp.out_b.start),
+            Some((&mut dact, false)),
+        )?;
         let mut dpre = self.ops.zeros(t * nq * inter)?;
         let sh = RowShape { rows: nq, width: inter, param: lp.inter_b.start, param2: 0 };
         let p = self.layout.len;
         self.ops.gelu_backward(t, sh, &lc.pre, &dact, &mut dpre, &mut self.grads, p)?;
         self.linear_backward(&lc.h1, &dpre, nq, h, inter, lp.inter_w.start, None, Some((&mut dh1, true)))?;
 
-        let mut dy = self.layernorm_backward(&dh1, &lc.ln1_xhat, &lc.ln1_rstd, nq, lp.attn_ln_weight.start, lp.attn_ln_bias.start)?;
+        let mut dy = self.layernorm_backward(
+            &dh1,
+            &lc.ln1_xhat,
+            &lc.ln1_rstd,
+            nq,
+            lp.attn_ln_weight.start,
+            lp.attn_ln_bias.start,
+        )?;
         let mut dxq = self.ops.zeros(t * nq * h)?;
         self.ops.copy(&dy, 0, &mut dxq, 0, t * nq * h)?;
         self.dropout(tick, lt, &mut dy, nq * h, site_attn_out(l), hidden_p)?;
         let mut dctx = self.ops.zeros(t * nq * h)?;
-        self.linear_backward(&lc.ctx, &dy, nq, h, h, lp.attn_out_w.start, Some(lp.attn_out_b.start), Some((&mut dctx, false)))?;
+        self.linear_backward(
+            &lc.ctx,
+            &dy,
+            nq,
+            h,
+            h,
+            lp.attn_out_w.start,
+            Some(lp.attn_out_b.start),
+            Some((&mut dctx, false)),
+        )?;
 
         // Query rows of no attention block keep these zeros.
         let mut dq = self.ops.zeros(t * nq * h)?;
@@ -403,10 +484,28 @@ impl<O: ArrayOps> ArrayModel<O> {
             site_attn_probs(l),
         )?;
 
-        self.linear_backward(xq, &dq, nq, h, h, lp.query_w.start, Some(lp.query_b.start), Some((&mut dxq, true)))?;
+        self.linear_backward(
+            xq,
+            &dq,
+            nq,
+            h,
+            h,
+            lp.query_w.start,
+            Some(lp.query_b.start),
+            Some((&mut dxq, true)),
+        )?;
         let mut dx = self.ops.zeros(t * n * h)?;
         self.linear_backward(x, &dk, n, h, h, lp.key_w.start, Some(lp.key_b.start), Some((&mut dx, false)))?;
-        self.linear_backward(x, &dv, n, h, h, lp.value_w.start, Some(lp.value_b.start), Some((&mut dx, true)))?;
+        self.linear_backward(
+            x,
+            &dv,
+            n,
+            h,
+            h,
+            lp.value_w.start,
+            Some(lp.value_b.start),
+            Some((&mut dx, true)),
+        )?;
         if last {
             self.ops.scatter_add_cls(tick, lt, h, &dxq, &mut dx)?;
         } else {
@@ -427,6 +526,14 @@ impl<O: ArrayOps> ArrayModel<O> {
     /// Clip + AdamW for the listed slots (zeroing their gradients); returns their norms.
     pub fn optimizer_step(&mut self, steps: &[SlotStep]) -> Result<Vec<f64>> {
         let p = self.layout.len;
-        self.ops.optimizer_step(p, steps, &self.decay, &mut self.params, &mut self.grads, &mut self.m, &mut self.v)
+        self.ops.optimizer_step(
+            p,
+            steps,
+            &self.decay,
+            &mut self.params,
+            &mut self.grads,
+            &mut self.m,
+            &mut self.v,
+        )
     }
 }

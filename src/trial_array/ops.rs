@@ -21,6 +21,7 @@
 
 use anyhow::{Result, ensure};
 
+pub use super::schedule::DropoutProbs;
 use crate::cpu::adamw::AdamW;
 use crate::cpu::bert::{AttnSeq, Batch, Dropout, attention_layout};
 use crate::cpu::philox::DropoutRng;
@@ -115,14 +116,6 @@ pub struct TickLayout {
     pub heads: usize,
 }
 
-/// The dropout probabilities of a training tick.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct DropoutProbs {
-    pub hidden: f64,
-    pub attention: f64,
-    pub classifier: f64,
-}
-
 /// One slot's share of a tick for [`TickLayout::new`].
 pub struct SlotInput<'a> {
     pub batch: &'a Batch,
@@ -203,7 +196,11 @@ impl TickLayout {
             t.labels.extend(std::iter::repeat_n(0, seqs - batch.labels.len()));
             t.real_seqs.push(batch.seqs.len());
             t.real_rows.push(n);
-            t.rngs.push(slot.as_ref().and_then(|s| s.dropout).map_or(DropoutRng { seed: 0, stream: 0, step: 0 }, |d| d.rng));
+            t.rngs.push(
+                slot.as_ref()
+                    .and_then(|s| s.dropout)
+                    .map_or(DropoutRng { seed: 0, stream: 0, step: 0 }, |d| d.rng),
+            );
             t.loss_scale.push(slot.as_ref().map_or(0.0, |s| s.loss_scale));
         }
         Ok(t)
@@ -226,44 +223,176 @@ pub trait ArrayOps {
     /// Reads `n` values from `offset`.
     fn read(&self, src: &Self::Buf, offset: usize, n: usize) -> Result<Vec<f32>>;
     /// Copies `n` values between buffers (may be the same buffer only through two calls).
-    fn copy(&self, src: &Self::Buf, src_offset: usize, dst: &mut Self::Buf, dst_offset: usize, n: usize) -> Result<()>;
+    fn copy(
+        &self,
+        src: &Self::Buf,
+        src_offset: usize,
+        dst: &mut Self::Buf,
+        dst_offset: usize,
+        n: usize,
+    ) -> Result<()>;
     fn fill_zero(&self, buf: &mut Self::Buf, offset: usize, n: usize) -> Result<()>;
     fn tick(&self, layout: &TickLayout) -> Result<Self::Tick>;
 
     /// C = op(A)·op(B) + beta·C for every trial.
-    fn gemm(&self, trials: usize, a: (&Self::Buf, Operand), b: (&Self::Buf, Operand), beta: f32, c: (&mut Self::Buf, Out)) -> Result<()>;
+    fn gemm(
+        &self,
+        trials: usize,
+        a: (&Self::Buf, Operand),
+        b: (&Self::Buf, Operand),
+        beta: f32,
+        c: (&mut Self::Buf, Out),
+    ) -> Result<()>;
     /// out `[T, rows, H]` = word + position + token-type embeddings of the tick's rows.
-    fn embedding_forward(&self, tick: &Self::Tick, layout: &TickLayout, params: &Self::Buf, param_stride: usize, out: &mut Self::Buf) -> Result<()>;
+    fn embedding_forward(
+        &self,
+        tick: &Self::Tick,
+        layout: &TickLayout,
+        params: &Self::Buf,
+        param_stride: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
     /// Scatter-adds d `[T, rows, H]` into the embedding gradients (not the padding token's word row).
-    fn embedding_backward(&self, tick: &Self::Tick, layout: &TickLayout, d: &Self::Buf, grads: &mut Self::Buf, param_stride: usize) -> Result<()>;
+    fn embedding_backward(
+        &self,
+        tick: &Self::Tick,
+        layout: &TickLayout,
+        d: &Self::Buf,
+        grads: &mut Self::Buf,
+        param_stride: usize,
+    ) -> Result<()>;
     /// y = LN(x + residual)·γ + β; keeps xhat and rstd `[T, rows]`.
     #[allow(clippy::too_many_arguments)]
-    fn layernorm_forward(&self, trials: usize, sh: RowShape, eps: f64, x: &Self::Buf, residual: Option<&Self::Buf>, params: &Self::Buf, param_stride: usize, y: &mut Self::Buf, xhat: &mut Self::Buf, rstd: &mut Self::Buf) -> Result<()>;
+    fn layernorm_forward(
+        &self,
+        trials: usize,
+        sh: RowShape,
+        eps: f64,
+        x: &Self::Buf,
+        residual: Option<&Self::Buf>,
+        params: &Self::Buf,
+        param_stride: usize,
+        y: &mut Self::Buf,
+        xhat: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+    ) -> Result<()>;
     /// dx = LN backward of dy; dγ, dβ added into grads.
     #[allow(clippy::too_many_arguments)]
-    fn layernorm_backward(&self, trials: usize, sh: RowShape, dy: &Self::Buf, xhat: &Self::Buf, rstd: &Self::Buf, params: &Self::Buf, param_stride: usize, dx: &mut Self::Buf, grads: &mut Self::Buf) -> Result<()>;
+    fn layernorm_backward(
+        &self,
+        trials: usize,
+        sh: RowShape,
+        dy: &Self::Buf,
+        xhat: &Self::Buf,
+        rstd: &Self::Buf,
+        params: &Self::Buf,
+        param_stride: usize,
+        dx: &mut Self::Buf,
+        grads: &mut Self::Buf,
+    ) -> Result<()>;
     /// y += bias per row.
-    fn bias_add(&self, trials: usize, sh: RowShape, y: &mut Self::Buf, params: &Self::Buf, param_stride: usize) -> Result<()>;
+    fn bias_add(
+        &self,
+        trials: usize,
+        sh: RowShape,
+        y: &mut Self::Buf,
+        params: &Self::Buf,
+        param_stride: usize,
+    ) -> Result<()>;
     /// grads[bias] += Σ rows of dy.
-    fn bias_backward(&self, trials: usize, sh: RowShape, dy: &Self::Buf, grads: &mut Self::Buf, param_stride: usize) -> Result<()>;
+    fn bias_backward(
+        &self,
+        trials: usize,
+        sh: RowShape,
+        dy: &Self::Buf,
+        grads: &mut Self::Buf,
+        param_stride: usize,
+    ) -> Result<()>;
     /// pre += bias (in place), act = gelu(pre).
-    fn bias_gelu_forward(&self, trials: usize, sh: RowShape, pre: &mut Self::Buf, act: &mut Self::Buf, params: &Self::Buf, param_stride: usize) -> Result<()>;
+    fn bias_gelu_forward(
+        &self,
+        trials: usize,
+        sh: RowShape,
+        pre: &mut Self::Buf,
+        act: &mut Self::Buf,
+        params: &Self::Buf,
+        param_stride: usize,
+    ) -> Result<()>;
     /// dx = dy·gelu'(pre); grads[bias] += Σ rows of dx.
     #[allow(clippy::too_many_arguments)]
-    fn gelu_backward(&self, trials: usize, sh: RowShape, pre: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf, grads: &mut Self::Buf, param_stride: usize) -> Result<()>;
+    fn gelu_backward(
+        &self,
+        trials: usize,
+        sh: RowShape,
+        pre: &Self::Buf,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+        grads: &mut Self::Buf,
+        param_stride: usize,
+    ) -> Result<()>;
     /// In-place dropout of `n` values per trial (`[T, n]` dense) at `site`, element index from 0.
-    fn dropout(&self, tick: &Self::Tick, layout: &TickLayout, x: &mut Self::Buf, n: usize, site: u32, p: f64) -> Result<()>;
+    fn dropout(
+        &self,
+        tick: &Self::Tick,
+        layout: &TickLayout,
+        x: &mut Self::Buf,
+        n: usize,
+        site: u32,
+        p: f64,
+    ) -> Result<()>;
     /// ctx = dropout(softmax(q·kᵀ/√D))·v per block (`cls`: the [CLS]-only blocks, q has `seqs`
     /// rows); lse `[T, q_rows, heads]`. Query rows of no block are left as they are.
     #[allow(clippy::too_many_arguments)]
-    fn attention_forward(&self, tick: &Self::Tick, layout: &TickLayout, cls: bool, hidden: usize, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, ctx: &mut Self::Buf, lse: &mut Self::Buf, site: u32) -> Result<()>;
+    fn attention_forward(
+        &self,
+        tick: &Self::Tick,
+        layout: &TickLayout,
+        cls: bool,
+        hidden: usize,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        ctx: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        site: u32,
+    ) -> Result<()>;
     /// dq (rows of no block left as they are), dk and dv (zeroed first).
     #[allow(clippy::too_many_arguments)]
-    fn attention_backward(&self, tick: &Self::Tick, layout: &TickLayout, cls: bool, hidden: usize, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, ctx: &Self::Buf, lse: &Self::Buf, dctx: &Self::Buf, dq: &mut Self::Buf, dk: &mut Self::Buf, dv: &mut Self::Buf, site: u32) -> Result<()>;
+    fn attention_backward(
+        &self,
+        tick: &Self::Tick,
+        layout: &TickLayout,
+        cls: bool,
+        hidden: usize,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        ctx: &Self::Buf,
+        lse: &Self::Buf,
+        dctx: &Self::Buf,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        site: u32,
+    ) -> Result<()>;
     /// out `[T, seqs, H]` = the [CLS] rows of x `[T, rows, H]`.
-    fn gather_cls(&self, tick: &Self::Tick, layout: &TickLayout, hidden: usize, x: &Self::Buf, out: &mut Self::Buf) -> Result<()>;
+    fn gather_cls(
+        &self,
+        tick: &Self::Tick,
+        layout: &TickLayout,
+        hidden: usize,
+        x: &Self::Buf,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
     /// dx `[T, rows, H]` [CLS] rows += d `[T, seqs, H]`.
-    fn scatter_add_cls(&self, tick: &Self::Tick, layout: &TickLayout, hidden: usize, d: &Self::Buf, dx: &mut Self::Buf) -> Result<()>;
+    fn scatter_add_cls(
+        &self,
+        tick: &Self::Tick,
+        layout: &TickLayout,
+        hidden: usize,
+        d: &Self::Buf,
+        dx: &mut Self::Buf,
+    ) -> Result<()>;
     /// x = tanh(x), n values in all.
     fn tanh_forward(&self, x: &mut Self::Buf, n: usize) -> Result<()>;
     /// d *= 1 − y², n values in all.
@@ -272,10 +401,27 @@ pub trait ArrayOps {
     fn add(&self, y: &mut Self::Buf, x: &Self::Buf, n: usize) -> Result<()>;
     /// Per-sequence losses `[T, seqs]` and, with `dlogits`, (softmax − onehot)·loss_scale with the
     /// dummy sequences' rows zeroed.
-    fn cross_entropy(&self, tick: &Self::Tick, layout: &TickLayout, classes: usize, logits: &Self::Buf, losses: &mut Self::Buf, dlogits: Option<&mut Self::Buf>) -> Result<()>;
+    fn cross_entropy(
+        &self,
+        tick: &Self::Tick,
+        layout: &TickLayout,
+        classes: usize,
+        logits: &Self::Buf,
+        losses: &mut Self::Buf,
+        dlogits: Option<&mut Self::Buf>,
+    ) -> Result<()>;
     /// For each listed slot: global gradient norm of its `[P]` gradients (returned), clip to the
     /// slot's max norm, AdamW, and zero the gradients. A slot whose norm is not finite is left
     /// unchanged but for its zeroed gradients.
     #[allow(clippy::too_many_arguments)]
-    fn optimizer_step(&self, param_len: usize, steps: &[SlotStep], decay: &Self::Buf, params: &mut Self::Buf, grads: &mut Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf) -> Result<Vec<f64>>;
+    fn optimizer_step(
+        &self,
+        param_len: usize,
+        steps: &[SlotStep],
+        decay: &Self::Buf,
+        params: &mut Self::Buf,
+        grads: &mut Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+    ) -> Result<Vec<f64>>;
 }

@@ -27,7 +27,12 @@ pub struct EmbeddingOffsets {
 impl EmbeddingOffsets {
     pub fn of(layout: &crate::model::layout::ParamLayout, hidden: usize) -> Self {
         let e = &layout.embeddings;
-        EmbeddingOffsets { word: e.word.start, position: e.position.start, token_type: e.token_type.start, hidden }
+        EmbeddingOffsets {
+            word: e.word.start,
+            position: e.position.start,
+            token_type: e.token_type.start,
+            hidden,
+        }
     }
 }
 
@@ -36,7 +41,11 @@ fn view(data: &[f32], op: Operand, trial: usize) -> Mat<'_, f32> {
     if op.transposed { Mat::rm_t(d, op.rows, op.cols) } else { Mat::rm(d, op.rows, op.cols) }
 }
 
-fn attn_dropout(lt: &TickLayout, trial: usize, site: u32) -> Option<(&crate::cpu::philox::DropoutRng, f64, u32)> {
+fn attn_dropout(
+    lt: &TickLayout,
+    trial: usize,
+    site: u32,
+) -> Option<(&crate::cpu::philox::DropoutRng, f64, u32)> {
     lt.dropout.filter(|d| d.attention > 0.0).map(|d| (&lt.rngs[trial], d.attention, site))
 }
 
@@ -79,7 +88,14 @@ impl ArrayOps for CpuOps {
         Ok(())
     }
 
-    fn gemm(&self, trials: usize, a: (&Vec<f32>, Operand), b: (&Vec<f32>, Operand), beta: f32, c: (&mut Vec<f32>, Out)) -> Result<()> {
+    fn gemm(
+        &self,
+        trials: usize,
+        a: (&Vec<f32>, Operand),
+        b: (&Vec<f32>, Operand),
+        beta: f32,
+        c: (&mut Vec<f32>, Out),
+    ) -> Result<()> {
         let ((ab, ao), (bb, bo), (cb, co)) = (a, b, c);
         let (m, k) = ao.shape();
         let (k2, n) = bo.shape();
@@ -91,7 +107,14 @@ impl ArrayOps for CpuOps {
         Ok(())
     }
 
-    fn embedding_forward(&self, _: &(), lt: &TickLayout, params: &Vec<f32>, ps: usize, out: &mut Vec<f32>) -> Result<()> {
+    fn embedding_forward(
+        &self,
+        _: &(),
+        lt: &TickLayout,
+        params: &Vec<f32>,
+        ps: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         let e = self.embedding;
         let h = e.hidden;
         for t in 0..lt.trials {
@@ -100,14 +123,22 @@ impl ArrayOps for CpuOps {
                 let i = t * lt.rows + r;
                 let (id, pos, ty) = (lt.ids[i] as usize, lt.positions[i] as usize, lt.types[i] as usize);
                 for j in 0..h {
-                    out[i * h + j] = p[e.word + id * h + j] + p[e.position + pos * h + j] + p[e.token_type + ty * h + j];
+                    out[i * h + j] =
+                        p[e.word + id * h + j] + p[e.position + pos * h + j] + p[e.token_type + ty * h + j];
                 }
             }
         }
         Ok(())
     }
 
-    fn embedding_backward(&self, _: &(), lt: &TickLayout, d: &Vec<f32>, grads: &mut Vec<f32>, ps: usize) -> Result<()> {
+    fn embedding_backward(
+        &self,
+        _: &(),
+        lt: &TickLayout,
+        d: &Vec<f32>,
+        grads: &mut Vec<f32>,
+        ps: usize,
+    ) -> Result<()> {
         let e = self.embedding;
         let h = e.hidden;
         for t in 0..lt.trials {
@@ -195,7 +226,14 @@ impl ArrayOps for CpuOps {
         Ok(())
     }
 
-    fn bias_add(&self, trials: usize, sh: RowShape, y: &mut Vec<f32>, params: &Vec<f32>, ps: usize) -> Result<()> {
+    fn bias_add(
+        &self,
+        trials: usize,
+        sh: RowShape,
+        y: &mut Vec<f32>,
+        params: &Vec<f32>,
+        ps: usize,
+    ) -> Result<()> {
         let (n, w) = (sh.rows, sh.width);
         for t in 0..trials {
             let b = &params[t * ps + sh.param..t * ps + sh.param + w];
@@ -206,7 +244,14 @@ impl ArrayOps for CpuOps {
         Ok(())
     }
 
-    fn bias_backward(&self, trials: usize, sh: RowShape, dy: &Vec<f32>, grads: &mut Vec<f32>, ps: usize) -> Result<()> {
+    fn bias_backward(
+        &self,
+        trials: usize,
+        sh: RowShape,
+        dy: &Vec<f32>,
+        grads: &mut Vec<f32>,
+        ps: usize,
+    ) -> Result<()> {
         let (n, w) = (sh.rows, sh.width);
         for t in 0..trials {
             let g = &mut grads[t * ps + sh.param..t * ps + sh.param + w];
@@ -217,14 +262,31 @@ impl ArrayOps for CpuOps {
         Ok(())
     }
 
-    fn bias_gelu_forward(&self, trials: usize, sh: RowShape, pre: &mut Vec<f32>, act: &mut Vec<f32>, params: &Vec<f32>, ps: usize) -> Result<()> {
+    fn bias_gelu_forward(
+        &self,
+        trials: usize,
+        sh: RowShape,
+        pre: &mut Vec<f32>,
+        act: &mut Vec<f32>,
+        params: &Vec<f32>,
+        ps: usize,
+    ) -> Result<()> {
         self.bias_add(trials, sh, pre, params, ps)?;
         let n = trials * sh.rows * sh.width;
         bert::gelu_forward(&pre[..n], &mut act[..n]);
         Ok(())
     }
 
-    fn gelu_backward(&self, trials: usize, sh: RowShape, pre: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>, grads: &mut Vec<f32>, ps: usize) -> Result<()> {
+    fn gelu_backward(
+        &self,
+        trials: usize,
+        sh: RowShape,
+        pre: &Vec<f32>,
+        dy: &Vec<f32>,
+        dx: &mut Vec<f32>,
+        grads: &mut Vec<f32>,
+        ps: usize,
+    ) -> Result<()> {
         let n = trials * sh.rows * sh.width;
         bert::gelu_backward(&pre[..n], &dy[..n], &mut dx[..n]);
         self.bias_backward(trials, sh, dx, grads, ps)
@@ -295,7 +357,17 @@ impl ArrayOps for CpuOps {
             // Recompute the probabilities, as the GPU does from lse.
             let mut probs = vec![0.0f32; prob_count(seqs, lt.heads)];
             let mut scratch = vec![0.0f32; nq * h];
-            bert::attention_forward(&q[qa.clone()], &k[ka.clone()], &v[ka.clone()], seqs, lt.heads, h, &mut probs, &mut scratch, None);
+            bert::attention_forward(
+                &q[qa.clone()],
+                &k[ka.clone()],
+                &v[ka.clone()],
+                seqs,
+                lt.heads,
+                h,
+                &mut probs,
+                &mut scratch,
+                None,
+            );
             bert::attention_backward(
                 &q[qa.clone()],
                 &k[ka.clone()],
@@ -326,7 +398,14 @@ impl ArrayOps for CpuOps {
         Ok(())
     }
 
-    fn scatter_add_cls(&self, _: &(), lt: &TickLayout, h: usize, d: &Vec<f32>, dx: &mut Vec<f32>) -> Result<()> {
+    fn scatter_add_cls(
+        &self,
+        _: &(),
+        lt: &TickLayout,
+        h: usize,
+        d: &Vec<f32>,
+        dx: &mut Vec<f32>,
+    ) -> Result<()> {
         for t in 0..lt.trials {
             for i in 0..lt.seqs {
                 let r = lt.cls_rows[t * lt.seqs + i] as usize;
@@ -353,7 +432,15 @@ impl ArrayOps for CpuOps {
         Ok(())
     }
 
-    fn cross_entropy(&self, _: &(), lt: &TickLayout, c: usize, logits: &Vec<f32>, losses: &mut Vec<f32>, dlogits: Option<&mut Vec<f32>>) -> Result<()> {
+    fn cross_entropy(
+        &self,
+        _: &(),
+        lt: &TickLayout,
+        c: usize,
+        logits: &Vec<f32>,
+        losses: &mut Vec<f32>,
+        dlogits: Option<&mut Vec<f32>>,
+    ) -> Result<()> {
         let b = lt.seqs;
         for t in 0..lt.trials {
             let rows = &logits[t * b * c..(t + 1) * b * c];
@@ -399,7 +486,8 @@ impl ArrayOps for CpuOps {
             let g = &mut grads[r.clone()];
             let norm = clip_grad_norm(g, s.max_grad_norm);
             if norm.is_finite() {
-                let mut state = AdamState { m: m[r.clone()].to_vec(), v: v[r.clone()].to_vec(), step: s.step - 1 };
+                let mut state =
+                    AdamState { m: m[r.clone()].to_vec(), v: v[r.clone()].to_vec(), step: s.step - 1 };
                 s.adamw.step(&mut params[r.clone()], g, &decay, &mut state, s.lr);
                 m[r.clone()].copy_from_slice(&state.m);
                 v[r.clone()].copy_from_slice(&state.v);
