@@ -17,7 +17,7 @@ use hpo_gpu::trial_array::cpu::CpuArrayBackend;
 use hpo_gpu::trial_array::device::DeviceArrayBackend;
 use hpo_gpu::trial_array::ops_cpu::{CpuOps, EmbeddingOffsets};
 use hpo_gpu::trial_array::schedule::{
-    ArrayHost, ArrayOptions, ArrayTrial, DropoutProbs, TrialEnd, run_array,
+    ArrayHost, ArrayOptions, ArrayTrial, DropoutProbs, TrialEnd, run_array, train_one,
 };
 use hpo_gpu::trial_array::{
     ArrayBackend, ArrayError, ArrayResult, SlotEval, SlotMicroBatch, SlotOptimizerStep,
@@ -769,4 +769,30 @@ fn device_backend_fails_a_diverging_slot_alone() {
         assert_epochs_identical(e1, e2, &format!("trial {k}"));
         assert_eq!(p1, p2, "trial {k} parameters");
     }
+}
+
+/// `hpo-gpu train --device cuda` trains through a one-slot array with micro-batch = batch size:
+/// on the CPU backend that is exactly `train()`, and the device code path (host ops) is within
+/// rounding of it.
+#[test]
+fn train_one_is_train() {
+    let fx = fixture();
+    let c = cfg(3e-3, 8, 2);
+    let (want_epochs, want_params) = fx.train_alone(&c, true, None);
+    let mut seen = Vec::new();
+    let mut on_epoch = |m: &EpochMetrics| -> Result<Verdict> {
+        seen.push(m.epoch);
+        Ok(Verdict::Continue)
+    };
+    let (result, params) =
+        train_one(&mut CpuArrayBackend::new(&fx.config, 1), fx.trial(0, c.clone(), true), 8, &mut on_epoch)
+            .unwrap();
+    assert_eq!(seen, [1, 2]);
+    assert_epochs_identical(&result.epochs, &want_epochs, "train_one on the CPU backend");
+    assert_eq!(params, want_params);
+    let mut quiet = |_: &EpochMetrics| -> Result<Verdict> { Ok(Verdict::Continue) };
+    let (result, params) =
+        train_one(&mut device_backend(&fx.config, 1), fx.trial(0, c, true), 8, &mut quiet).unwrap();
+    assert_epochs_close(&result.epochs, &want_epochs, 1e-5, "train_one on host ops");
+    assert!(rel(&params, &want_params) <= 1e-5);
 }

@@ -64,7 +64,13 @@ impl CudaOps {
     }
 
     fn op(o: Operand) -> GpuOperand {
-        GpuOperand { rows: o.rows, cols: o.cols, offset: o.offset, stride: o.stride, transposed: o.transposed }
+        GpuOperand {
+            rows: o.rows,
+            cols: o.cols,
+            offset: o.offset,
+            stride: o.stride,
+            transposed: o.transposed,
+        }
     }
 
     fn ln_shape(trials: usize, sh: RowShape, param_stride: usize) -> LayerNormShape {
@@ -81,7 +87,14 @@ impl CudaOps {
     }
 
     fn bias_shape(trials: usize, sh: RowShape, param_stride: usize) -> BiasShape {
-        BiasShape { trials, rows: sh.rows, width: sh.width, act_stride: sh.rows * sh.width, param_stride, bias: sh.param }
+        BiasShape {
+            trials,
+            rows: sh.rows,
+            width: sh.width,
+            act_stride: sh.rows * sh.width,
+            param_stride,
+            bias: sh.param,
+        }
     }
 
     fn attn_shape(lt: &TickLayout, cls: bool, hidden: usize, head_dim: usize) -> AttnShape {
@@ -96,7 +109,13 @@ impl CudaOps {
     }
 
     /// A launch of one of kernels/rows.cu's element-wise kernels over `n` values.
-    fn elementwise(&self, name: &str, y: &mut CudaSlice<f32>, x: Option<&CudaSlice<f32>>, n: usize) -> Result<()> {
+    fn elementwise(
+        &self,
+        name: &str,
+        y: &mut CudaSlice<f32>,
+        x: Option<&CudaSlice<f32>>,
+        n: usize,
+    ) -> Result<()> {
         ensure!(n <= y.len() && x.is_none_or(|x| n <= x.len()), "{name}: {n} values exceed the buffers");
         if n == 0 {
             return Ok(());
@@ -123,7 +142,17 @@ impl CudaOps {
 
     /// gather_rows / scatter_add_rows over the tick's [CLS] rows.
     #[allow(clippy::too_many_arguments)]
-    fn cls_rows(&self, name: &str, tick: &CudaTick, lt: &TickLayout, h: usize, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, dst_stride: usize, src_stride: usize) -> Result<()> {
+    fn cls_rows(
+        &self,
+        name: &str,
+        tick: &CudaTick,
+        lt: &TickLayout,
+        h: usize,
+        dst: &mut CudaSlice<f32>,
+        src: &CudaSlice<f32>,
+        dst_stride: usize,
+        src_stride: usize,
+    ) -> Result<()> {
         ensure!(
             dst.len() >= lt.trials * dst_stride && src.len() >= lt.trials * src_stride,
             "{name}: buffers too small for {} trials",
@@ -143,7 +172,10 @@ impl CudaOps {
         };
         let mut b = s.launch_builder(&f);
         b.arg(&pd).arg(&ps).arg(&pr).arg(&b_).arg(&hi).arg(&s1).arg(&s2);
-        launched(name, unsafe { b.launch(config(blocks(lt.seqs * h, 256), lt.trials, 1, 256, 0)?) }.map(|_| ()))
+        launched(
+            name,
+            unsafe { b.launch(config(blocks(lt.seqs * h, 256), lt.trials, 1, 256, 0)?) }.map(|_| ()),
+        )
     }
 }
 
@@ -166,7 +198,14 @@ impl ArrayOps for CudaOps {
         ensure!(offset + n <= src.len(), "read past the end of a device buffer");
         self.gpu.stream.clone_dtoh(&src.slice(offset..offset + n)).map_err(dev("copying from the device"))
     }
-    fn copy(&self, src: &CudaSlice<f32>, so: usize, dst: &mut CudaSlice<f32>, d_o: usize, n: usize) -> Result<()> {
+    fn copy(
+        &self,
+        src: &CudaSlice<f32>,
+        so: usize,
+        dst: &mut CudaSlice<f32>,
+        d_o: usize,
+        n: usize,
+    ) -> Result<()> {
         ensure!(so + n <= src.len() && d_o + n <= dst.len(), "device copy past the end of a buffer");
         let mut view = dst.slice_mut(d_o..d_o + n);
         self.gpu.stream.memcpy_dtod(&src.slice(so..so + n), &mut view).map_err(dev("device-to-device copy"))
@@ -181,7 +220,11 @@ impl ArrayOps for CudaOps {
         let g = &self.gpu;
         let heads = lt.heads;
         let up_u32 = |v: &[u32]| g.stream.clone_htod(v).map_err(dev("uploading a tick"));
-        let rngs = if lt.rngs.is_empty() { vec![crate::cpu::philox::DropoutRng { seed: 0, stream: 0, step: 0 }] } else { lt.rngs.clone() };
+        let rngs = if lt.rngs.is_empty() {
+            vec![crate::cpu::philox::DropoutRng { seed: 0, stream: 0, step: 0 }]
+        } else {
+            lt.rngs.clone()
+        };
         let real: Vec<u32> = lt.real_seqs.iter().map(|n| *n as u32).collect();
         Ok(CudaTick {
             tokens: DeviceTokens::upload(g, &lt.ids, &lt.types, &lt.positions, lt.rows, self.tables)?,
@@ -195,15 +238,46 @@ impl ArrayOps for CudaOps {
         })
     }
 
-    fn gemm(&self, trials: usize, a: (&CudaSlice<f32>, Operand), b: (&CudaSlice<f32>, Operand), beta: f32, c: (&mut CudaSlice<f32>, Out)) -> Result<()> {
+    fn gemm(
+        &self,
+        trials: usize,
+        a: (&CudaSlice<f32>, Operand),
+        b: (&CudaSlice<f32>, Operand),
+        beta: f32,
+        c: (&mut CudaSlice<f32>, Out),
+    ) -> Result<()> {
         let (cb, co) = c;
-        gemm_trials(&self.gpu, trials, 1.0f32, (a.0, Self::op(a.1)), (b.0, Self::op(b.1)), beta, cb, co.offset, co.stride)
+        gemm_trials(
+            &self.gpu,
+            trials,
+            1.0f32,
+            (a.0, Self::op(a.1)),
+            (b.0, Self::op(b.1)),
+            beta,
+            cb,
+            co.offset,
+            co.stride,
+        )
     }
 
-    fn embedding_forward(&self, tick: &CudaTick, lt: &TickLayout, params: &CudaSlice<f32>, ps: usize, out: &mut CudaSlice<f32>) -> Result<()> {
+    fn embedding_forward(
+        &self,
+        tick: &CudaTick,
+        lt: &TickLayout,
+        params: &CudaSlice<f32>,
+        ps: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         embedding_forward(&self.gpu, out, lt.rows * self.tables.hidden, params, ps, &tick.tokens, lt.trials)
     }
-    fn embedding_backward(&self, tick: &CudaTick, lt: &TickLayout, d: &CudaSlice<f32>, grads: &mut CudaSlice<f32>, ps: usize) -> Result<()> {
+    fn embedding_backward(
+        &self,
+        tick: &CudaTick,
+        lt: &TickLayout,
+        d: &CudaSlice<f32>,
+        grads: &mut CudaSlice<f32>,
+        ps: usize,
+    ) -> Result<()> {
         let stride = lt.rows * self.tables.hidden;
         embedding_backward(&self.gpu, grads, ps, d, stride, &tick.tokens, self.pad_token_id, lt.trials)
     }
@@ -237,19 +311,58 @@ impl ArrayOps for CudaOps {
     ) -> Result<()> {
         layernorm_backward(&self.gpu, &Self::ln_shape(trials, sh, ps), dy, xhat, rstd, params, dx, grads)
     }
-    fn bias_add(&self, trials: usize, sh: RowShape, y: &mut CudaSlice<f32>, params: &CudaSlice<f32>, ps: usize) -> Result<()> {
+    fn bias_add(
+        &self,
+        trials: usize,
+        sh: RowShape,
+        y: &mut CudaSlice<f32>,
+        params: &CudaSlice<f32>,
+        ps: usize,
+    ) -> Result<()> {
         bias_add(&self.gpu, &Self::bias_shape(trials, sh, ps), y, params)
     }
-    fn bias_backward(&self, trials: usize, sh: RowShape, dy: &CudaSlice<f32>, grads: &mut CudaSlice<f32>, ps: usize) -> Result<()> {
+    fn bias_backward(
+        &self,
+        trials: usize,
+        sh: RowShape,
+        dy: &CudaSlice<f32>,
+        grads: &mut CudaSlice<f32>,
+        ps: usize,
+    ) -> Result<()> {
         bias_backward(&self.gpu, &Self::bias_shape(trials, sh, ps), dy, grads)
     }
-    fn bias_gelu_forward(&self, trials: usize, sh: RowShape, pre: &mut CudaSlice<f32>, act: &mut CudaSlice<f32>, params: &CudaSlice<f32>, ps: usize) -> Result<()> {
+    fn bias_gelu_forward(
+        &self,
+        trials: usize,
+        sh: RowShape,
+        pre: &mut CudaSlice<f32>,
+        act: &mut CudaSlice<f32>,
+        params: &CudaSlice<f32>,
+        ps: usize,
+    ) -> Result<()> {
         bias_gelu_forward(&self.gpu, &Self::bias_shape(trials, sh, ps), pre, params, act)
     }
-    fn gelu_backward(&self, trials: usize, sh: RowShape, pre: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>, grads: &mut CudaSlice<f32>, ps: usize) -> Result<()> {
+    fn gelu_backward(
+        &self,
+        trials: usize,
+        sh: RowShape,
+        pre: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        grads: &mut CudaSlice<f32>,
+        ps: usize,
+    ) -> Result<()> {
         gelu_backward(&self.gpu, &Self::bias_shape(trials, sh, ps), pre, dy, dx, Some(grads))
     }
-    fn dropout(&self, tick: &CudaTick, lt: &TickLayout, x: &mut CudaSlice<f32>, n: usize, site: u32, p: f64) -> Result<()> {
+    fn dropout(
+        &self,
+        tick: &CudaTick,
+        lt: &TickLayout,
+        x: &mut CudaSlice<f32>,
+        n: usize,
+        site: u32,
+        p: f64,
+    ) -> Result<()> {
         let sh = DropoutShape { trials: lt.trials, n, stride: n, site, base: 0 };
         dropout(&self.gpu, &sh, p, &tick.rng, x, None)
     }
@@ -294,13 +407,29 @@ impl ArrayOps for CudaOps {
         let drop = lt.dropout.filter(|d| d.attention > 0.0).map(|d| AttnDropout { p: d.attention, site });
         let sh = Self::attn_shape(lt, cls, hidden, self.head_dim);
         let mut delta = self.zeros(lt.trials * sh.lse_stride)?;
-        attention_backward(&self.gpu, &sh, seqs, q, k, v, ctx, lse, dctx, &tick.rng, drop, &mut delta, dq, dk, dv)
+        attention_backward(
+            &self.gpu, &sh, seqs, q, k, v, ctx, lse, dctx, &tick.rng, drop, &mut delta, dq, dk, dv,
+        )
     }
 
-    fn gather_cls(&self, tick: &CudaTick, lt: &TickLayout, h: usize, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<()> {
+    fn gather_cls(
+        &self,
+        tick: &CudaTick,
+        lt: &TickLayout,
+        h: usize,
+        x: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         self.cls_rows("gather_rows_f32", tick, lt, h, out, x, lt.seqs * h, lt.rows * h)
     }
-    fn scatter_add_cls(&self, tick: &CudaTick, lt: &TickLayout, h: usize, d: &CudaSlice<f32>, dx: &mut CudaSlice<f32>) -> Result<()> {
+    fn scatter_add_cls(
+        &self,
+        tick: &CudaTick,
+        lt: &TickLayout,
+        h: usize,
+        d: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         self.cls_rows("scatter_add_rows_f32", tick, lt, h, dx, d, lt.rows * h, lt.seqs * h)
     }
     fn tanh_forward(&self, x: &mut CudaSlice<f32>, n: usize) -> Result<()> {
@@ -313,7 +442,15 @@ impl ArrayOps for CudaOps {
         self.elementwise("add_f32", y, Some(x), n)
     }
 
-    fn cross_entropy(&self, tick: &CudaTick, lt: &TickLayout, c: usize, logits: &CudaSlice<f32>, losses: &mut CudaSlice<f32>, dlogits: Option<&mut CudaSlice<f32>>) -> Result<()> {
+    fn cross_entropy(
+        &self,
+        tick: &CudaTick,
+        lt: &TickLayout,
+        c: usize,
+        logits: &CudaSlice<f32>,
+        losses: &mut CudaSlice<f32>,
+        dlogits: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
         let (t, b) = (lt.trials, lt.seqs);
         let want_grad = dlogits.is_some();
         let mut dl = dlogits;
@@ -335,7 +472,10 @@ impl ArrayOps for CudaOps {
             let (bi, ci, stride) = (int("sequences", b)?, int("classes", c)?, (b * c) as u64);
             let mut l = s.launch_builder(&f);
             l.arg(&pd).arg(&pv).arg(&bi).arg(&ci).arg(&stride);
-            launched("zero_rows_from_f32", unsafe { l.launch(config(blocks(b * c, 256), t, 1, 256, 0)?) }.map(|_| ()))?;
+            launched(
+                "zero_rows_from_f32",
+                unsafe { l.launch(config(blocks(b * c, 256), t, 1, 256, 0)?) }.map(|_| ()),
+            )?;
         }
         Ok(())
     }
@@ -368,7 +508,10 @@ impl ArrayOps for CudaOps {
                 coef[s.slot] = c as f32;
             }
         }
-        self.gpu.stream.memcpy_htod(&coef, &mut norm.clip_coef).map_err(dev("uploading clip coefficients"))?;
+        self.gpu
+            .stream
+            .memcpy_htod(&coef, &mut norm.clip_coef)
+            .map_err(dev("uploading clip coefficients"))?;
         {
             let f = self.gpu.function("optimizer", "clip_grads")?;
             let s = &self.gpu.stream;
@@ -377,7 +520,10 @@ impl ArrayOps for CudaOps {
             let (pu, su) = (p as u64, p as u64);
             let mut b = s.launch_builder(&f);
             b.arg(&pg).arg(&pc).arg(&pu).arg(&su);
-            launched("clip_grads", unsafe { b.launch(config(blocks(p, 256), trials, 1, 256, 0)?) }.map(|_| ()))?;
+            launched(
+                "clip_grads",
+                unsafe { b.launch(config(blocks(p, 256), trials, 1, 256, 0)?) }.map(|_| ()),
+            )?;
         }
         // AdamW: one launch per distinct (β1, β2, ε); slots that do not step (or diverged) get
         // step 0, which the kernel skips.
@@ -389,12 +535,14 @@ impl ArrayOps for CudaOps {
             }
         }
         for g in &groups {
-            let mut ts = TrialSteps { lr: vec![0.0; trials], weight_decay: vec![0.0; trials], step: vec![0; trials] };
+            let mut ts =
+                TrialSteps { lr: vec![0.0; trials], weight_decay: vec![0.0; trials], step: vec![0; trials] };
             for (s, n) in steps.iter().zip(&out) {
                 if (s.adamw.beta1, s.adamw.beta2, s.adamw.eps) == (g.beta1, g.beta2, g.eps) && n.is_finite() {
                     ts.lr[s.slot] = s.lr;
                     ts.weight_decay[s.slot] = s.adamw.weight_decay;
-                    ts.step[s.slot] = u32::try_from(s.step).map_err(|_| anyhow!("optimizer step {} exceeds 32 bits", s.step))?;
+                    ts.step[s.slot] = u32::try_from(s.step)
+                        .map_err(|_| anyhow!("optimizer step {} exceeds 32 bits", s.step))?;
                 }
             }
             adamw(&self.gpu, g, &ts, &self.decay, params, grads, m, v, p, p)?;
@@ -404,4 +552,23 @@ impl ArrayOps for CudaOps {
         }
         Ok(out)
     }
+}
+
+/// The trial array on device 0 for models of `config`: T = `wanted` slots, or fewer when the free
+/// device memory holds fewer (each slot: 5·P fp32 values plus one micro-batch's activations of
+/// `micro_batch` sequences up to `max_len` tokens, with 15% headroom).
+pub fn cuda_array_backend(
+    config: &crate::config::BertConfig,
+    micro_batch: usize,
+    max_len: usize,
+    wanted: usize,
+) -> Result<crate::trial_array::device::DeviceArrayBackend<CudaOps>> {
+    let gpu = Gpu::new()?;
+    let layout = ParamLayout::new(config);
+    let (free, _total) = gpu.ctx.mem_get_info().map_err(dev("reading free device memory"))?;
+    let per_slot = crate::trial_array::bytes_per_slot(config, layout.len, micro_batch, max_len);
+    let slots = crate::trial_array::slots_that_fit(wanted.max(1), free as u64, per_slot, 0.15)?;
+    let name = format!("{} ({slots} slots)", gpu.name);
+    let ops = CudaOps::new(gpu, config, &layout)?;
+    crate::trial_array::device::DeviceArrayBackend::new(ops, config, slots, &name).map_err(|e| anyhow!("{e}"))
 }
