@@ -56,7 +56,12 @@ fn padded_multi_slot_ticks_match_the_cpu_reference() {
     let c = config();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     // Slot 2 is idle; the others differ in sequence count and row count.
-    let batches = [Some(batch(&mut rng, &[5, 9, 3])), Some(batch(&mut rng, &[12])), None, Some(batch(&mut rng, &[4, 4, 6, 2]))];
+    let batches = [
+        Some(batch(&mut rng, &[5, 9, 3])),
+        Some(batch(&mut rng, &[12])),
+        None,
+        Some(batch(&mut rng, &[4, 4, 6, 2])),
+    ];
     let models: Vec<BertModel> = (0..4).map(|i| BertModel::random_init(&c, 100 + i)).collect();
     let scales = [1.0 / 3.0, 0.5, 0.0, 0.25];
     let mut array = ArrayModel::new(ops(&c), &c, 4).unwrap();
@@ -65,12 +70,15 @@ fn padded_multi_slot_ticks_match_the_cpu_reference() {
         array.ops.write(&mut array.params, i * p, &m.params).unwrap();
     }
 
-    let dropout = |i: usize| Dropout::from_config(&c, DropoutRng { seed: 11 + i as u64, stream: i as u32, step: 3 });
+    let dropout =
+        |i: usize| Dropout::from_config(&c, DropoutRng { seed: 11 + i as u64, stream: i as u32, step: 3 });
     for tick_no in 0..2 {
         let slots: Vec<Option<SlotInput>> = batches
             .iter()
             .enumerate()
-            .map(|(i, b)| b.as_ref().map(|b| SlotInput { batch: b, loss_scale: scales[i], dropout: Some(dropout(i)) }))
+            .map(|(i, b)| {
+                b.as_ref().map(|b| SlotInput { batch: b, loss_scale: scales[i], dropout: Some(dropout(i)) })
+            })
             .collect();
         let lt = TickLayout::new(&slots, c.num_attention_heads, c.pad_token_id as u32).unwrap();
         assert!(lt.rows >= 12 && lt.seqs == 4, "padded to {} rows, {} sequences", lt.rows, lt.seqs);
@@ -99,7 +107,8 @@ fn padded_multi_slot_ticks_match_the_cpu_reference() {
 
     // Evaluation: every slot on the same batch, no dropout.
     let eval = batch(&mut rng, &[6, 10, 3]);
-    let slots: Vec<Option<SlotInput>> = (0..4).map(|_| Some(SlotInput { batch: &eval, loss_scale: 1.0, dropout: None })).collect();
+    let slots: Vec<Option<SlotInput>> =
+        (0..4).map(|_| Some(SlotInput { batch: &eval, loss_scale: 1.0, dropout: None })).collect();
     let lt = TickLayout::new(&slots, c.num_attention_heads, c.pad_token_id as u32).unwrap();
     let tick = array.ops.tick(&lt).unwrap();
     let (logits, sums) = array.eval_logits(&tick, &lt).unwrap();
@@ -113,8 +122,20 @@ fn padded_multi_slot_ticks_match_the_cpu_reference() {
 
     // One optimizer step for slots 0 and 3 with their own settings; slot 1 keeps its gradient.
     let steps = [
-        SlotStep { slot: 0, lr: 1e-3, adamw: AdamW { weight_decay: 0.1, ..AdamW::default() }, max_grad_norm: 1.0, step: 1 },
-        SlotStep { slot: 3, lr: 5e-4, adamw: AdamW { weight_decay: 0.0, ..AdamW::default() }, max_grad_norm: 0.01, step: 1 },
+        SlotStep {
+            slot: 0,
+            lr: 1e-3,
+            adamw: AdamW { weight_decay: 0.1, ..AdamW::default() },
+            max_grad_norm: 1.0,
+            step: 1,
+        },
+        SlotStep {
+            slot: 3,
+            lr: 5e-4,
+            adamw: AdamW { weight_decay: 0.0, ..AdamW::default() },
+            max_grad_norm: 0.01,
+            step: 1,
+        },
     ];
     let g1_before = array.ops.read(&array.grads, p, p).unwrap();
     let mut want = Vec::new();
@@ -134,5 +155,9 @@ fn padded_multi_slot_ticks_match_the_cpu_reference() {
         assert_eq!(&got, params, "slot {} parameters after AdamW", s.slot);
         assert!(array.ops.read(&array.grads, s.slot * p, p).unwrap().iter().all(|g| *g == 0.0));
     }
-    assert_eq!(array.ops.read(&array.grads, p, p).unwrap(), g1_before, "a slot that did not step keeps its gradient");
+    assert_eq!(
+        array.ops.read(&array.grads, p, p).unwrap(),
+        g1_before,
+        "a slot that did not step keeps its gradient"
+    );
 }

@@ -90,7 +90,12 @@ fn run(hidden: usize, heads: usize) {
         let (ht, dt) = (host.ops.tick(&lt).unwrap(), dev.ops.tick(&lt).unwrap());
         let (hl, dl) = (host.forward_backward(&ht, &lt).unwrap(), dev.forward_backward(&dt, &lt).unwrap());
         for i in 0..4 {
-            assert!((hl[i] - dl[i]).abs() <= 1e-4 * hl[i].abs(), "tick {tick_no} slot {i}: loss {} vs {}", dl[i], hl[i]);
+            assert!(
+                (hl[i] - dl[i]).abs() <= 1e-4 * hl[i].abs(),
+                "tick {tick_no} slot {i}: loss {} vs {}",
+                dl[i],
+                hl[i]
+            );
         }
         let steps: Vec<SlotStep> = (0..4)
             .filter(|i| (tick_no as usize + 1) % accumulate[*i] == 0)
@@ -111,9 +116,13 @@ fn run(hidden: usize, heads: usize) {
         }
     }
     for i in 0..4 {
-        let (a, b) = (host.ops.read(&host.params, i * p, p).unwrap(), dev.ops.read(&dev.params, i * p, p).unwrap());
+        let (a, b) =
+            (host.ops.read(&host.params, i * p, p).unwrap(), dev.ops.read(&dev.params, i * p, p).unwrap());
         let e = rel(&b, &a);
-        println!("hidden {hidden} heads {heads} slot {i}: parameters after {} steps, relative error {e:.2e}", steps_done[i]);
+        println!(
+            "hidden {hidden} heads {heads} slot {i}: parameters after {} steps, relative error {e:.2e}",
+            steps_done[i]
+        );
         assert!(e <= 1e-4, "slot {i}: parameters differ by {e}");
     }
 }
