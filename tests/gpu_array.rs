@@ -15,6 +15,16 @@ use hpo_gpu::model::layout::ParamLayout;
 use hpo_gpu::trial_array::model::ArrayModel;
 use hpo_gpu::trial_array::ops::{ArrayOps, SlotInput, SlotStep, TickLayout};
 use hpo_gpu::trial_array::ops_cpu::{CpuOps, EmbeddingOffsets};
+use std::sync::Arc;
+
+use hpo_gpu::cuda::array_ops::cuda_array_backend;
+use hpo_gpu::data::batch::TokenizedSplit;
+use hpo_gpu::train::{EpochMetrics, TrainConfig, Verdict};
+use hpo_gpu::trial_array::ArrayBackend;
+use hpo_gpu::trial_array::cpu::CpuArrayBackend;
+use hpo_gpu::trial_array::schedule::{
+    ArrayHost, ArrayOptions, ArrayTrial, DropoutProbs, TrialEnd, run_array,
+};
 use rand::{RngExt, SeedableRng};
 
 fn config(hidden: usize, heads: usize) -> BertConfig {
@@ -135,4 +145,91 @@ fn gpu_array_matches_host_ops_head_size_32() {
 #[test]
 fn gpu_array_matches_host_ops_head_size_64() {
     run(128, 2);
+}
+
+/// Records what the scheduler reports for each trial.
+struct QueueHost {
+    queue: Vec<ArrayTrial>,
+    ends: std::collections::BTreeMap<u64, TrialEnd>,
+}
+
+impl ArrayHost for QueueHost {
+    fn next_trials(&mut self, free_slots: usize, _idle: bool) -> anyhow::Result<Vec<ArrayTrial>> {
+        let n = free_slots.min(self.queue.len());
+        Ok(self.queue.drain(..n).collect())
+    }
+    fn on_epoch(&mut self, _key: u64, _m: &EpochMetrics) -> anyhow::Result<Verdict> {
+        Ok(Verdict::Continue)
+    }
+    fn on_end(&mut self, key: u64, end: TrialEnd) -> anyhow::Result<()> {
+        self.ends.insert(key, end);
+        Ok(())
+    }
+}
+
+/// Issue 4's end-to-end check: a 4-slot array with batch sizes 2, 4, 8, 8 (micro-batch 2, so
+/// 1, 2, 4, 4 ticks per optimizer step), dropout on, through the scheduler on the GPU backend and
+/// on the CPU backend (the CPU reference): every epoch's numbers and the kept parameters ≤ 1e-4.
+#[test]
+fn gpu_trial_array_trains_like_the_cpu_reference() {
+    if let Err(why) = hpo_gpu::cuda::availability() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let c = config(64, 2);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let split = |n: usize, rng: &mut rand::rngs::StdRng| {
+        let lens: Vec<usize> = (0..n).map(|_| rng.random_range(3..90)).collect();
+        let b = batch(rng, &lens);
+        TokenizedSplit {
+            ids: b.seqs.iter().map(|s| b.input_ids[s.start..s.start + s.len].to_vec()).collect(),
+            labels: b.labels,
+        }
+    };
+    let (train, eval) = (Arc::new(split(41, &mut rng)), Arc::new(split(24, &mut rng)));
+    let trials = || -> Vec<ArrayTrial> {
+        [(1e-3, 2usize), (3e-3, 4), (2e-3, 8), (5e-4, 8)]
+            .iter()
+            .enumerate()
+            .map(|(k, &(lr, b))| ArrayTrial {
+                key: k as u64,
+                cfg: TrainConfig {
+                    learning_rate: lr,
+                    batch_size: b,
+                    epochs: 2,
+                    weight_decay: 0.01,
+                    ..TrainConfig::default()
+                },
+                initial_params: BertModel::random_init(&c, 5).params,
+                dropout: DropoutProbs::from_config(&c),
+                dropout_stream: 0,
+                train: train.clone(),
+                eval: eval.clone(),
+            })
+            .collect()
+    };
+    let mut on_cpu = QueueHost { queue: trials(), ends: Default::default() };
+    run_array(&mut CpuArrayBackend::new(&c, 4), &mut on_cpu, &ArrayOptions { micro_batch: 2 }).unwrap();
+    let mut backend = cuda_array_backend(&c, 2, 90, 4).unwrap();
+    assert_eq!(backend.slots(), 4);
+    let mut on_gpu = QueueHost { queue: trials(), ends: Default::default() };
+    run_array(&mut backend, &mut on_gpu, &ArrayOptions { micro_batch: 2 }).unwrap();
+    for k in 0..4u64 {
+        let (TrialEnd::Finished { result: a, params: pa }, TrialEnd::Finished { result: b, params: pb }) =
+            (&on_gpu.ends[&k], &on_cpu.ends[&k])
+        else {
+            panic!("trial {k}: {:?} on the GPU, {:?} on the CPU", on_gpu.ends[&k], on_cpu.ends[&k]);
+        };
+        for (x, y) in a.epochs.iter().zip(&b.epochs) {
+            for (name, u, v) in
+                [("train_loss", x.train_loss, y.train_loss), ("eval_loss", x.eval_loss, y.eval_loss)]
+            {
+                assert!((u - v).abs() <= 1e-4 * v.abs(), "trial {k} epoch {}: {name} {u} vs {v}", x.epoch);
+            }
+            assert_eq!(x.eval_accuracy, y.eval_accuracy, "trial {k} epoch {} accuracy", x.epoch);
+        }
+        let e = rel(pa, pb);
+        println!("trial {k}: kept parameters relative error {e:.2e}");
+        assert!(e <= 1e-4, "trial {k}: parameters differ by {e}");
+    }
 }
