@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -14,6 +15,7 @@ use crate::model::export::export_model;
 use crate::model::files::ModelFiles;
 use crate::pipeline::{ModelDataArgs, initial_model, prepare};
 use crate::train::{BestBy, EpochMetrics, Objective, Progress, TrainConfig, Verdict, train};
+use crate::trial_array::schedule::{ArrayTrial, DropoutProbs, train_one};
 
 /// Training hyperparameters (transformers' `TrainingArguments` names and defaults).
 #[derive(Clone, Debug, clap::Args, serde::Serialize)]
@@ -188,7 +190,7 @@ fn best_trial_params(storage_url: &str, study_name: &str) -> Result<(u64, f64, c
 }
 
 pub fn run_train(args: &TrainArgs, out: &mut dyn Write) -> Result<()> {
-    resolve_device(args.device)?;
+    let device = resolve_device(args.device)?;
     let mut cfg = args.hyper.train_config();
     cfg.validate()?;
     // Checked again on export; here so a training run is not spent before the export refuses.
@@ -240,7 +242,27 @@ pub fn run_train(args: &TrainArgs, out: &mut dyn Write) -> Result<()> {
         }
         Ok(Verdict::Continue)
     };
-    let result = train(&mut model, &prepared.train, &prepared.eval, &cfg, &bar, &mut on_epoch)?;
+    let result = match device {
+        Device::Cuda => {
+            // One slot of the trial array, micro-batch = batch size: train()'s computation.
+            let max_len = prepared.tokenizer.max_length;
+            let mut backend =
+                crate::cuda::array_ops::cuda_array_backend(&model.config, cfg.batch_size, max_len, 1)?;
+            let trial = ArrayTrial {
+                key: 0,
+                cfg: cfg.clone(),
+                initial_params: model.params.clone(),
+                dropout: DropoutProbs::from_config(&model.config),
+                dropout_stream: 0,
+                train: Arc::new(prepared.train.clone()),
+                eval: Arc::new(prepared.eval.clone()),
+            };
+            let (result, params) = train_one(&mut backend, trial, cfg.batch_size, &mut on_epoch)?;
+            model.params = params;
+            result
+        }
+        _ => train(&mut model, &prepared.train, &prepared.eval, &cfg, &bar, &mut on_epoch)?,
+    };
     let metrics = json!({
         "epochs": result.epochs,
         "best_epoch": result.best_epoch,
@@ -250,7 +272,7 @@ pub fn run_train(args: &TrainArgs, out: &mut dyn Write) -> Result<()> {
         "dataset": args.data.dataset,
         "train_examples": prepared.train.len(),
         "eval_examples": prepared.eval.len(),
-        "device": "cpu",
+        "device": if device == Device::Cuda { "cuda" } else { "cpu" },
         "study": study_info,
     });
     export_model(

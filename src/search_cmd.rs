@@ -297,20 +297,22 @@ pub fn space_batch_sizes(space: &SearchSpace, base: &TrainConfig) -> Result<Vec<
 }
 
 pub fn run_search(args: &SearchArgs, out: &mut dyn Write) -> Result<()> {
-    resolve_device(args.device)?;
+    let device = resolve_device(args.device)?;
     if args.slots == 0 {
         bail!("--slots must be at least 1");
     }
-    if args.slots == 1 && args.micro_batch.is_some() {
+    // On the GPU every search runs through the trial array; on the CPU only with --slots > 1.
+    let use_array = args.slots > 1 || device == Device::Cuda;
+    if !use_array && args.micro_batch.is_some() {
         bail!("--micro-batch applies to the trial array: use it with --slots 2 or more");
     }
     let base = args.hyper.train_config();
     base.validate()?;
     args.study.check()?;
     // Checked before loading data: a bad --micro-batch should fail at once.
-    let micro_batch = match args.slots {
-        1 => 0,
-        _ => micro_batch_size(args.micro_batch, &space_batch_sizes(&args.study.search_space()?.0, &base)?)?,
+    let micro_batch = match use_array {
+        false => 0,
+        true => micro_batch_size(args.micro_batch, &space_batch_sizes(&args.study.search_space()?.0, &base)?)?,
     };
     // Data and weights before the database: bad input must not leave a new, empty study behind.
     let mut prepared = prepare(&args.data)?;
@@ -332,9 +334,25 @@ pub fn run_search(args: &SearchArgs, out: &mut dyn Write) -> Result<()> {
         args.study.n_trials
     );
     let mut progress = LineProgress { out: std::io::stderr(), n_trials: args.study.n_trials };
-    let outcome = if args.slots > 1 {
-        eprintln!("trial array on the CPU: {} slots, micro-batch {micro_batch}", args.slots);
-        let backend = Box::new(CpuArrayBackend::new(&initial.config, args.slots));
+    let outcome = if use_array {
+        let backend: Box<dyn ArrayBackend> = if device == Device::Cuda {
+            // T from free device memory: --slots, or enough for the whole study.
+            let wanted = if args.slots > 1 { args.slots } else { args.study.n_trials.min(256) as usize };
+            let max_len = prepared.tokenizer.max_length;
+            Box::new(crate::cuda::array_ops::cuda_array_backend(
+                &initial.config,
+                micro_batch,
+                max_len,
+                wanted,
+            )?)
+        } else {
+            Box::new(CpuArrayBackend::new(&initial.config, args.slots))
+        };
+        eprintln!(
+            "trial array on {}: {} slots, micro-batch {micro_batch}",
+            backend.describe(),
+            backend.slots()
+        );
         let options = ArrayOptions { micro_batch };
         let trials = TrialBase { prepared: &prepared, initial, base };
         let mut runner = ArrayTrialRunner { trials, backend, options };

@@ -14,8 +14,10 @@ use hpo_gpu::model::BertModel;
 use hpo_gpu::pipeline::{ModelDataArgs, prepare};
 use hpo_gpu::train::{EpochMetrics, NoProgress, TrainConfig, Verdict, train};
 use hpo_gpu::trial_array::cpu::CpuArrayBackend;
+use hpo_gpu::trial_array::device::DeviceArrayBackend;
+use hpo_gpu::trial_array::ops_cpu::{CpuOps, EmbeddingOffsets};
 use hpo_gpu::trial_array::schedule::{
-    ArrayHost, ArrayOptions, ArrayTrial, DropoutProbs, TrialEnd, run_array,
+    ArrayHost, ArrayOptions, ArrayTrial, DropoutProbs, TrialEnd, run_array, train_one,
 };
 use hpo_gpu::trial_array::{
     ArrayBackend, ArrayError, ArrayResult, SlotEval, SlotMicroBatch, SlotOptimizerStep,
@@ -719,4 +721,78 @@ fn study_driver_for_the_array_counts_requeues_and_fails() {
     let retry = retry.expect("trial 1 was re-queued");
     assert!(retry.number > 1);
     assert_eq!(retry.params, trials[1].params);
+}
+
+fn device_backend(config: &BertConfig, slots: usize) -> DeviceArrayBackend<CpuOps> {
+    let layout = hpo_gpu::model::layout::ParamLayout::new(config);
+    let ops = CpuOps {
+        pad_token_id: config.pad_token_id,
+        embedding: EmbeddingOffsets::of(&layout, config.hidden_size),
+    };
+    DeviceArrayBackend::new(ops, config, slots, "host ops").unwrap()
+}
+
+/// The GPU backend's code path (the trial-array model in device ops, padded ticks, one call per
+/// op over all slots) run on the host ops: the same trials as the CPU backend, dropout on.
+#[test]
+fn device_backend_on_host_ops_matches_the_cpu_backend() {
+    let fx = fixture();
+    let mut reference = TestHost::new(mixed_trials(&fx, true));
+    run(&mut CpuArrayBackend::new(&fx.config, 4), &mut reference, 2);
+    let mut device = TestHost::new(mixed_trials(&fx, true));
+    run(&mut device_backend(&fx.config, 4), &mut device, 2);
+    for t in mixed_trials(&fx, true) {
+        let (e1, p1) = device.finished(t.key);
+        let (e2, p2) = reference.finished(t.key);
+        assert_epochs_close(e1, e2, 1e-5, &format!("trial {} on the device backend", t.key));
+        let e = rel(p1, p2);
+        assert!(e <= 1e-5, "trial {}: parameters rel err {e}", t.key);
+    }
+}
+
+#[test]
+fn device_backend_fails_a_diverging_slot_alone() {
+    let fx = fixture();
+    let mut with_bad = mixed_trials(&fx, true);
+    with_bad.truncate(2);
+    with_bad.push(fx.trial(7, cfg(1e3, 4, 2), true));
+    let mut host = TestHost::new(with_bad);
+    run(&mut device_backend(&fx.config, 3), &mut host, 2);
+    assert!(matches!(&host.ends[&7], TrialEnd::Failed { .. }), "lr 1e3 should fail: {:?}", host.ends[&7]);
+    let mut good = mixed_trials(&fx, true);
+    good.truncate(2);
+    let mut without = TestHost::new(good);
+    run(&mut device_backend(&fx.config, 3), &mut without, 2);
+    for k in 0..2 {
+        let (e1, p1) = host.finished(k);
+        let (e2, p2) = without.finished(k);
+        assert_epochs_identical(e1, e2, &format!("trial {k}"));
+        assert_eq!(p1, p2, "trial {k} parameters");
+    }
+}
+
+/// `hpo-gpu train --device cuda` trains through a one-slot array with micro-batch = batch size:
+/// on the CPU backend that is exactly `train()`, and the device code path (host ops) is within
+/// rounding of it.
+#[test]
+fn train_one_is_train() {
+    let fx = fixture();
+    let c = cfg(3e-3, 8, 2);
+    let (want_epochs, want_params) = fx.train_alone(&c, true, None);
+    let mut seen = Vec::new();
+    let mut on_epoch = |m: &EpochMetrics| -> Result<Verdict> {
+        seen.push(m.epoch);
+        Ok(Verdict::Continue)
+    };
+    let (result, params) =
+        train_one(&mut CpuArrayBackend::new(&fx.config, 1), fx.trial(0, c.clone(), true), 8, &mut on_epoch)
+            .unwrap();
+    assert_eq!(seen, [1, 2]);
+    assert_epochs_identical(&result.epochs, &want_epochs, "train_one on the CPU backend");
+    assert_eq!(params, want_params);
+    let mut quiet = |_: &EpochMetrics| -> Result<Verdict> { Ok(Verdict::Continue) };
+    let (result, params) =
+        train_one(&mut device_backend(&fx.config, 1), fx.trial(0, c, true), 8, &mut quiet).unwrap();
+    assert_epochs_close(&result.epochs, &want_epochs, 1e-5, "train_one on host ops");
+    assert!(rel(&params, &want_params) <= 1e-5);
 }

@@ -5,6 +5,7 @@
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
 pub mod accuracy;
+pub mod array_ops;
 pub mod attention;
 pub mod bias;
 pub mod context;
@@ -44,25 +45,24 @@ pub enum Device {
     Cuda,
 }
 
-/// Resolves `--device` to the backend that will run: `cuda` must be usable; `auto` falls back to
-/// the CPU (saying why on stderr).
+/// Resolves `--device` to the backend that will run: `cuda` must be usable; `auto` takes the GPU
+/// when it is usable and falls back to the CPU otherwise (saying why on stderr).
 pub fn resolve_device(requested: Device) -> Result<Device> {
     match requested {
         Device::Cpu => Ok(Device::Cpu),
         Device::Cuda => {
-            let name = availability().map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?;
-            bail!(
-                "--device cuda: found {name}, but the GPU trial array is not implemented yet; use --device cpu"
-            )
+            availability().map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?;
+            Ok(Device::Cuda)
         }
-        Device::Auto => {
-            match availability() {
-                Err(why) => eprintln!("note: running on the CPU ({why})"),
-                Ok(name) => eprintln!(
-                    "note: running on the CPU ({name} found, but the GPU trial array is not built yet)"
-                ),
+        Device::Auto => match availability() {
+            Err(why) => {
+                eprintln!("note: running on the CPU ({why})");
+                Ok(Device::Cpu)
             }
-            Ok(Device::Cpu)
-        }
+            Ok(name) => {
+                eprintln!("note: running on {name} (--device cpu for the CPU reference)");
+                Ok(Device::Cuda)
+            }
+        },
     }
 }

@@ -23,6 +23,10 @@
 //! (stream 0, step = forward pass), so a trial gives the same masks in the array as alone.
 
 pub mod cpu;
+pub mod device;
+pub mod model;
+pub mod ops;
+pub mod ops_cpu;
 pub mod schedule;
 
 use crate::cpu::adamw::AdamW;

@@ -536,3 +536,38 @@ pub fn run_array(
     array.stats.slots = array.slots.len();
     Ok(array.stats)
 }
+
+/// Trains one trial alone through `backend` (e.g. `hpo-gpu train --device cuda`): with
+/// `micro_batch` = the batch size this is `train()`'s computation. Returns the result and the
+/// kept (best) epoch's parameters; `on_epoch` sees every epoch (and may stop training).
+pub fn train_one(
+    backend: &mut dyn ArrayBackend,
+    trial: ArrayTrial,
+    micro_batch: usize,
+    on_epoch: &mut dyn FnMut(&EpochMetrics) -> Result<Verdict>,
+) -> Result<(TrainResult, Vec<f32>)> {
+    struct One<'a> {
+        trial: Option<ArrayTrial>,
+        on_epoch: &'a mut dyn FnMut(&EpochMetrics) -> Result<Verdict>,
+        end: Option<TrialEnd>,
+    }
+    impl ArrayHost for One<'_> {
+        fn next_trials(&mut self, _free: usize, _idle: bool) -> Result<Vec<ArrayTrial>> {
+            Ok(self.trial.take().into_iter().collect())
+        }
+        fn on_epoch(&mut self, _key: u64, m: &EpochMetrics) -> Result<Verdict> {
+            (self.on_epoch)(m)
+        }
+        fn on_end(&mut self, _key: u64, end: TrialEnd) -> Result<()> {
+            self.end = Some(end);
+            Ok(())
+        }
+    }
+    let mut host = One { trial: Some(trial), on_epoch, end: None };
+    run_array(backend, &mut host, &ArrayOptions { micro_batch })?;
+    match host.end {
+        Some(TrialEnd::Finished { result, params }) => Ok((result, params)),
+        Some(TrialEnd::Failed { reason }) | Some(TrialEnd::Evicted { reason }) => anyhow::bail!("{reason}"),
+        None => anyhow::bail!("the trial array ended without training the model"),
+    }
+}

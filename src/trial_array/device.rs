@@ -1,0 +1,245 @@
+//! [`ArrayBackend`] for any device that implements [`ArrayOps`]: the GPU (`cuda::array_ops`) and,
+//! for tests, the host ops (`ops_cpu`). Each call runs the work of all listed slots as one tick of
+//! the trial-array model (`model.rs`): one launch per op over the slots, idle slots padded.
+//!
+//! Parameters, gradients, Adam moments and the kept best weights live on the device, `[T, P]`
+//! each (5·P per slot, as `bytes_per_slot` assumes). Step counters are kept here, per slot.
+
+use anyhow::anyhow;
+
+use super::model::ArrayModel;
+use super::ops::{ArrayOps, DropoutProbs, SlotInput, SlotStep, TickLayout};
+use super::{ArrayBackend, ArrayError, ArrayResult, SlotEval, SlotMicroBatch, SlotOptimizerStep};
+use crate::train::argmax;
+
+/// The trial array on an [`ArrayOps`] device.
+pub struct DeviceArrayBackend<O: ArrayOps> {
+    model: ArrayModel<O>,
+    name: String,
+    /// `[T, P]` kept best weights.
+    best: O::Buf,
+    has_best: Vec<bool>,
+    loaded: Vec<bool>,
+    steps: Vec<u64>,
+}
+
+/// Errors that leave the device as it was and may go away with fewer slots.
+fn classify(e: anyhow::Error) -> ArrayError {
+    let text = format!("{e:#}");
+    if text.contains("OUT_OF_MEMORY") || text.contains("out of memory") {
+        ArrayError::OutOfMemory(text)
+    } else {
+        ArrayError::Other(e)
+    }
+}
+
+fn probs(d: &crate::cpu::bert::Dropout) -> DropoutProbs {
+    DropoutProbs { hidden: d.hidden, attention: d.attention, classifier: d.classifier }
+}
+
+impl<O: ArrayOps> DeviceArrayBackend<O> {
+    pub fn new(ops: O, config: &crate::config::BertConfig, slots: usize, name: &str) -> ArrayResult<Self> {
+        let model = ArrayModel::new(ops, config, slots).map_err(classify)?;
+        let best = model.ops.zeros(slots * model.param_len()).map_err(classify)?;
+        Ok(DeviceArrayBackend {
+            model,
+            name: name.to_string(),
+            best,
+            has_best: vec![false; slots],
+            loaded: vec![false; slots],
+            steps: vec![0; slots],
+        })
+    }
+
+    fn check_slot(&self, slot: usize) -> ArrayResult<()> {
+        if self.loaded.get(slot).copied().unwrap_or(false) {
+            Ok(())
+        } else {
+            Err(anyhow!("trial-array slot {slot} of {} holds no trial", self.loaded.len()).into())
+        }
+    }
+
+    fn heads(&self) -> usize {
+        self.model.config.num_attention_heads
+    }
+
+    fn pad(&self) -> u32 {
+        self.model.config.pad_token_id as u32
+    }
+}
+
+impl<O: ArrayOps> ArrayBackend for DeviceArrayBackend<O> {
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    fn slots(&self) -> usize {
+        self.model.trials
+    }
+
+    fn param_len(&self) -> usize {
+        self.model.param_len()
+    }
+
+    fn load_slot(&mut self, slot: usize, params: &[f32]) -> ArrayResult<()> {
+        let p = self.param_len();
+        if slot >= self.slots() {
+            return Err(anyhow!("trial-array slot {slot} out of range (T = {})", self.slots()).into());
+        }
+        if params.len() != p {
+            return Err(anyhow!("slot {slot}: {} initial parameters for a model of {p}", params.len()).into());
+        }
+        let m = &mut self.model;
+        m.ops.write(&mut m.params, slot * p, params)?;
+        for buf in [&mut m.grads, &mut m.m, &mut m.v] {
+            m.ops.fill_zero(buf, slot * p, p)?;
+        }
+        self.loaded[slot] = true;
+        self.has_best[slot] = false;
+        self.steps[slot] = 0;
+        Ok(())
+    }
+
+    fn forward_backward(&mut self, work: &[SlotMicroBatch<'_>]) -> ArrayResult<Vec<f64>> {
+        for w in work {
+            self.check_slot(w.slot)?;
+        }
+        let mut out = vec![0.0; work.len()];
+        // One tick per distinct set of dropout probabilities (normally exactly one).
+        let mut groups: Vec<DropoutProbs> = Vec::new();
+        for w in work {
+            if !groups.contains(&probs(&w.dropout)) {
+                groups.push(probs(&w.dropout));
+            }
+        }
+        for g in groups {
+            let mut slots: Vec<Option<SlotInput>> = (0..self.slots()).map(|_| None).collect();
+            for w in work.iter().filter(|w| probs(&w.dropout) == g) {
+                slots[w.slot] =
+                    Some(SlotInput { batch: w.batch, loss_scale: w.loss_scale, dropout: Some(w.dropout) });
+            }
+            let lt = TickLayout::new(&slots, self.heads(), self.pad())?;
+            let tick = self.model.ops.tick(&lt).map_err(classify)?;
+            let sums = self.model.forward_backward(&tick, &lt)?;
+            for (i, w) in work.iter().enumerate() {
+                if probs(&w.dropout) == g {
+                    out[i] = sums[w.slot];
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn optimizer_step(&mut self, work: &[SlotOptimizerStep]) -> ArrayResult<Vec<f64>> {
+        let mut steps = Vec::with_capacity(work.len());
+        for w in work {
+            self.check_slot(w.slot)?;
+            steps.push(SlotStep {
+                slot: w.slot,
+                lr: w.lr,
+                adamw: w.adamw,
+                max_grad_norm: w.max_grad_norm,
+                step: self.steps[w.slot] + 1,
+            });
+        }
+        let norms = self.model.optimizer_step(&steps)?;
+        for (w, n) in work.iter().zip(&norms) {
+            if n.is_finite() {
+                self.steps[w.slot] += 1;
+            }
+        }
+        Ok(norms)
+    }
+
+    fn evaluate(&mut self, work: &[SlotEval<'_>]) -> ArrayResult<Vec<(f64, f64)>> {
+        for w in work {
+            self.check_slot(w.slot)?;
+        }
+        let nl = self.model.config.num_labels;
+        let mut out = vec![(f64::NAN, f64::NAN); work.len()];
+        // Slots evaluating the same split with the same batch size share every eval tick.
+        let mut done = vec![false; work.len()];
+        for i in 0..work.len() {
+            if done[i] {
+                continue;
+            }
+            let (split, bs) = (work[i].split, work[i].batch_size.max(32));
+            let members: Vec<usize> = (i..work.len())
+                .filter(|&j| std::ptr::eq(work[j].split, split) && work[j].batch_size.max(32) == bs)
+                .collect();
+            let mut loss = vec![0.0f64; members.len()];
+            let mut correct = vec![0usize; members.len()];
+            let mut finite = vec![true; members.len()];
+            let idx: Vec<usize> = (0..split.len()).collect();
+            for chunk in idx.chunks(bs) {
+                let batch = split.packed_batch(chunk);
+                let mut slots: Vec<Option<SlotInput>> = (0..self.slots()).map(|_| None).collect();
+                for &j in &members {
+                    slots[work[j].slot] = Some(SlotInput { batch: &batch, loss_scale: 0.0, dropout: None });
+                }
+                let lt = TickLayout::new(&slots, self.heads(), self.pad())?;
+                let tick = self.model.ops.tick(&lt).map_err(classify)?;
+                let (logits, sums) = self.model.eval_logits(&tick, &lt)?;
+                for (k, &j) in members.iter().enumerate() {
+                    let s = work[j].slot;
+                    let rows = &logits[s * lt.seqs * nl..(s * lt.seqs + chunk.len()) * nl];
+                    if rows.iter().any(|v| !v.is_finite()) {
+                        finite[k] = false;
+                    }
+                    loss[k] += sums[s];
+                    correct[k] +=
+                        rows.chunks_exact(nl).zip(&batch.labels).filter(|(r, y)| argmax(r) == **y).count();
+                }
+            }
+            let n = split.len().max(1) as f64;
+            for (k, &j) in members.iter().enumerate() {
+                done[j] = true;
+                if finite[k] {
+                    out[j] = (loss[k] / n, correct[k] as f64 / n);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn keep_best(&mut self, slot: usize) -> ArrayResult<()> {
+        self.check_slot(slot)?;
+        let p = self.param_len();
+        self.model.ops.copy(&self.model.params, slot * p, &mut self.best, slot * p, p)?;
+        self.has_best[slot] = true;
+        Ok(())
+    }
+
+    fn restore_best(&mut self, slot: usize) -> ArrayResult<()> {
+        self.check_slot(slot)?;
+        if self.has_best[slot] {
+            let p = self.param_len();
+            self.model.ops.copy(&self.best, slot * p, &mut self.model.params, slot * p, p)?;
+        }
+        Ok(())
+    }
+
+    fn read_params(&mut self, slot: usize) -> ArrayResult<Vec<f32>> {
+        self.check_slot(slot)?;
+        let p = self.param_len();
+        Ok(self.model.ops.read(&self.model.params, slot * p, p)?)
+    }
+
+    fn shrink(&mut self, slots: usize) -> ArrayResult<()> {
+        if slots >= self.slots() {
+            return Ok(());
+        }
+        let p = self.param_len();
+        let m = &mut self.model;
+        for buf in [&mut m.params, &mut m.grads, &mut m.m, &mut m.v, &mut self.best] {
+            let mut smaller = m.ops.zeros(slots * p)?;
+            m.ops.copy(buf, 0, &mut smaller, 0, slots * p)?;
+            *buf = smaller;
+        }
+        m.trials = slots;
+        self.loaded.truncate(slots);
+        self.has_best.truncate(slots);
+        self.steps.truncate(slots);
+        Ok(())
+    }
+}
