@@ -5,9 +5,7 @@
 # Then, on the device (carry [".gpu"]):   bash .gpu/run.sh scripts/gpu-check.sh
 set -euo pipefail
 root=$(git rev-parse --show-toplevel); cd "$root"
-if [ ! -x .cuda/nvidia/cu13/bin/nvcc ]; then
-  scripts/install-nvcc.sh
-fi
+scripts/install-nvcc.sh
 export CUDA_HOME="$root/.cuda/nvidia/cu13"
 ../shared/tools/gpu-pack.sh
 mkdir -p .gpu/benches

@@ -312,7 +312,9 @@ pub fn run_search(args: &SearchArgs, out: &mut dyn Write) -> Result<()> {
     // Checked before loading data: a bad --micro-batch should fail at once.
     let micro_batch = match use_array {
         false => 0,
-        true => micro_batch_size(args.micro_batch, &space_batch_sizes(&args.study.search_space()?.0, &base)?)?,
+        true => {
+            micro_batch_size(args.micro_batch, &space_batch_sizes(&args.study.search_space()?.0, &base)?)?
+        }
     };
     // Data and weights before the database: bad input must not leave a new, empty study behind.
     let mut prepared = prepare(&args.data)?;

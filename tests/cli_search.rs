@@ -139,3 +139,58 @@ print(json.dumps({"n": len(s.trials), "best": s.best_trial.number, "value": s.be
     let best = trials.iter().map(|t| t["value"].as_f64().unwrap()).fold(f64::MIN, f64::max);
     assert_eq!(v["value"].as_f64().unwrap(), best);
 }
+
+/// Without a usable GPU, `--device cuda` is one clear error (before any data is read or any study
+/// created) and `--device auto` falls back to the CPU, saying why. Which reason depends on the
+/// build: without nvcc there are no kernels; with them (CI installs nvcc) there is no driver here.
+#[test]
+fn device_cuda_without_a_gpu_is_a_clear_error_and_auto_falls_back() {
+    if hpo_gpu::cuda::availability().is_ok() {
+        eprintln!("SKIPPED: this machine has a usable GPU");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(tmp.path());
+    let data = common::tiny_data(tmp.path());
+    let db = tmp.path().join("s.db");
+    let storage = format!("sqlite:///{}", db.display());
+    let reasons = [
+        "this hpo-gpu was built without CUDA kernels (nvcc was not found at build time)",
+        "libcuda.so was not found: no NVIDIA driver on this machine",
+    ];
+    let args = |device: &'static str| {
+        vec![
+            "search".to_string(),
+            "--model".into(),
+            model.display().to_string(),
+            "--random-init".into(),
+            "--dataset".into(),
+            data.display().to_string(),
+            "--train-samples".into(),
+            "16".into(),
+            "--eval-samples".into(),
+            "8".into(),
+            "--max-length".into(),
+            "16".into(),
+            "--epochs".into(),
+            "1".into(),
+            "--n-trials".into(),
+            "1".into(),
+            "--storage".into(),
+            storage.clone(),
+            "--device".into(),
+            device.into(),
+        ]
+    };
+    let run = |a: Vec<String>| Command::new(env!("CARGO_BIN_EXE_hpo-gpu")).args(a).output().unwrap();
+    let o = run(args("cuda"));
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(reasons.iter().any(|r| err.trim() == format!("error: --device cuda: {r}")), "{err}");
+    assert!(!db.exists(), "a refused --device cuda created the study database");
+    let o = run(args("auto"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(reasons.iter().any(|r| err.contains(&format!("note: running on the CPU ({r})"))), "{err}");
+    assert!(db.exists());
+}
