@@ -24,7 +24,7 @@ started=$(date +%s)
 step() {
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
-  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  timeout "$limit" bash -c '"$@"' step "$@" > "$out/$name.log" 2>&1
   local rc=$?
   local secs=$(( $(date +%s) - t0 ))
   echo "- **$name**: exit $rc in ${secs} s ($*)" >> "$results"
@@ -51,6 +51,8 @@ run_bench() {  # the packed criterion bench $1, short measurement
   [ $found = 1 ] || echo "SKIPPED: no $1 bench executable in $pack/benches"
 }
 
+export -f run_tests run_bench
+export pack
 step kernels 120 run_tests gpu_kernels
 step array 90 run_tests gpu_array
 step bench_kernels 120 run_bench kernels
@@ -62,7 +64,7 @@ step search 60 "$bin" search --device cuda --slots 8 --model configs/bert-tiny -
   --dataset "$pack/data/imdb_train_seed42_2500.jsonl.gz" \
   --eval-dataset "$pack/data/imdb_test_seed42_1000.jsonl.gz" \
   --train-samples 0 --eval-samples 0 --n-trials 8 --storage "sqlite:///$db" --study-name gpu_check
-tail -15 "$out/search.log" | sed 's/^/    /' >> "$results"
+grep -vE "test result:|SKIPPED|skipped|panicked|FAILED|error" "$out/search.log" | tail -12 | sed 's/^/    /' >> "$results"
 echo >> "$results"
 echo "total: $(( $(date +%s) - started )) s" >> "$results"
 cat "$results"

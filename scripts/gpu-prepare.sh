@@ -17,6 +17,13 @@ for l in sys.stdin:
     if m.get("reason")=="compiler-artifact" and m.get("executable") and "bench" in m.get("target",{}).get("kind",[]): print(m["executable"])' \
   | while read -r exe; do cp "$exe" .gpu/benches/; done
 strip .gpu/benches/* 2>/dev/null || true
+# Only what scripts/gpu-check.sh runs travels (a device call carries at most 64 MiB in all).
+find .gpu/tests -type f ! -name 'gpu_*' -delete
+find .gpu/benches -type f ! -name 'kernels-*' ! -name 'train_step-*' -delete
+rm -rf .gpu/wheels   # optuna wheels: only the transformers side-by-side needs them
 # The binary must carry kernels, or the GPU run would only say so.
-strings .gpu/bin/hpo-gpu | grep -q '^\.version' || { echo "the packed binary has no PTX: was nvcc found?" >&2; exit 1; }
-du -sh .gpu
+grep -qa '\.version 9' .gpu/bin/hpo-gpu || { echo "the packed binary has no PTX: was nvcc found?" >&2; exit 1; }
+ls .gpu/tests .gpu/benches
+total=$(( $(du -sk .gpu | cut -f1) + $(git ls-files -z | xargs -0 du -ck 2>/dev/null | tail -1 | cut -f1) ))
+echo "travels: about $(( total / 1024 )) MiB (.gpu + tracked files; the limit is 64 MiB)"
+[ "$total" -lt $(( 60 * 1024 )) ] || { echo "too large to carry" >&2; exit 1; }

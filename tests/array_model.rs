@@ -5,6 +5,8 @@
 //! the GPU backend runs (offsets, strides, padding, dummy sequences, accumulation); each kernel
 //! is checked against its CPU twin separately (tests/gpu_kernels.rs, on a GPU).
 
+mod common;
+
 use hpo_gpu::config::BertConfig;
 use hpo_gpu::cpu::adamw::{AdamState, AdamW, clip_grad_norm};
 use hpo_gpu::cpu::bert::{self, Batch, Dropout};
@@ -13,7 +15,7 @@ use hpo_gpu::model::BertModel;
 use hpo_gpu::trial_array::model::ArrayModel;
 use hpo_gpu::trial_array::ops::{ArrayOps, SlotInput, SlotStep, TickLayout};
 use hpo_gpu::trial_array::ops_cpu::{CpuOps, EmbeddingOffsets};
-use rand::{RngExt, SeedableRng};
+use rand::SeedableRng;
 
 fn config() -> BertConfig {
     BertConfig::from_json_str(
@@ -25,25 +27,11 @@ fn config() -> BertConfig {
 }
 
 fn batch(rng: &mut rand::rngs::StdRng, lens: &[usize]) -> Batch {
-    let seqs: Vec<Vec<u32>> = lens
-        .iter()
-        .map(|&n| {
-            let mut s = vec![2u32];
-            s.extend((1..n - 1).map(|_| rng.random_range(5..40)));
-            s.push(3);
-            s
-        })
-        .collect();
-    let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
-    let labels: Vec<usize> = lens.iter().map(|_| rng.random_range(0..3)).collect();
-    Batch::packed(&refs, &labels)
+    common::random_batch(rng, lens, 40, 3)
 }
 
 fn rel(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let d: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
-    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
-    if n == 0.0 { d } else { d / n }
+    common::rel_err_f32(a, b)
 }
 
 fn ops(c: &BertConfig) -> CpuOps {

@@ -4,6 +4,8 @@
 //! losses every tick and parameters at the end within 1e-4 (relative). Head sizes 32 and 64.
 //! Without a usable GPU the test prints why and passes.
 
+mod common;
+
 use hpo_gpu::config::BertConfig;
 use hpo_gpu::cpu::adamw::AdamW;
 use hpo_gpu::cpu::bert::{Batch, Dropout};
@@ -38,24 +40,11 @@ fn config(hidden: usize, heads: usize) -> BertConfig {
 }
 
 fn batch(rng: &mut rand::rngs::StdRng, lens: &[usize]) -> Batch {
-    let seqs: Vec<Vec<u32>> = lens
-        .iter()
-        .map(|&n| {
-            let mut s = vec![101u32 % 120];
-            s.extend((1..n - 1).map(|_| rng.random_range(5..120)));
-            s.push(3);
-            s
-        })
-        .collect();
-    let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
-    let labels: Vec<usize> = lens.iter().map(|_| rng.random_range(0..2)).collect();
-    Batch::packed(&refs, &labels)
+    common::random_batch(rng, lens, 120, 2)
 }
 
 fn rel(a: &[f32], b: &[f32]) -> f64 {
-    let d: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
-    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
-    if n == 0.0 { d } else { d / n }
+    common::rel_err_f32(a, b)
 }
 
 fn run(hidden: usize, heads: usize) {

@@ -104,19 +104,19 @@ fn apply_dropout<F: Real>(
     }
 }
 
-fn site_embeddings() -> u32 {
+pub fn site_embeddings() -> u32 {
     0
 }
-fn site_attn_probs(l: usize) -> u32 {
+pub fn site_attn_probs(l: usize) -> u32 {
     1 + 3 * l as u32
 }
-fn site_attn_out(l: usize) -> u32 {
+pub fn site_attn_out(l: usize) -> u32 {
     2 + 3 * l as u32
 }
-fn site_ffn_out(l: usize) -> u32 {
+pub fn site_ffn_out(l: usize) -> u32 {
     3 + 3 * l as u32
 }
-fn site_pooled(layers: usize) -> u32 {
+pub fn site_pooled(layers: usize) -> u32 {
     1 + 3 * layers as u32
 }
 

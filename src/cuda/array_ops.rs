@@ -13,7 +13,7 @@ use super::cross_entropy::{DeviceLabels, softmax_cross_entropy};
 use super::dropout::{DeviceRng, DropoutShape, dropout};
 use super::embedding::{DeviceTokens, EmbeddingTables, embedding_backward, embedding_forward};
 use super::gelu::{bias_gelu_forward, gelu_backward};
-use super::gemm::{Operand as GpuOperand, gemm_trials};
+use super::gemm::gemm_trials;
 use super::launch::{addr, blocks, config, int, launched};
 use super::layernorm::{LayerNormShape, layernorm_backward, layernorm_forward};
 use super::optimizer::{GradNorm, TrialSteps, adamw};
@@ -61,16 +61,6 @@ impl CudaOps {
             decay,
             gpu,
         })
-    }
-
-    fn op(o: Operand) -> GpuOperand {
-        GpuOperand {
-            rows: o.rows,
-            cols: o.cols,
-            offset: o.offset,
-            stride: o.stride,
-            transposed: o.transposed,
-        }
     }
 
     fn ln_shape(trials: usize, sh: RowShape, param_stride: usize) -> LayerNormShape {
@@ -247,17 +237,7 @@ impl ArrayOps for CudaOps {
         c: (&mut CudaSlice<f32>, Out),
     ) -> Result<()> {
         let (cb, co) = c;
-        gemm_trials(
-            &self.gpu,
-            trials,
-            1.0f32,
-            (a.0, Self::op(a.1)),
-            (b.0, Self::op(b.1)),
-            beta,
-            cb,
-            co.offset,
-            co.stride,
-        )
+        gemm_trials(&self.gpu, trials, 1.0f32, a, b, beta, cb, co.offset, co.stride)
     }
 
     fn embedding_forward(

@@ -32,24 +32,8 @@ pub fn set_fp32_math(gpu: &Gpu, math: Fp32Math) -> Result<()> {
         .map_err(|e| anyhow!("cuBLAS refused math mode {math:?}: {e:?}"))
 }
 
-/// One operand: `rows × cols` row-major as stored, at `offset` in its buffer, `stride` elements
-/// between trials (0 = shared by every trial, e.g. one weight for all).
-#[derive(Clone, Copy, Debug)]
-pub struct Operand {
-    pub rows: usize,
-    pub cols: usize,
-    pub offset: usize,
-    pub stride: usize,
-    /// Use the transpose of the stored matrix.
-    pub transposed: bool,
-}
-
-impl Operand {
-    /// The operand's shape after the optional transpose.
-    fn shape(&self) -> (usize, usize) {
-        if self.transposed { (self.cols, self.rows) } else { (self.rows, self.cols) }
-    }
-}
+/// One operand (row-major, offset, per-trial stride, optional transpose): the trial-array ops' own.
+pub use crate::trial_array::ops::Operand;
 
 /// C = alpha·op(A)·op(B) + beta·C for each of `trials` trials, all row-major. C is `m × n` at
 /// `c_offset` with `c_stride` between trials.

@@ -10,21 +10,8 @@ use anyhow::{Result, ensure};
 
 use super::ops::{ArrayOps, Operand, Out, RowShape, SlotStep, TickLayout};
 use crate::config::BertConfig;
+use crate::cpu::bert::{site_attn_out, site_attn_probs, site_embeddings, site_ffn_out, site_pooled};
 use crate::model::layout::{LayerParams, ParamLayout};
-
-/// Dropout site ids, as `cpu::bert` numbers them.
-fn site_attn_probs(l: usize) -> u32 {
-    1 + 3 * l as u32
-}
-fn site_attn_out(l: usize) -> u32 {
-    2 + 3 * l as u32
-}
-fn site_ffn_out(l: usize) -> u32 {
-    3 + 3 * l as u32
-}
-fn site_pooled(layers: usize) -> u32 {
-    1 + 3 * layers as u32
-}
 
 /// What one encoder layer keeps for its backward pass (`cpu::bert::LayerCache`).
 struct LayerCache<B> {
@@ -228,7 +215,7 @@ impl<O: ArrayOps> ArrayModel<O> {
         let e = &self.layout.embeddings;
         let (mut x, emb_xhat, emb_rstd) =
             self.layernorm(&emb, None, n, e.ln_weight.start, e.ln_bias.start)?;
-        self.dropout(tick, lt, &mut x, n * h, 0, hidden_p)?;
+        self.dropout(tick, lt, &mut x, n * h, site_embeddings(), hidden_p)?;
 
         let mut inputs = Vec::new();
         let mut layers = Vec::new();
@@ -381,7 +368,7 @@ impl<O: ArrayOps> ArrayModel<O> {
             dx = self.layer_backward(tick, lt, l, &fwd.inputs[l], &fwd.layers[l], &dx)?;
         }
 
-        self.dropout(tick, lt, &mut dx, n * h, 0, drop.hidden)?;
+        self.dropout(tick, lt, &mut dx, n * h, site_embeddings(), drop.hidden)?;
         let e = self.layout.embeddings.clone();
         let demb = self.layernorm_backward(
             &dx,

@@ -100,3 +100,36 @@ pub fn tiny_data(dir: &Path) -> PathBuf {
 pub fn hpo_gpu(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_hpo-gpu")).args(args).output().expect("run hpo-gpu")
 }
+
+/// ‖a − b‖ / ‖b‖ of f32 vectors, in f64.
+pub fn rel_err_f32(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+    let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
+    if norm == 0.0 { diff } else { diff / norm }
+}
+
+/// A packed batch of random sequences of the given lengths ([CLS] = 2 … [SEP] = 3, other ids in
+/// 5..vocab) with random labels below `classes`.
+pub fn random_batch(
+    rng: &mut rand::rngs::StdRng,
+    lens: &[usize],
+    vocab: u32,
+    classes: usize,
+) -> hpo_gpu::cpu::bert::Batch {
+    use rand::RngExt;
+    let seqs: Vec<Vec<u32>> = lens
+        .iter()
+        .map(|&n| {
+            let mut s = vec![2u32];
+            s.extend((1..n.saturating_sub(1)).map(|_| rng.random_range(5..vocab)));
+            if n > 1 {
+                s.push(3);
+            }
+            s
+        })
+        .collect();
+    let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
+    let labels: Vec<usize> = lens.iter().map(|_| rng.random_range(0..classes)).collect();
+    hpo_gpu::cpu::bert::Batch::packed(&refs, &labels)
+}
