@@ -97,7 +97,7 @@ fn run(hidden: usize, heads: usize) {
             );
         }
         let steps: Vec<SlotStep> = (0..4)
-            .filter(|i| (tick_no as usize + 1) % accumulate[*i] == 0)
+            .filter(|i| (tick_no as usize + 1).is_multiple_of(accumulate[*i]))
             .map(|i| {
                 steps_done[i] += 1;
                 SlotStep {
@@ -114,13 +114,12 @@ fn run(hidden: usize, heads: usize) {
             assert!((a - b).abs() <= 1e-4 * a, "gradient norm {b} vs {a}");
         }
     }
-    for i in 0..4 {
+    for (i, steps) in steps_done.iter().enumerate() {
         let (a, b) =
             (host.ops.read(&host.params, i * p, p).unwrap(), dev.ops.read(&dev.params, i * p, p).unwrap());
         let e = rel(&b, &a);
         println!(
-            "hidden {hidden} heads {heads} slot {i}: parameters after {} steps, relative error {e:.2e}",
-            steps_done[i]
+            "hidden {hidden} heads {heads} slot {i}: parameters after {steps} steps, relative error {e:.2e}"
         );
         assert!(e <= 1e-4, "slot {i}: parameters differ by {e}");
     }

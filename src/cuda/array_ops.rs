@@ -470,7 +470,7 @@ impl ArrayOps for CudaOps {
         m: &mut CudaSlice<f32>,
         v: &mut CudaSlice<f32>,
     ) -> Result<Vec<f64>> {
-        ensure!(p > 0 && grads.len() % p == 0, "optimizer: gradients are not whole slots of {p}");
+        ensure!(p > 0 && grads.len().is_multiple_of(p), "optimizer: gradients are not whole slots of {p}");
         let trials = grads.len() / p;
         ensure!(steps.iter().all(|s| s.slot < trials), "optimizer: a slot outside the {trials} slots");
         // Norms of every slot without clipping (a slot mid-accumulation must not be clipped).
