@@ -110,10 +110,14 @@ impl BertConfig {
     /// `num_labels=2` of `from_pretrained`); label names come from `id2label` when it has that
     /// many entries, else `LABEL_0..`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let text =
-            String::from_utf8(text).map_err(|e| anyhow::anyhow!("{}: not UTF-8: {e}", path.display()))?;
-        Self::from_json_str(&text).with_context(|| format!("{}: invalid model config", path.display()))
+        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        Self::from_json_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// Same, from the file's bytes; `origin` names the source in error messages.
+    pub fn from_json_bytes(bytes: &[u8], origin: &str) -> Result<Self> {
+        let text = std::str::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{origin}: not UTF-8: {e}"))?;
+        Self::from_json_str(text).with_context(|| format!("{origin}: invalid model config"))
     }
 
     pub fn from_json_str(text: &str) -> Result<Self> {

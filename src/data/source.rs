@@ -361,14 +361,25 @@ fn open(path: &Path) -> Result<File> {
     File::open(path).with_context(|| format!("{}: cannot open", path.display()))
 }
 
-fn decompressing_reader(path: &Path, gz: bool) -> Result<Box<dyn Read>> {
-    let file = BufReader::with_capacity(1 << 16, open(path)?);
-    Ok(if gz { Box::new(flate2::bufread::MultiGzDecoder::new(file)) } else { Box::new(file) })
+/// Where a file's bytes come from: the file at its path, or memory ([`read_bytes`]). The path names
+/// the source in messages either way.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    File,
+    Memory(&'a [u8]),
 }
 
-fn read_all(path: &Path, gz: bool) -> Result<Vec<u8>> {
+fn decompressing_reader<'a>(path: &Path, input: Input<'a>, gz: bool) -> Result<Box<dyn Read + 'a>> {
+    let raw: Box<dyn std::io::BufRead + 'a> = match input {
+        Input::File => Box::new(BufReader::with_capacity(1 << 16, open(path)?)),
+        Input::Memory(bytes) => Box::new(bytes),
+    };
+    Ok(if gz { Box::new(flate2::bufread::MultiGzDecoder::new(raw)) } else { Box::new(raw) })
+}
+
+fn read_all(path: &Path, input: Input<'_>, gz: bool) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
-    decompressing_reader(path, gz)?.read_to_end(&mut bytes).map_err(|err| {
+    decompressing_reader(path, input, gz)?.read_to_end(&mut bytes).map_err(|err| {
         if gz {
             anyhow!("{}: corrupt or truncated gzip data: {err}", path.display())
         } else {
@@ -383,21 +394,36 @@ fn read_all(path: &Path, gz: bool) -> Result<Vec<u8>> {
 pub fn read_file(path: &Path, columns: &ColumnSpec, label_names: Option<&[String]>) -> Result<Dataset> {
     columns.validate()?;
     let mut sink = Sink::new(label_names)?;
-    read_into(path, columns, &mut sink)?;
+    read_into(path, Input::File, columns, &mut sink)?;
     sink.finish(path.display().to_string())
 }
 
-fn read_into(path: &Path, columns: &ColumnSpec, sink: &mut Sink) -> Result<()> {
+/// Same as [`read_file`], from a file's bytes already in memory: `name` (e.g. `train.jsonl.gz`)
+/// picks the format as a file name would, and names the source in messages.
+pub fn read_bytes(
+    name: &str,
+    bytes: &[u8],
+    columns: &ColumnSpec,
+    label_names: Option<&[String]>,
+) -> Result<Dataset> {
+    columns.validate()?;
+    let path = Path::new(name);
+    let mut sink = Sink::new(label_names)?;
+    read_into(path, Input::Memory(bytes), columns, &mut sink)?;
+    sink.finish(name.to_string())
+}
+
+fn read_into(path: &Path, input: Input<'_>, columns: &ColumnSpec, sink: &mut Sink) -> Result<()> {
     let (format, gz) = detect_format(path)?;
-    match format {
-        Format::Json => read_json(path, gz, columns, sink),
-        Format::Csv => read_delimited(path, gz, b',', columns, sink),
-        Format::Tsv => read_delimited(path, gz, b'\t', columns, sink),
-        Format::Parquet if gz => {
-            let bytes = read_all(path, gz)?;
+    match (format, input) {
+        (Format::Json, _) => read_json(path, input, gz, columns, sink),
+        (Format::Csv, _) => read_delimited(path, input, gz, b',', columns, sink),
+        (Format::Tsv, _) => read_delimited(path, input, gz, b'\t', columns, sink),
+        (Format::Parquet, Input::File) if !gz => read_parquet(path, open(path)?, columns, sink),
+        (Format::Parquet, _) => {
+            let bytes = read_all(path, input, gz)?;
             read_parquet(path, bytes::Bytes::from(bytes), columns, sink)
         }
-        Format::Parquet => read_parquet(path, open(path)?, columns, sink),
     }
 }
 
@@ -513,8 +539,8 @@ fn json_row_into_sink(
     sink.push(path, location, text, label)
 }
 
-fn read_json(path: &Path, gz: bool, columns: &ColumnSpec, sink: &mut Sink) -> Result<()> {
-    let bytes = read_all(path, gz)?;
+fn read_json(path: &Path, input: Input<'_>, gz: bool, columns: &ColumnSpec, sink: &mut Sink) -> Result<()> {
+    let bytes = read_all(path, input, gz)?;
     let first = bytes.iter().position(|b| !b.is_ascii_whitespace());
     if first.is_some_and(|i| bytes[i] == b'[') {
         return read_json_array(path, &bytes, columns, sink);
@@ -578,11 +604,18 @@ fn csv_label(cell: &str) -> Result<RawLabel<'_>, String> {
     Ok(RawLabel::Str(cell))
 }
 
-fn read_delimited(path: &Path, gz: bool, delimiter: u8, columns: &ColumnSpec, sink: &mut Sink) -> Result<()> {
+fn read_delimited(
+    path: &Path,
+    input: Input<'_>,
+    gz: bool,
+    delimiter: u8,
+    columns: &ColumnSpec,
+    sink: &mut Sink,
+) -> Result<()> {
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
         .has_headers(true)
-        .from_reader(decompressing_reader(path, gz)?);
+        .from_reader(decompressing_reader(path, input, gz)?);
     let csv_error = |err: csv::Error| {
         let gzip_hint = if gz && matches!(err.kind(), csv::ErrorKind::Io(_)) {
             " (corrupt or truncated gzip data?)"
@@ -819,7 +852,7 @@ fn read_many(
 ) -> Result<Dataset> {
     let mut sink = Sink::new(label_names)?;
     for path in paths {
-        read_into(path, columns, &mut sink)?;
+        read_into(path, Input::File, columns, &mut sink)?;
     }
     sink.finish(origin)
 }

@@ -53,36 +53,46 @@ impl TextTokenizer {
 
     pub fn from_tokenizer_json(path: &Path, max_length: usize) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let inner = Tokenizer::from_bytes(&bytes)
-            .map_err(|e| anyhow!("{}: invalid tokenizer.json: {e}", path.display()))?;
-        Self::finish(inner, path.display().to_string(), max_length)
+        Self::from_tokenizer_json_bytes(&bytes, &path.display().to_string(), max_length)
+    }
+
+    /// Same, from the file's bytes; `origin` names the source in error messages.
+    pub fn from_tokenizer_json_bytes(bytes: &[u8], origin: &str, max_length: usize) -> Result<Self> {
+        let inner =
+            Tokenizer::from_bytes(bytes).map_err(|e| anyhow!("{origin}: invalid tokenizer.json: {e}"))?;
+        Self::finish(inner, origin.to_string(), max_length)
     }
 
     /// BERT's WordPiece tokenizer from a vocab.txt (one token per line, id = line number).
     pub fn from_vocab(path: &Path, lowercase: bool, max_length: usize) -> Result<Self> {
-        let text = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let text = String::from_utf8(text).map_err(|e| anyhow!("{}: not UTF-8 ({e})", path.display()))?;
-        let mut vocab = std::collections::HashMap::new();
-        for (i, line) in text.lines().enumerate() {
-            vocab.insert(line.trim_end_matches('\r').to_string(), i as u32);
-        }
-        for special in ["[UNK]", "[CLS]", "[SEP]"] {
-            if !vocab.contains_key(special) {
-                bail!("{}: vocabulary lacks the special token {special}", path.display());
-            }
-        }
-        let (cls, sep) = (vocab["[CLS]"], vocab["[SEP]"]);
+        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        Self::from_vocab_bytes(&bytes, &path.display().to_string(), lowercase, max_length)
+    }
+
+    /// Same, from the file's bytes; `origin` names the source in error messages.
+    pub fn from_vocab_bytes(bytes: &[u8], origin: &str, lowercase: bool, max_length: usize) -> Result<Self> {
+        let text = std::str::from_utf8(bytes).map_err(|e| anyhow!("{origin}: not UTF-8 ({e})"))?;
+        // The ids are the ones WordPiece's own vocab.txt reader assigns (line number, last
+        // occurrence of a repeated token wins), so the special-token ids below agree with it.
+        let vocab = WordPiece::read_bytes(text.as_bytes()).map_err(|e| anyhow!("{origin}: {e}"))?;
+        let id = |special: &str| {
+            vocab
+                .get(special)
+                .copied()
+                .ok_or_else(|| anyhow!("{origin}: vocabulary lacks the special token {special}"))
+        };
+        let (_, cls, sep) = (id("[UNK]")?, id("[CLS]")?, id("[SEP]")?);
         let wp = WordPiece::builder()
-            .files(path.display().to_string())
+            .vocab(vocab)
             .unk_token("[UNK]".into())
             .build()
-            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            .map_err(|e| anyhow!("{origin}: {e}"))?;
         let mut inner = Tokenizer::new(wp);
         let _ = inner.with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)));
         inner.with_pre_tokenizer(Some(BertPreTokenizer));
         inner.with_post_processor(Some(BertProcessing::new(("[SEP]".into(), sep), ("[CLS]".into(), cls))));
         inner.with_decoder(Some(WordPieceDecoder::default()));
-        Self::finish(inner, path.display().to_string(), max_length)
+        Self::finish(inner, origin.to_string(), max_length)
     }
 
     fn finish(mut inner: Tokenizer, origin: String, max_length: usize) -> Result<Self> {
