@@ -14,6 +14,7 @@ use rand::rngs::StdRng;
 use crate::config::BertConfig;
 use crate::data::source::{ColumnSpec, read_bytes};
 use crate::data::tokenize::TextTokenizer;
+use crate::model::layout::ParamLayout;
 use crate::model::safetensors_io::load_safetensors_bytes;
 use crate::model::tensor::{DType, RawTensor};
 use crate::model::torch_bin::load_torch_state_dict_bytes;
@@ -47,6 +48,10 @@ pub fn config_json(data: &[u8]) -> Result<()> {
     let config = BertConfig::from_json_bytes(data, "config.json")?;
     assert_eq!(config.label_names.len(), config.num_labels, "one name per label");
     let _ = (config.head_size(), config.classifier_dropout_prob(), config.to_export_json());
+    // What `--random-init` and the checkpoint loader build next: the parameter table (offsets
+    // only, no values), which a hostile config must not be able to blow up.
+    let layout = ParamLayout::new(&config);
+    assert!(layout.len <= 1 << 32, "an accepted config lays out {} parameters", layout.len);
     Ok(())
 }
 
@@ -106,7 +111,7 @@ pub fn dataset_parquet(data: &[u8]) -> Result<()> {
 pub fn search_space(data: &[u8]) -> Result<()> {
     let text = std::str::from_utf8(data)?;
     let mut spaces = Vec::new();
-    let mut first_error = None;
+    let mut errors = Vec::new();
     for parsed in [
         SearchSpace::from_toml_str(text, "space.toml").map(|(s, _)| s),
         SearchSpace::from_json_str(text, "space.json").map(|(s, _)| s),
@@ -114,16 +119,16 @@ pub fn search_space(data: &[u8]) -> Result<()> {
     ] {
         match parsed {
             Ok(space) => spaces.push(space),
-            Err(e) => first_error = first_error.or(Some(e)),
+            Err(e) => errors.push(format!("{e:#}")),
         }
     }
     for space in &spaces {
         exercise_space(space);
     }
-    match (spaces.is_empty(), first_error) {
-        (true, Some(e)) => Err(e),
-        _ => Ok(()),
+    if spaces.is_empty() {
+        anyhow::bail!("{}", errors.join("\n"));
     }
+    Ok(())
 }
 
 fn exercise_space(space: &SearchSpace) {
