@@ -38,8 +38,9 @@ for target in "${targets[@]}"; do
   echo "== $target: ${seconds}s"
   status=0
   # libFuzzer writes new inputs only to the first corpus directory, so the committed one stays as is.
+  # One process (no -jobs: that would run a child writing to ./fuzz-N.log instead of this log).
   "${fuzz[@]}" run -s none --fuzz-dir fuzz "$target" "$work" "fuzz/corpus/$target" -- \
-    -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -jobs=1 -workers=1 -print_final_stats=1 \
+    -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
     >"$logs/$target.log" 2>&1 || status=$?
   runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$logs/$target.log" | grep -o '[0-9]*$' || true)
   speed=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$logs/$target.log" | grep -o '[0-9]*$' || true)

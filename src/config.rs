@@ -231,7 +231,7 @@ impl BertConfig {
         if params > MAX_PARAMETERS {
             bail!(
                 "the model would have {params} parameters ({} GiB as f32), over the {MAX_PARAMETERS} supported",
-                params * 4 >> 30
+                (params * 4) >> 30
             );
         }
         if label_names.len() != num_labels {

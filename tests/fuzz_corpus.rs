@@ -52,6 +52,21 @@ const REGRESSIONS: &[(&str, &str, Expect)] = &[
         "parameters_2_pow_48.json",
         Expect::Error("the model would have 12800016176000194 parameters (47683776 GiB as f32)"),
     ),
+    // Found by the tokenizer target in its first minute: tokenizers 0.23.2 `expect`s that the
+    // "decoder" value parses, so a JSON syntax error inside it panicked.
+    (
+        "tokenizer",
+        "decoder_with_control_character",
+        Expect::Error(
+            "tokenizer.json: invalid JSON: control character (\\u0000-\\u001F) found while parsing a string at line 1 column 1496",
+        ),
+    ),
+    // Found by reading the crate after that: it also `expect`s a Precompiled normalizer to parse.
+    (
+        "tokenizer",
+        "precompiled_bad_charsmap",
+        Expect::Error("unreadable Precompiled normalizer: Cannot parse precompiled_charsmap"),
+    ),
 ];
 
 fn fuzz_dir(kind: &str, target: &str) -> PathBuf {

@@ -8,6 +8,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
 use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::bert::BertNormalizer;
+use tokenizers::normalizers::precompiled::Precompiled;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
@@ -58,6 +59,11 @@ impl TextTokenizer {
 
     /// Same, from the file's bytes; `origin` names the source in error messages.
     pub fn from_tokenizer_json_bytes(bytes: &[u8], origin: &str, max_length: usize) -> Result<Self> {
+        // The tokenizers crate panics instead of failing on some bad files (a JSON syntax error
+        // inside "decoder", an unreadable Precompiled normalizer), so those are checked first.
+        let json: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| anyhow!("{origin}: invalid JSON: {e}"))?;
+        check_precompiled_normalizers(&json).map_err(|e| anyhow!("{origin}: invalid tokenizer.json: {e}"))?;
         let inner =
             Tokenizer::from_bytes(bytes).map_err(|e| anyhow!("{origin}: invalid tokenizer.json: {e}"))?;
         Self::finish(inner, origin.to_string(), max_length)
@@ -144,6 +150,22 @@ impl TextTokenizer {
         let mut t = self.inner.clone();
         t.with_truncation(None).map_err(|e| anyhow!("{e}"))?;
         t.save(path, false).map_err(|e| anyhow!("{}: cannot write tokenizer: {e}", path.display()))
+    }
+}
+
+/// Every `{"type": "Precompiled", ...}` object must deserialize as one (the crate `expect`s it).
+fn check_precompiled_normalizers(value: &serde_json::Value) -> Result<()> {
+    match value {
+        serde_json::Value::Object(map) => {
+            if map.get("type").and_then(|t| t.as_str()) == Some("Precompiled") {
+                // From text, as the crate does: Precompiled borrows its strings from the input.
+                serde_json::from_str::<Precompiled>(&value.to_string())
+                    .map_err(|e| anyhow!("unreadable Precompiled normalizer: {e}"))?;
+            }
+            map.values().try_for_each(check_precompiled_normalizers)
+        }
+        serde_json::Value::Array(items) => items.iter().try_for_each(check_precompiled_normalizers),
+        _ => Ok(()),
     }
 }
 
