@@ -720,14 +720,37 @@ fn label_column(array: &dyn Array) -> Option<LabelColumn<'_>> {
     }
 }
 
+/// Every column chunk must lie inside the file. The parquet crate panics on a negative offset or
+/// size (`ColumnChunkMetaData::byte_range`) and would allocate whatever size a chunk claims.
+fn check_column_chunks(metadata: &parquet::file::metadata::ParquetMetaData, file_len: u64) -> Result<()> {
+    for (g, group) in metadata.row_groups().iter().enumerate() {
+        for (c, column) in group.columns().iter().enumerate() {
+            let start = column.dictionary_page_offset().unwrap_or_else(|| column.data_page_offset());
+            let len = column.compressed_size();
+            let end =
+                u64::try_from(start).ok().zip(u64::try_from(len).ok()).and_then(|(s, l)| s.checked_add(l));
+            if end.is_none_or(|end| end > file_len) {
+                bail!(
+                    "row group {g}, column {c}: the chunk at offset {start} of {len} bytes is not inside the \
+                     file's {file_len} bytes"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn read_parquet<R: ChunkReader + 'static>(
     path: &Path,
     input: R,
     columns: &ColumnSpec,
     sink: &mut Sink,
 ) -> Result<()> {
+    let file_len = input.len();
     let builder = ParquetRecordBatchReaderBuilder::try_new(input)
         .map_err(|err| anyhow!("{}: not a readable parquet file: {err}", path.display()))?;
+    check_column_chunks(builder.metadata(), file_len)
+        .map_err(|err| anyhow!("{}: corrupt parquet metadata: {err}", path.display()))?;
     let schema = builder.schema().clone();
     let names: Vec<&String> = schema.fields().iter().map(|f| f.name()).collect();
     let find = |name: &str, role: &str| {
