@@ -777,7 +777,24 @@ fn read_parquet<R: ChunkReader + 'static>(
         .build()
         .map_err(|err| anyhow!("{}: not a readable parquet file: {err}", path.display()))?;
     let mut row = 0usize;
-    for batch in reader {
+    let mut reader = reader;
+    loop {
+        // The parquet crate (60.1) can panic on corrupt page data (found by fuzzing: an
+        // out-of-bounds definition-level bitmap); that is a corrupt file, not a crash of ours. The
+        // reader and the partly filled sink are dropped with the error.
+        let next =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.next())).map_err(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                anyhow!(
+                    "{}: corrupt parquet data after row index {row}: the parquet reader failed: {what}",
+                    path.display()
+                )
+            })?;
+        let Some(batch) = next else { break };
         let batch: RecordBatch = batch.map_err(|err| {
             anyhow!("{}: corrupt parquet data after row index {row}: {err}", path.display())
         })?;

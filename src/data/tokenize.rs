@@ -60,10 +60,11 @@ impl TextTokenizer {
     /// Same, from the file's bytes; `origin` names the source in error messages.
     pub fn from_tokenizer_json_bytes(bytes: &[u8], origin: &str, max_length: usize) -> Result<Self> {
         // The tokenizers crate panics instead of failing on some bad files (a JSON syntax error
-        // inside "decoder", an unreadable Precompiled normalizer), so those are checked first.
+        // inside "decoder", an unreadable Precompiled normalizer, an inconsistent template), so
+        // those are checked first.
         let json: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| anyhow!("{origin}: invalid JSON: {e}"))?;
-        check_precompiled_normalizers(&json).map_err(|e| anyhow!("{origin}: invalid tokenizer.json: {e}"))?;
+        check_tokenizer_parts(&json).map_err(|e| anyhow!("{origin}: invalid tokenizer.json: {e}"))?;
         let inner =
             Tokenizer::from_bytes(bytes).map_err(|e| anyhow!("{origin}: invalid tokenizer.json: {e}"))?;
         Self::finish(inner, origin.to_string(), max_length)
@@ -153,20 +154,53 @@ impl TextTokenizer {
     }
 }
 
-/// Every `{"type": "Precompiled", ...}` object must deserialize as one (the crate `expect`s it).
-fn check_precompiled_normalizers(value: &serde_json::Value) -> Result<()> {
+/// Checks what the tokenizers crate trusts without checking, anywhere in the file: every
+/// `{"type": "Precompiled", ...}` must deserialize as one (the crate `expect`s it), and every
+/// `TemplateProcessing` post-processor must be consistent (deserializing skips the builder's
+/// validation, and encoding then panics on a missing special token).
+fn check_tokenizer_parts(value: &serde_json::Value) -> Result<()> {
     match value {
         serde_json::Value::Object(map) => {
-            if map.get("type").and_then(|t| t.as_str()) == Some("Precompiled") {
-                // From text, as the crate does: Precompiled borrows its strings from the input.
-                serde_json::from_str::<Precompiled>(&value.to_string())
-                    .map_err(|e| anyhow!("unreadable Precompiled normalizer: {e}"))?;
+            match map.get("type").and_then(|t| t.as_str()) {
+                Some("Precompiled") => {
+                    // From text, as the crate does: Precompiled borrows its strings from the input.
+                    serde_json::from_str::<Precompiled>(&value.to_string())
+                        .map_err(|e| anyhow!("unreadable Precompiled normalizer: {e}"))?;
+                }
+                Some("TemplateProcessing") => check_template(map)?,
+                _ => {}
             }
-            map.values().try_for_each(check_precompiled_normalizers)
+            map.values().try_for_each(check_tokenizer_parts)
         }
-        serde_json::Value::Array(items) => items.iter().try_for_each(check_precompiled_normalizers),
+        serde_json::Value::Array(items) => items.iter().try_for_each(check_tokenizer_parts),
         _ => Ok(()),
     }
+}
+
+fn check_template(map: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let specials = map.get("special_tokens").and_then(|s| s.as_object());
+    for (name, special) in specials.into_iter().flatten() {
+        let len = |field: &str| special.get(field).and_then(|v| v.as_array()).map(Vec::len);
+        if len("ids") != len("tokens") {
+            bail!("TemplateProcessing special token {name:?} has different numbers of ids and tokens");
+        }
+    }
+    for template in ["single", "pair"] {
+        let pieces = map.get(template).and_then(|t| t.as_array()).into_iter().flatten();
+        for piece in pieces {
+            if let Some(id) = piece.pointer("/SpecialToken/id").and_then(|id| id.as_str())
+                && !specials.is_some_and(|s| s.contains_key(id))
+            {
+                bail!(
+                    "TemplateProcessing {template} template uses special token {id:?}, which it does not define"
+                );
+            }
+            if template == "single" && piece.pointer("/Sequence/id").and_then(|id| id.as_str()) == Some("B") {
+                bail!("TemplateProcessing single template uses sequence B");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn read_do_lower_case(path: &Path) -> Result<bool> {
