@@ -4,7 +4,7 @@
 #
 #   scripts/fuzz.sh                      # all targets, 300 s each
 #   FUZZ_SECONDS=60 scripts/fuzz.sh tokenizer search_space
-#   FUZZ_MERGE=1 scripts/fuzz.sh         # afterwards, minimize new finds into fuzz/corpus/<target>
+#   FUZZ_MERGE=1 scripts/fuzz.sh         # afterwards, add new-coverage finds (<= 2 KB) to fuzz/corpus/<target>
 #
 # Each target grows a scratch corpus in fuzz/corpus-work/<target> (git-ignored), seeded from the
 # committed fuzz/corpus/<target>; crashes land in fuzz/artifacts/<target>/. `-s none` (no
@@ -56,12 +56,21 @@ for target in "${targets[@]}"; do
   summary+=("$line")
   echo "$line"
   if [ "${FUZZ_MERGE:-0}" = 1 ]; then
-    # Minimize the committed corpus plus the new finds back into fuzz/corpus/<target>.
+    # Adds to fuzz/corpus/<target> a minimal set of new finds that reach code (edges, not hit
+    # counts) the committed corpus does not, skipping those over 2 KB to keep the corpora small.
     merged="fuzz/corpus-work/$target.merged"
-    rm -rf "$merged" && mkdir -p "$merged"
-    "${fuzz[@]}" run -s none --fuzz-dir fuzz "$target" "$merged" "fuzz/corpus/$target" "$work" -- \
-      -merge=1 -rss_limit_mb=2048 -timeout=10 >>"$logs/$target.log" 2>&1
-    rm -rf "fuzz/corpus/$target" && mv "$merged" "fuzz/corpus/$target"
+    rm -rf "$merged" && cp -r "fuzz/corpus/$target" "$merged"
+    "${fuzz[@]}" run -s none --fuzz-dir fuzz "$target" "$merged" "$work" -- \
+      -set_cover_merge=1 -use_counters=0 -rss_limit_mb=2048 -timeout=10 >>"$logs/$target.log" 2>&1
+    added=0
+    for file in "$merged"/*; do
+      name=$(basename "$file")
+      if [ ! -e "fuzz/corpus/$target/$name" ] && [ "$(stat -c %s "$file")" -le 2048 ]; then
+        cp "$file" "fuzz/corpus/$target/" && added=$((added + 1))
+      fi
+    done
+    rm -rf "$merged"
+    echo "   merged $added new inputs into fuzz/corpus/$target"
   fi
 done
 echo

@@ -167,8 +167,12 @@ fn check_tokenizer_parts(value: &serde_json::Value) -> Result<()> {
                     serde_json::from_str::<Precompiled>(&value.to_string())
                         .map_err(|e| anyhow!("unreadable Precompiled normalizer: {e}"))?;
                 }
-                Some("TemplateProcessing") => check_template(map)?,
                 _ => {}
+            }
+            // By shape, not by "type": post-processors deserialize untagged, so a template with a
+            // misspelled type is still taken as one.
+            if map.contains_key("single") || map.contains_key("pair") {
+                check_template(map)?;
             }
             map.values().try_for_each(check_tokenizer_parts)
         }
