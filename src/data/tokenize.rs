@@ -161,13 +161,10 @@ impl TextTokenizer {
 fn check_tokenizer_parts(value: &serde_json::Value) -> Result<()> {
     match value {
         serde_json::Value::Object(map) => {
-            match map.get("type").and_then(|t| t.as_str()) {
-                Some("Precompiled") => {
-                    // From text, as the crate does: Precompiled borrows its strings from the input.
-                    serde_json::from_str::<Precompiled>(&value.to_string())
-                        .map_err(|e| anyhow!("unreadable Precompiled normalizer: {e}"))?;
-                }
-                _ => {}
+            if map.get("type").and_then(|t| t.as_str()) == Some("Precompiled") {
+                // From text, as the crate does: Precompiled borrows its strings from the input.
+                serde_json::from_str::<Precompiled>(&value.to_string())
+                    .map_err(|e| anyhow!("unreadable Precompiled normalizer: {e}"))?;
             }
             // By shape, not by "type": post-processors deserialize untagged, so a template with a
             // misspelled type is still taken as one.
