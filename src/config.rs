@@ -10,6 +10,8 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::data::source::MAX_CLASSES;
+
 /// The architecture numbers of a BERT encoder plus classification head.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BertConfig {
@@ -105,15 +107,46 @@ fn d_eps() -> f64 {
     1e-12
 }
 
+/// More layers than this is taken as a corrupt config (BERT-large has 24).
+const MAX_LAYERS: usize = 1024;
+/// More parameters than this (16 GiB of f32; BERT-large has 0.34e9) is taken as a corrupt config,
+/// refused before anything is allocated.
+const MAX_PARAMETERS: u128 = 1 << 32;
+
+/// Parameters of BertForSequenceClassification with these sizes, counted as the parameter layout
+/// lays them out, in u128 so that no field values can overflow it.
+fn parameter_count(c: &RawBertConfig, vocab_size: usize, num_labels: usize) -> u128 {
+    let [h, i, v, p, t, l, n] = [
+        c.hidden_size,
+        c.intermediate_size,
+        vocab_size,
+        c.max_position_embeddings,
+        c.type_vocab_size,
+        c.num_hidden_layers,
+        num_labels,
+    ]
+    .map(|x| x as u128);
+    let embeddings = (v + p + t) * h + 2 * h;
+    // Q, K, V, attention output (weight and bias each), two LayerNorms, the two MLP matrices.
+    let layer = 4 * (h * h + h) + 4 * h + 2 * i * h + i + h;
+    let pooler = h * h + h;
+    let classifier = n * h + n;
+    embeddings + l * layer + pooler + classifier
+}
+
 impl BertConfig {
     /// Reads and validates `config.json`. `num_labels` overrides the file's label count (the
     /// `num_labels=2` of `from_pretrained`); label names come from `id2label` when it has that
     /// many entries, else `LABEL_0..`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let text =
-            String::from_utf8(text).map_err(|e| anyhow::anyhow!("{}: not UTF-8: {e}", path.display()))?;
-        Self::from_json_str(&text).with_context(|| format!("{}: invalid model config", path.display()))
+        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        Self::from_json_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// Same, from the file's bytes; `origin` names the source in error messages.
+    pub fn from_json_bytes(bytes: &[u8], origin: &str) -> Result<Self> {
+        let text = std::str::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{origin}: not UTF-8: {e}"))?;
+        Self::from_json_str(text).with_context(|| format!("{origin}: invalid model config"))
     }
 
     pub fn from_json_str(text: &str) -> Result<Self> {
@@ -186,6 +219,20 @@ impl BertConfig {
         let num_labels = c.num_labels.unwrap_or(if label_names.is_empty() { 2 } else { label_names.len() });
         if num_labels < 2 {
             bail!("num_labels must be at least 2 for classification");
+        }
+        // Bounds what the label names and the classifier allocate (a hostile file could claim 2^60).
+        if num_labels > MAX_CLASSES {
+            bail!("num_labels = {num_labels} is more than the {MAX_CLASSES} classes supported");
+        }
+        if c.num_hidden_layers > MAX_LAYERS {
+            bail!("num_hidden_layers = {} is more than the {MAX_LAYERS} supported", c.num_hidden_layers);
+        }
+        let params = parameter_count(&c, vocab_size, num_labels);
+        if params > MAX_PARAMETERS {
+            bail!(
+                "the model would have {params} parameters ({} GiB as f32), over the {MAX_PARAMETERS} supported",
+                (params * 4) >> 30
+            );
         }
         if label_names.len() != num_labels {
             label_names = (0..num_labels).map(|i| format!("LABEL_{i}")).collect();

@@ -8,6 +8,8 @@ pub mod config;
 pub mod cpu;
 pub mod cuda;
 pub mod data;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hub;
 pub mod model;
 pub mod pipeline;

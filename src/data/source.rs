@@ -361,14 +361,25 @@ fn open(path: &Path) -> Result<File> {
     File::open(path).with_context(|| format!("{}: cannot open", path.display()))
 }
 
-fn decompressing_reader(path: &Path, gz: bool) -> Result<Box<dyn Read>> {
-    let file = BufReader::with_capacity(1 << 16, open(path)?);
-    Ok(if gz { Box::new(flate2::bufread::MultiGzDecoder::new(file)) } else { Box::new(file) })
+/// Where a file's bytes come from: the file at its path, or memory ([`read_bytes`]). The path names
+/// the source in messages either way.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    File,
+    Memory(&'a [u8]),
 }
 
-fn read_all(path: &Path, gz: bool) -> Result<Vec<u8>> {
+fn decompressing_reader<'a>(path: &Path, input: Input<'a>, gz: bool) -> Result<Box<dyn Read + 'a>> {
+    let raw: Box<dyn std::io::BufRead + 'a> = match input {
+        Input::File => Box::new(BufReader::with_capacity(1 << 16, open(path)?)),
+        Input::Memory(bytes) => Box::new(bytes),
+    };
+    Ok(if gz { Box::new(flate2::bufread::MultiGzDecoder::new(raw)) } else { Box::new(raw) })
+}
+
+fn read_all(path: &Path, input: Input<'_>, gz: bool) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
-    decompressing_reader(path, gz)?.read_to_end(&mut bytes).map_err(|err| {
+    decompressing_reader(path, input, gz)?.read_to_end(&mut bytes).map_err(|err| {
         if gz {
             anyhow!("{}: corrupt or truncated gzip data: {err}", path.display())
         } else {
@@ -383,21 +394,36 @@ fn read_all(path: &Path, gz: bool) -> Result<Vec<u8>> {
 pub fn read_file(path: &Path, columns: &ColumnSpec, label_names: Option<&[String]>) -> Result<Dataset> {
     columns.validate()?;
     let mut sink = Sink::new(label_names)?;
-    read_into(path, columns, &mut sink)?;
+    read_into(path, Input::File, columns, &mut sink)?;
     sink.finish(path.display().to_string())
 }
 
-fn read_into(path: &Path, columns: &ColumnSpec, sink: &mut Sink) -> Result<()> {
+/// Same as [`read_file`], from a file's bytes already in memory: `name` (e.g. `train.jsonl.gz`)
+/// picks the format as a file name would, and names the source in messages.
+pub fn read_bytes(
+    name: &str,
+    bytes: &[u8],
+    columns: &ColumnSpec,
+    label_names: Option<&[String]>,
+) -> Result<Dataset> {
+    columns.validate()?;
+    let path = Path::new(name);
+    let mut sink = Sink::new(label_names)?;
+    read_into(path, Input::Memory(bytes), columns, &mut sink)?;
+    sink.finish(name.to_string())
+}
+
+fn read_into(path: &Path, input: Input<'_>, columns: &ColumnSpec, sink: &mut Sink) -> Result<()> {
     let (format, gz) = detect_format(path)?;
-    match format {
-        Format::Json => read_json(path, gz, columns, sink),
-        Format::Csv => read_delimited(path, gz, b',', columns, sink),
-        Format::Tsv => read_delimited(path, gz, b'\t', columns, sink),
-        Format::Parquet if gz => {
-            let bytes = read_all(path, gz)?;
+    match (format, input) {
+        (Format::Json, _) => read_json(path, input, gz, columns, sink),
+        (Format::Csv, _) => read_delimited(path, input, gz, b',', columns, sink),
+        (Format::Tsv, _) => read_delimited(path, input, gz, b'\t', columns, sink),
+        (Format::Parquet, Input::File) if !gz => read_parquet(path, open(path)?, columns, sink),
+        (Format::Parquet, _) => {
+            let bytes = read_all(path, input, gz)?;
             read_parquet(path, bytes::Bytes::from(bytes), columns, sink)
         }
-        Format::Parquet => read_parquet(path, open(path)?, columns, sink),
     }
 }
 
@@ -513,8 +539,8 @@ fn json_row_into_sink(
     sink.push(path, location, text, label)
 }
 
-fn read_json(path: &Path, gz: bool, columns: &ColumnSpec, sink: &mut Sink) -> Result<()> {
-    let bytes = read_all(path, gz)?;
+fn read_json(path: &Path, input: Input<'_>, gz: bool, columns: &ColumnSpec, sink: &mut Sink) -> Result<()> {
+    let bytes = read_all(path, input, gz)?;
     let first = bytes.iter().position(|b| !b.is_ascii_whitespace());
     if first.is_some_and(|i| bytes[i] == b'[') {
         return read_json_array(path, &bytes, columns, sink);
@@ -578,11 +604,18 @@ fn csv_label(cell: &str) -> Result<RawLabel<'_>, String> {
     Ok(RawLabel::Str(cell))
 }
 
-fn read_delimited(path: &Path, gz: bool, delimiter: u8, columns: &ColumnSpec, sink: &mut Sink) -> Result<()> {
+fn read_delimited(
+    path: &Path,
+    input: Input<'_>,
+    gz: bool,
+    delimiter: u8,
+    columns: &ColumnSpec,
+    sink: &mut Sink,
+) -> Result<()> {
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
         .has_headers(true)
-        .from_reader(decompressing_reader(path, gz)?);
+        .from_reader(decompressing_reader(path, input, gz)?);
     let csv_error = |err: csv::Error| {
         let gzip_hint = if gz && matches!(err.kind(), csv::ErrorKind::Io(_)) {
             " (corrupt or truncated gzip data?)"
@@ -687,14 +720,37 @@ fn label_column(array: &dyn Array) -> Option<LabelColumn<'_>> {
     }
 }
 
+/// Every column chunk must lie inside the file. The parquet crate panics on a negative offset or
+/// size (`ColumnChunkMetaData::byte_range`) and would allocate whatever size a chunk claims.
+fn check_column_chunks(metadata: &parquet::file::metadata::ParquetMetaData, file_len: u64) -> Result<()> {
+    for (g, group) in metadata.row_groups().iter().enumerate() {
+        for (c, column) in group.columns().iter().enumerate() {
+            let start = column.dictionary_page_offset().unwrap_or_else(|| column.data_page_offset());
+            let len = column.compressed_size();
+            let end =
+                u64::try_from(start).ok().zip(u64::try_from(len).ok()).and_then(|(s, l)| s.checked_add(l));
+            if end.is_none_or(|end| end > file_len) {
+                bail!(
+                    "row group {g}, column {c}: the chunk at offset {start} of {len} bytes is not inside the \
+                     file's {file_len} bytes"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn read_parquet<R: ChunkReader + 'static>(
     path: &Path,
     input: R,
     columns: &ColumnSpec,
     sink: &mut Sink,
 ) -> Result<()> {
+    let file_len = input.len();
     let builder = ParquetRecordBatchReaderBuilder::try_new(input)
         .map_err(|err| anyhow!("{}: not a readable parquet file: {err}", path.display()))?;
+    check_column_chunks(builder.metadata(), file_len)
+        .map_err(|err| anyhow!("{}: corrupt parquet metadata: {err}", path.display()))?;
     let schema = builder.schema().clone();
     let names: Vec<&String> = schema.fields().iter().map(|f| f.name()).collect();
     let find = |name: &str, role: &str| {
@@ -721,7 +777,24 @@ fn read_parquet<R: ChunkReader + 'static>(
         .build()
         .map_err(|err| anyhow!("{}: not a readable parquet file: {err}", path.display()))?;
     let mut row = 0usize;
-    for batch in reader {
+    let mut reader = reader;
+    loop {
+        // The parquet crate (60.1) can panic on corrupt page data (found by fuzzing: an
+        // out-of-bounds definition-level bitmap); that is a corrupt file, not a crash of ours. The
+        // reader and the partly filled sink are dropped with the error.
+        let next =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.next())).map_err(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                anyhow!(
+                    "{}: corrupt parquet data after row index {row}: the parquet reader failed: {what}",
+                    path.display()
+                )
+            })?;
+        let Some(batch) = next else { break };
         let batch: RecordBatch = batch.map_err(|err| {
             anyhow!("{}: corrupt parquet data after row index {row}: {err}", path.display())
         })?;
@@ -819,7 +892,7 @@ fn read_many(
 ) -> Result<Dataset> {
     let mut sink = Sink::new(label_names)?;
     for path in paths {
-        read_into(path, columns, &mut sink)?;
+        read_into(path, Input::File, columns, &mut sink)?;
     }
     sink.finish(origin)
 }

@@ -8,6 +8,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
 use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::bert::BertNormalizer;
+use tokenizers::normalizers::precompiled::Precompiled;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
@@ -53,36 +54,52 @@ impl TextTokenizer {
 
     pub fn from_tokenizer_json(path: &Path, max_length: usize) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let inner = Tokenizer::from_bytes(&bytes)
-            .map_err(|e| anyhow!("{}: invalid tokenizer.json: {e}", path.display()))?;
-        Self::finish(inner, path.display().to_string(), max_length)
+        Self::from_tokenizer_json_bytes(&bytes, &path.display().to_string(), max_length)
+    }
+
+    /// Same, from the file's bytes; `origin` names the source in error messages.
+    pub fn from_tokenizer_json_bytes(bytes: &[u8], origin: &str, max_length: usize) -> Result<Self> {
+        // The tokenizers crate panics instead of failing on some bad files (a JSON syntax error
+        // inside "decoder", an unreadable Precompiled normalizer, an inconsistent template), so
+        // those are checked first.
+        let json: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| anyhow!("{origin}: invalid JSON: {e}"))?;
+        check_tokenizer_parts(&json).map_err(|e| anyhow!("{origin}: invalid tokenizer.json: {e}"))?;
+        let inner =
+            Tokenizer::from_bytes(bytes).map_err(|e| anyhow!("{origin}: invalid tokenizer.json: {e}"))?;
+        Self::finish(inner, origin.to_string(), max_length)
     }
 
     /// BERT's WordPiece tokenizer from a vocab.txt (one token per line, id = line number).
     pub fn from_vocab(path: &Path, lowercase: bool, max_length: usize) -> Result<Self> {
-        let text = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let text = String::from_utf8(text).map_err(|e| anyhow!("{}: not UTF-8 ({e})", path.display()))?;
-        let mut vocab = std::collections::HashMap::new();
-        for (i, line) in text.lines().enumerate() {
-            vocab.insert(line.trim_end_matches('\r').to_string(), i as u32);
-        }
-        for special in ["[UNK]", "[CLS]", "[SEP]"] {
-            if !vocab.contains_key(special) {
-                bail!("{}: vocabulary lacks the special token {special}", path.display());
-            }
-        }
-        let (cls, sep) = (vocab["[CLS]"], vocab["[SEP]"]);
+        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        Self::from_vocab_bytes(&bytes, &path.display().to_string(), lowercase, max_length)
+    }
+
+    /// Same, from the file's bytes; `origin` names the source in error messages.
+    pub fn from_vocab_bytes(bytes: &[u8], origin: &str, lowercase: bool, max_length: usize) -> Result<Self> {
+        let text = std::str::from_utf8(bytes).map_err(|e| anyhow!("{origin}: not UTF-8 ({e})"))?;
+        // The ids are the ones WordPiece's own vocab.txt reader assigns (line number, last
+        // occurrence of a repeated token wins), so the special-token ids below agree with it.
+        let vocab = WordPiece::read_bytes(text.as_bytes()).map_err(|e| anyhow!("{origin}: {e}"))?;
+        let id = |special: &str| {
+            vocab
+                .get(special)
+                .copied()
+                .ok_or_else(|| anyhow!("{origin}: vocabulary lacks the special token {special}"))
+        };
+        let (_, cls, sep) = (id("[UNK]")?, id("[CLS]")?, id("[SEP]")?);
         let wp = WordPiece::builder()
-            .files(path.display().to_string())
+            .vocab(vocab)
             .unk_token("[UNK]".into())
             .build()
-            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            .map_err(|e| anyhow!("{origin}: {e}"))?;
         let mut inner = Tokenizer::new(wp);
         let _ = inner.with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)));
         inner.with_pre_tokenizer(Some(BertPreTokenizer));
         inner.with_post_processor(Some(BertProcessing::new(("[SEP]".into(), sep), ("[CLS]".into(), cls))));
         inner.with_decoder(Some(WordPieceDecoder::default()));
-        Self::finish(inner, path.display().to_string(), max_length)
+        Self::finish(inner, origin.to_string(), max_length)
     }
 
     fn finish(mut inner: Tokenizer, origin: String, max_length: usize) -> Result<Self> {
@@ -135,6 +152,56 @@ impl TextTokenizer {
         t.with_truncation(None).map_err(|e| anyhow!("{e}"))?;
         t.save(path, false).map_err(|e| anyhow!("{}: cannot write tokenizer: {e}", path.display()))
     }
+}
+
+/// Checks what the tokenizers crate trusts without checking, anywhere in the file: every
+/// `{"type": "Precompiled", ...}` must deserialize as one (the crate `expect`s it), and every
+/// `TemplateProcessing` post-processor must be consistent (deserializing skips the builder's
+/// validation, and encoding then panics on a missing special token).
+fn check_tokenizer_parts(value: &serde_json::Value) -> Result<()> {
+    match value {
+        serde_json::Value::Object(map) => {
+            if map.get("type").and_then(|t| t.as_str()) == Some("Precompiled") {
+                // From text, as the crate does: Precompiled borrows its strings from the input.
+                serde_json::from_str::<Precompiled>(&value.to_string())
+                    .map_err(|e| anyhow!("unreadable Precompiled normalizer: {e}"))?;
+            }
+            // By shape, not by "type": post-processors deserialize untagged, so a template with a
+            // misspelled type is still taken as one.
+            if map.contains_key("single") || map.contains_key("pair") {
+                check_template(map)?;
+            }
+            map.values().try_for_each(check_tokenizer_parts)
+        }
+        serde_json::Value::Array(items) => items.iter().try_for_each(check_tokenizer_parts),
+        _ => Ok(()),
+    }
+}
+
+fn check_template(map: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let specials = map.get("special_tokens").and_then(|s| s.as_object());
+    for (name, special) in specials.into_iter().flatten() {
+        let len = |field: &str| special.get(field).and_then(|v| v.as_array()).map(Vec::len);
+        if len("ids") != len("tokens") {
+            bail!("TemplateProcessing special token {name:?} has different numbers of ids and tokens");
+        }
+    }
+    for template in ["single", "pair"] {
+        let pieces = map.get(template).and_then(|t| t.as_array()).into_iter().flatten();
+        for piece in pieces {
+            if let Some(id) = piece.pointer("/SpecialToken/id").and_then(|id| id.as_str())
+                && !specials.is_some_and(|s| s.contains_key(id))
+            {
+                bail!(
+                    "TemplateProcessing {template} template uses special token {id:?}, which it does not define"
+                );
+            }
+            if template == "single" && piece.pointer("/Sequence/id").and_then(|id| id.as_str()) == Some("B") {
+                bail!("TemplateProcessing single template uses sequence B");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn read_do_lower_case(path: &Path) -> Result<bool> {

@@ -198,8 +198,11 @@ impl IntDistribution {
         if step <= 0 {
             bail!("`step > 0` must hold, got step={step}");
         }
-        let r = high - low;
-        let high = if r % step != 0 { r / step * step + low } else { high };
+        // In i128: `high - low` overflows i64 for ranges wider than half of it.
+        let (low_wide, step_wide) = (i128::from(low), i128::from(step));
+        let r = i128::from(high) - low_wide;
+        // The lowered high lies in [low, high], so it fits back into an i64.
+        let high = if r % step_wide != 0 { (r / step_wide * step_wide + low_wide) as i64 } else { high };
         Ok(IntDistribution { low, high, log, step })
     }
 }
@@ -227,7 +230,9 @@ impl Distribution {
     pub fn single(&self) -> bool {
         match self {
             Distribution::Float(d) => d.single(),
-            Distribution::Int(d) => d.low == d.high || (!d.log && d.high - d.low < d.step),
+            Distribution::Int(d) => {
+                d.low == d.high || (!d.log && i128::from(d.high) - i128::from(d.low) < i128::from(d.step))
+            }
             Distribution::Categorical(d) => d.choices.len() == 1,
         }
     }
