@@ -740,7 +740,7 @@ fn check_column_chunks(metadata: &parquet::file::metadata::ParquetMetaData, file
     Ok(())
 }
 
-fn read_parquet<R: ChunkReader + 'static>(
+fn read_parquet<R: ChunkReader + Send + 'static>(
     path: &Path,
     input: R,
     columns: &ColumnSpec,
@@ -777,23 +777,40 @@ fn read_parquet<R: ChunkReader + 'static>(
         .build()
         .map_err(|err| anyhow!("{}: not a readable parquet file: {err}", path.display()))?;
     let mut row = 0usize;
-    let mut reader = reader;
+    // Decoding runs on its own thread, which we stop waiting for when it stalls: the parquet crate
+    // (60.1) can spend many seconds in its page-header parser on a crafted file (found by fuzzing:
+    // 12 s for 1.3 KB), and we cannot interrupt third-party code. It can also panic on corrupt
+    // page data (an out-of-bounds definition-level bitmap); that is a corrupt file, not a crash of
+    // ours. The reader and the partly filled sink are dropped with the error.
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("parquet-decode".into())
+        .spawn(move || {
+            let mut reader = reader;
+            loop {
+                let next = catch_panic_quietly(|| reader.next());
+                let more = matches!(next, Ok(Some(Ok(_))));
+                if tx.send(next).is_err() || !more {
+                    break;
+                }
+            }
+        })
+        .with_context(|| format!("{}: cannot start the parquet reader", path.display()))?;
     loop {
-        // The parquet crate (60.1) can panic on corrupt page data (found by fuzzing: an
-        // out-of-bounds definition-level bitmap); that is a corrupt file, not a crash of ours. The
-        // reader and the partly filled sink are dropped with the error.
-        let next =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.next())).map_err(|panic| {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                anyhow!(
-                    "{}: corrupt parquet data after row index {row}: the parquet reader failed: {what}",
-                    path.display()
-                )
-            })?;
+        let next = match rx.recv_timeout(PARQUET_STALL_LIMIT) {
+            Ok(next) => next,
+            Err(_) => bail!(
+                "{}: corrupt parquet data after row index {row}: the parquet reader made no progress for {} s",
+                path.display(),
+                PARQUET_STALL_LIMIT.as_secs()
+            ),
+        };
+        let next = next.map_err(|what| {
+            anyhow!(
+                "{}: corrupt parquet data after row index {row}: the parquet reader failed: {what}",
+                path.display()
+            )
+        })?;
         let Some(batch) = next else { break };
         let batch: RecordBatch = batch.map_err(|err| {
             anyhow!("{}: corrupt parquet data after row index {row}: {err}", path.display())
@@ -1090,4 +1107,26 @@ mod tests {
         assert!(!looks_like_repo_id("missing.jsonl"));
         assert!(!looks_like_repo_id("/abs/path"));
     }
+}
+
+/// How long the parquet reader may take for one batch of rows (8,192 IMDB reviews decode in well
+/// under a second) before the file is taken for corrupt.
+const PARQUET_STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs `f`, turning a panic inside it into `Err(message)` without printing it: the panic hook
+/// is swapped for a silent one while `f` runs (the hook is process-wide; loaders run before any
+/// training threads start, so nothing else is expected to panic meanwhile). For third-party code
+/// that panics on corrupt input (the parquet crate); our own code does not rely on this.
+fn catch_panic_quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(previous);
+    result.map_err(|panic| {
+        panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default()
+    })
 }
