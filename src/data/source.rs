@@ -1023,6 +1023,28 @@ pub fn shuffled_subset(ds: &Dataset, seed: u64, n: usize) -> Result<Dataset> {
     })
 }
 
+/// How long the parquet reader may take for one batch of rows (8,192 IMDB reviews decode in well
+/// under a second) before the file is taken for corrupt.
+const PARQUET_STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs `f`, turning a panic inside it into `Err(message)` without printing it: the panic hook
+/// is swapped for a silent one while `f` runs (the hook is process-wide; loaders run before any
+/// training threads start, so nothing else is expected to panic meanwhile). For third-party code
+/// that panics on corrupt input (the parquet crate); our own code does not rely on this.
+fn catch_panic_quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(previous);
+    result.map_err(|panic| {
+        panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1107,26 +1129,4 @@ mod tests {
         assert!(!looks_like_repo_id("missing.jsonl"));
         assert!(!looks_like_repo_id("/abs/path"));
     }
-}
-
-/// How long the parquet reader may take for one batch of rows (8,192 IMDB reviews decode in well
-/// under a second) before the file is taken for corrupt.
-const PARQUET_STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Runs `f`, turning a panic inside it into `Err(message)` without printing it: the panic hook
-/// is swapped for a silent one while `f` runs (the hook is process-wide; loaders run before any
-/// training threads start, so nothing else is expected to panic meanwhile). For third-party code
-/// that panics on corrupt input (the parquet crate); our own code does not rely on this.
-fn catch_panic_quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    std::panic::set_hook(previous);
-    result.map_err(|panic| {
-        panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default()
-    })
 }
