@@ -57,7 +57,8 @@ step kernels 120 run_tests gpu_kernels
 step array 90 run_tests gpu_array
 step bench_kernels 120 run_bench kernels
 step bench_train_step 90 run_bench train_step
-db="$out/study.db"
+# The study stays on the machine: $OUT brings back at most 8 files (SQLite may add -wal/-shm).
+db=/tmp/gpu-check-study.db
 rm -f "$db"
 step search 60 "$bin" search --device cuda --slots 8 --model configs/bert-tiny --random-init \
   --tokenizer "$pack/data/bert-base-uncased" \
