@@ -782,35 +782,21 @@ fn read_parquet<R: ChunkReader + Send + 'static>(
     // 12 s for 1.3 KB), and we cannot interrupt third-party code. It can also panic on corrupt
     // page data (an out-of-bounds definition-level bitmap); that is a corrupt file, not a crash of
     // ours. The reader and the partly filled sink are dropped with the error.
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    std::thread::Builder::new()
-        .name("parquet-decode".into())
-        .spawn(move || {
-            let mut reader = reader;
-            loop {
-                let next = catch_panic_quietly(|| reader.next());
-                let more = matches!(next, Ok(Some(Ok(_))));
-                if tx.send(next).is_err() || !more {
-                    break;
-                }
-            }
-        })
+    let batches = Watched::spawn("parquet-decode", reader)
         .with_context(|| format!("{}: cannot start the parquet reader", path.display()))?;
     loop {
-        let next = match rx.recv_timeout(PARQUET_STALL_LIMIT) {
+        let next = match batches.next(PARQUET_STALL_LIMIT) {
             Ok(next) => next,
-            Err(_) => bail!(
+            Err(WatchStop::Stalled) => bail!(
                 "{}: corrupt parquet data after row index {row}: the parquet reader made no progress for {} s",
                 path.display(),
                 PARQUET_STALL_LIMIT.as_secs()
             ),
-        };
-        let next = next.map_err(|what| {
-            anyhow!(
+            Err(WatchStop::Panicked(what)) => bail!(
                 "{}: corrupt parquet data after row index {row}: the parquet reader failed: {what}",
                 path.display()
-            )
-        })?;
+            ),
+        };
         let Some(batch) = next else { break };
         let batch: RecordBatch = batch.map_err(|err| {
             anyhow!("{}: corrupt parquet data after row index {row}: {err}", path.display())
@@ -1027,6 +1013,47 @@ pub fn shuffled_subset(ds: &Dataset, seed: u64, n: usize) -> Result<Dataset> {
 /// under a second) before the file is taken for corrupt.
 const PARQUET_STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// An iterator's items pulled on a thread of their own, so that third-party code that stalls or
+/// panics on corrupt input becomes an error for the caller instead of a hang or a crash. A stalled
+/// thread cannot be stopped; it is abandoned (the process ends on the error it leads to).
+struct Watched<T> {
+    rx: std::sync::mpsc::Receiver<std::result::Result<Option<T>, String>>,
+}
+
+/// Why [`Watched::next`] gave no item.
+#[derive(Debug, PartialEq)]
+enum WatchStop {
+    /// No item (and no end) within the stall limit.
+    Stalled,
+    /// The iterator panicked, with this message.
+    Panicked(String),
+}
+
+impl<T: Send + 'static> Watched<T> {
+    fn spawn<I: Iterator<Item = T> + Send + 'static>(name: &str, mut iter: I) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new().name(name.to_string()).spawn(move || {
+            loop {
+                let next = catch_panic_quietly(|| iter.next());
+                let more = matches!(next, Ok(Some(_)));
+                if tx.send(next).is_err() || !more {
+                    break;
+                }
+            }
+        })?;
+        Ok(Watched { rx })
+    }
+
+    /// The next item (None at the end), waiting at most `stall` for it.
+    fn next(&self, stall: std::time::Duration) -> std::result::Result<Option<T>, WatchStop> {
+        match self.rx.recv_timeout(stall) {
+            Ok(Ok(item)) => Ok(item),
+            Ok(Err(what)) => Err(WatchStop::Panicked(what)),
+            Err(_) => Err(WatchStop::Stalled),
+        }
+    }
+}
+
 /// Runs `f`, turning a panic inside it into `Err(message)` without printing it: the panic hook
 /// is swapped for a silent one while `f` runs (the hook is process-wide; loaders run before any
 /// training threads start, so nothing else is expected to panic meanwhile). For third-party code
@@ -1047,6 +1074,32 @@ fn catch_panic_quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, Strin
 
 #[cfg(test)]
 mod tests {
+    use super::{WatchStop, Watched};
+    use std::time::Duration;
+
+    #[test]
+    fn watched_items_arrive_in_order_then_the_end() {
+        let w = Watched::spawn("t", [1, 2, 3].into_iter()).unwrap();
+        let got: Vec<_> = (0..4).map(|_| w.next(Duration::from_secs(5)).unwrap()).collect();
+        assert_eq!(got, [Some(1), Some(2), Some(3), None]);
+    }
+
+    #[test]
+    fn a_stalling_iterator_is_reported_not_waited_for() {
+        let slow = std::iter::once(()).map(|_| std::thread::sleep(Duration::from_millis(500)));
+        let w = Watched::spawn("t", slow).unwrap();
+        let t0 = std::time::Instant::now();
+        assert_eq!(w.next(Duration::from_millis(50)), Err(WatchStop::Stalled));
+        assert!(t0.elapsed() < Duration::from_millis(400), "waited {:?}", t0.elapsed());
+    }
+
+    #[test]
+    fn a_panicking_iterator_is_an_error_with_its_message() {
+        let boom = std::iter::once(()).map(|_| -> u8 { panic!("boom at page 3") });
+        let w = Watched::spawn("t", boom).unwrap();
+        assert_eq!(w.next(Duration::from_secs(5)), Err(WatchStop::Panicked("boom at page 3".into())));
+    }
+
     use super::*;
 
     #[test]
