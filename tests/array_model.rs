@@ -17,7 +17,7 @@ use hpo_gpu::cpu::philox::DropoutRng;
 use hpo_gpu::model::BertModel;
 use hpo_gpu::trial_array::model::ArrayModel;
 use hpo_gpu::trial_array::ops::{ArrayOps, SlotInput, SlotStep, TickLayout};
-use hpo_gpu::trial_array::ops_cpu::{CpuOps, EmbeddingOffsets};
+use hpo_gpu::trial_array::ops_cpu::CpuOps;
 use rand::SeedableRng;
 
 fn config() -> BertConfig {
@@ -37,11 +37,6 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
     common::rel_err_f32(a, b)
 }
 
-fn ops(c: &BertConfig) -> CpuOps {
-    let layout = hpo_gpu::model::layout::ParamLayout::new(c);
-    CpuOps { pad_token_id: c.pad_token_id, embedding: EmbeddingOffsets::of(&layout, c.hidden_size) }
-}
-
 #[test]
 fn padded_multi_slot_ticks_match_the_cpu_reference() {
     let c = config();
@@ -55,7 +50,7 @@ fn padded_multi_slot_ticks_match_the_cpu_reference() {
     ];
     let models: Vec<BertModel> = (0..4).map(|i| BertModel::random_init(&c, 100 + i)).collect();
     let scales = [1.0 / 3.0, 0.5, 0.0, 0.25];
-    let mut array = ArrayModel::new(ops(&c), &c, 4).unwrap();
+    let mut array = ArrayModel::new(CpuOps::new(&c), &c, 4).unwrap();
     let p = array.param_len();
     for (i, m) in models.iter().enumerate() {
         array.ops.write(&mut array.params, i * p, &m.params).unwrap();

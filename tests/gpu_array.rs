@@ -16,7 +16,7 @@ use hpo_gpu::model::BertModel;
 use hpo_gpu::model::layout::ParamLayout;
 use hpo_gpu::trial_array::model::ArrayModel;
 use hpo_gpu::trial_array::ops::{ArrayOps, SlotInput, SlotStep, TickLayout};
-use hpo_gpu::trial_array::ops_cpu::{CpuOps, EmbeddingOffsets};
+use hpo_gpu::trial_array::ops_cpu::CpuOps;
 use std::sync::Arc;
 
 use hpo_gpu::cuda::array_ops::cuda_array_backend;
@@ -58,7 +58,7 @@ fn run(hidden: usize, heads: usize) {
     let c = config(hidden, heads);
     let layout = ParamLayout::new(&c);
     let p = layout.len;
-    let cpu_ops = CpuOps { pad_token_id: c.pad_token_id, embedding: EmbeddingOffsets::of(&layout, hidden) };
+    let cpu_ops = CpuOps::new(&c);
     let mut host = ArrayModel::new(cpu_ops, &c, 4).unwrap();
     let mut dev = ArrayModel::new(CudaOps::new(gpu, &c, &layout).unwrap(), &c, 4).unwrap();
     for i in 0..4 {

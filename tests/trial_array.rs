@@ -15,7 +15,7 @@ use hpo_gpu::pipeline::{ModelDataArgs, prepare};
 use hpo_gpu::train::{EpochMetrics, NoProgress, TrainConfig, Verdict, train};
 use hpo_gpu::trial_array::cpu::CpuArrayBackend;
 use hpo_gpu::trial_array::device::DeviceArrayBackend;
-use hpo_gpu::trial_array::ops_cpu::{CpuOps, EmbeddingOffsets};
+use hpo_gpu::trial_array::ops_cpu::CpuOps;
 use hpo_gpu::trial_array::schedule::{
     ArrayHost, ArrayOptions, ArrayTrial, DropoutProbs, TrialEnd, run_array, train_one,
 };
@@ -730,12 +730,7 @@ fn study_driver_for_the_array_counts_requeues_and_fails() {
 }
 
 fn device_backend(config: &BertConfig, slots: usize) -> DeviceArrayBackend<CpuOps> {
-    let layout = hpo_gpu::model::layout::ParamLayout::new(config);
-    let ops = CpuOps {
-        pad_token_id: config.pad_token_id,
-        embedding: EmbeddingOffsets::of(&layout, config.hidden_size),
-    };
-    DeviceArrayBackend::new(ops, config, slots, "host ops").unwrap()
+    DeviceArrayBackend::new(CpuOps::new(config), config, slots, "host ops").unwrap()
 }
 
 /// The GPU backend's code path (the trial-array model in device ops, padded ticks, one call per

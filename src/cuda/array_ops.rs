@@ -210,18 +210,13 @@ impl ArrayOps for CudaOps {
         let g = &self.gpu;
         let heads = lt.heads;
         let up_u32 = |v: &[u32]| g.stream.clone_htod(v).map_err(dev("uploading a tick"));
-        let rngs = if lt.rngs.is_empty() {
-            vec![crate::cpu::philox::DropoutRng { seed: 0, stream: 0, step: 0 }]
-        } else {
-            lt.rngs.clone()
-        };
         let real: Vec<u32> = lt.real_seqs.iter().map(|n| *n as u32).collect();
         Ok(CudaTick {
             tokens: DeviceTokens::upload(g, &lt.ids, &lt.types, &lt.positions, lt.rows, self.tables)?,
             attn_full: DeviceAttnSeqs::upload(g, &lt.attn_full, lt.rows, lt.rows, heads)?,
             attn_cls: DeviceAttnSeqs::upload(g, &lt.attn_cls, lt.seqs, lt.rows, heads)?,
             labels: DeviceLabels::upload(g, &lt.labels, lt.seqs, self.classes)?,
-            rng: DeviceRng::upload(g, &rngs)?,
+            rng: DeviceRng::upload(g, &lt.rngs)?,
             cls_rows: up_u32(&lt.cls_rows)?,
             real_seqs: up_u32(&real)?,
             loss_scale: g.stream.clone_htod(&lt.loss_scale).map_err(dev("uploading loss scales"))?,

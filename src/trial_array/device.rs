@@ -33,10 +33,6 @@ fn classify(e: anyhow::Error) -> ArrayError {
     }
 }
 
-fn probs(d: &crate::cpu::bert::Dropout) -> DropoutProbs {
-    DropoutProbs { hidden: d.hidden, attention: d.attention, classifier: d.classifier }
-}
-
 impl<O: ArrayOps> DeviceArrayBackend<O> {
     pub fn new(ops: O, config: &crate::config::BertConfig, slots: usize, name: &str) -> ArrayResult<Self> {
         let model = ArrayModel::new(ops, config, slots).map_err(classify)?;
@@ -108,13 +104,13 @@ impl<O: ArrayOps> ArrayBackend for DeviceArrayBackend<O> {
         // One tick per distinct set of dropout probabilities (normally exactly one).
         let mut groups: Vec<DropoutProbs> = Vec::new();
         for w in work {
-            if !groups.contains(&probs(&w.dropout)) {
-                groups.push(probs(&w.dropout));
+            if !groups.contains(&DropoutProbs::of(&w.dropout)) {
+                groups.push(DropoutProbs::of(&w.dropout));
             }
         }
         for g in groups {
             let mut slots: Vec<Option<SlotInput>> = (0..self.slots()).map(|_| None).collect();
-            for w in work.iter().filter(|w| probs(&w.dropout) == g) {
+            for w in work.iter().filter(|w| DropoutProbs::of(&w.dropout) == g) {
                 slots[w.slot] =
                     Some(SlotInput { batch: w.batch, loss_scale: w.loss_scale, dropout: Some(w.dropout) });
             }
@@ -122,7 +118,7 @@ impl<O: ArrayOps> ArrayBackend for DeviceArrayBackend<O> {
             let tick = self.model.ops.tick(&lt).map_err(classify)?;
             let sums = self.model.forward_backward(&tick, &lt)?;
             for (i, w) in work.iter().enumerate() {
-                if probs(&w.dropout) == g {
+                if DropoutProbs::of(&w.dropout) == g {
                     out[i] = sums[w.slot];
                 }
             }

@@ -134,11 +134,7 @@ impl TickLayout {
             .map(|s| s.as_ref().map_or(seqs, |s| s.batch.rows() + seqs - s.batch.seqs.len()))
             .max()
             .unwrap_or(seqs);
-        let dropout = slots.iter().flatten().find_map(|s| s.dropout).map(|d| DropoutProbs {
-            hidden: d.hidden,
-            attention: d.attention,
-            classifier: d.classifier,
-        });
+        let dropout = slots.iter().flatten().find_map(|s| s.dropout.as_ref().map(DropoutProbs::of));
         let mut t = TickLayout {
             trials,
             rows,
@@ -166,12 +162,7 @@ impl TickLayout {
             );
             if let Some(s) = slot {
                 ensure!(
-                    s.dropout.is_some() == dropout.is_some()
-                        && s.dropout.is_none_or(|d| Some(DropoutProbs {
-                            hidden: d.hidden,
-                            attention: d.attention,
-                            classifier: d.classifier
-                        }) == dropout),
+                    s.dropout.as_ref().map(DropoutProbs::of) == dropout,
                     "slot {i}: every slot of a tick must use the same dropout probabilities"
                 );
             }

@@ -24,6 +24,17 @@ pub struct EmbeddingOffsets {
     pub hidden: usize,
 }
 
+impl CpuOps {
+    /// The host ops for models of `config`'s architecture.
+    pub fn new(config: &crate::config::BertConfig) -> Self {
+        let layout = crate::model::layout::ParamLayout::new(config);
+        CpuOps {
+            pad_token_id: config.pad_token_id,
+            embedding: EmbeddingOffsets::of(&layout, config.hidden_size),
+        }
+    }
+}
+
 impl EmbeddingOffsets {
     pub fn of(layout: &crate::model::layout::ParamLayout, hidden: usize) -> Self {
         let e = &layout.embeddings;

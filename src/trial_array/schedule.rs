@@ -39,6 +39,11 @@ pub struct DropoutProbs {
 }
 
 impl DropoutProbs {
+    /// The probabilities of a forward pass's dropout settings.
+    pub fn of(d: &Dropout) -> Self {
+        DropoutProbs { hidden: d.hidden, attention: d.attention, classifier: d.classifier }
+    }
+
     pub fn from_config(c: &BertConfig) -> Self {
         DropoutProbs {
             hidden: c.hidden_dropout_prob,
