@@ -3,7 +3,9 @@
 //! nvcc is looked up as `$NVCC`, `$CUDA_HOME/bin/nvcc`, then `nvcc` on PATH. Without it the build
 //! still succeeds: the generated table is empty and the CUDA backend reports at run time that it was
 //! built without kernels. When nvcc is present every kernel must compile, and the sm_90 `ptxas -v`
-//! report (registers, spills) is printed as cargo warnings; a kernel that spills fails the build.
+//! report (registers, spills) goes to `$OUT_DIR/ptxas-report.txt` with a one-line summary as a cargo
+//! warning (a full report as warnings buried real errors under 120 lines in CI's log tail); a kernel
+//! that spills fails the build.
 use std::env;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -67,6 +69,7 @@ fn main() {
         }
         (Some(nvcc), _) => {
             table.push_str("pub const KERNEL_PTX: &[(&str, &str)] = &[\n");
+            let mut report = PtxasReport::default();
             for src in &sources {
                 let stem = src.file_stem().and_then(|s| s.to_str()).expect("kernel file names are UTF-8");
                 let ptx = out_dir.join(format!("{stem}.ptx"));
@@ -75,10 +78,11 @@ fn main() {
                     .arg(src)
                     .arg("-o")
                     .arg(&ptx));
-                report_registers(nvcc, src, &out_dir.join(format!("{stem}.{REPORT_ARCH}.cubin")));
+                report.add(nvcc, src, &out_dir.join(format!("{stem}.{REPORT_ARCH}.cubin")));
                 writeln!(table, "    ({stem:?}, include_str!({:?})),", ptx.display().to_string()).unwrap();
             }
             table.push_str("];\npub const BUILT_WITH_NVCC: bool = true;\n");
+            report.finish(&out_dir.join("ptxas-report.txt"));
         }
     }
     std::fs::write(out_dir.join("kernels.rs"), table).expect("write kernels.rs");
@@ -93,25 +97,62 @@ fn run(cmd: &mut Command) -> String {
     text
 }
 
-/// Compiles `src` for the report architecture with `ptxas -v` and prints its register and spill
-/// lines; any spill is an error, since a spilling kernel silently loses most of its speed.
-fn report_registers(nvcc: &Path, src: &Path, cubin: &Path) {
-    let text = run(Command::new(nvcc)
-        .args(["-cubin", &format!("-arch={REPORT_ARCH}"), "-O3", "-std=c++17", "-Ikernels"])
-        // -v: registers, stack and spill bytes per kernel; --warn-on-spills: a named warning per
-        // spilling kernel (both are caught below and fail the build).
-        .args(["-Xptxas", "-v", "-Xptxas", "--warn-on-spills"])
-        .arg(src)
-        .arg("-o")
-        .arg(cubin));
-    let mut spills = Vec::new();
-    for line in text.lines().filter(|l| l.contains("ptxas info") || l.contains("spill")) {
-        println!("cargo:warning={}: {}", src.display(), line.trim());
-        if line.contains("spill") && !line.contains(" 0 bytes spill stores, 0 bytes spill loads") {
-            spills.push(line.trim().to_string());
+/// The `ptxas -v` report of every kernel for the report architecture: registers, stack and spills.
+#[derive(Default)]
+struct PtxasReport {
+    text: String,
+    entry_points: usize,
+    /// (registers, kernel name) of the kernel using the most registers.
+    most_registers: (u32, String),
+}
+
+impl PtxasReport {
+    /// Compiles `src` for the report architecture with `ptxas -v` and keeps its lines; any spill is
+    /// an error, since a spilling kernel silently loses most of its speed.
+    fn add(&mut self, nvcc: &Path, src: &Path, cubin: &Path) {
+        let text = run(Command::new(nvcc)
+            .args(["-cubin", &format!("-arch={REPORT_ARCH}"), "-O3", "-std=c++17", "-Ikernels"])
+            // -v: registers, stack and spill bytes per kernel; --warn-on-spills: a named warning per
+            // spilling kernel (both are caught below and fail the build).
+            .args(["-Xptxas", "-v", "-Xptxas", "--warn-on-spills"])
+            .arg(src)
+            .arg("-o")
+            .arg(cubin));
+        let mut spills = Vec::new();
+        let mut kernel = String::new();
+        for line in text.lines().filter(|l| l.contains("ptxas") || l.contains("spill")) {
+            let line = line.trim();
+            writeln!(self.text, "{}: {line}", src.display()).unwrap();
+            if let Some(rest) = line.split("entry function '").nth(1) {
+                kernel = rest.split('\'').next().unwrap_or_default().to_string();
+                self.entry_points += 1;
+            }
+            if let Some(registers) = line
+                .split("Used ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .and_then(|r| r.parse::<u32>().ok())
+                && registers > self.most_registers.0
+            {
+                self.most_registers = (registers, kernel.clone());
+            }
+            if line.contains("spill") && !line.contains(" 0 bytes spill stores, 0 bytes spill loads") {
+                spills.push(format!("{kernel}: {line}"));
+            }
+        }
+        if !spills.is_empty() {
+            panic!("{}: kernels spill registers:\n{}", src.display(), spills.join("\n"));
         }
     }
-    if !spills.is_empty() {
-        panic!("{}: kernels spill registers:\n{}", src.display(), spills.join("\n"));
+
+    fn finish(self, path: &Path) {
+        std::fs::write(path, &self.text).expect("write the ptxas report");
+        println!(
+            "cargo:warning=CUDA kernels: {} entry points compiled for {REPORT_ARCH}, no spills, most registers {} ({}); ptxas report: {}",
+            self.entry_points,
+            self.most_registers.0,
+            self.most_registers.1,
+            path.display()
+        );
     }
 }
