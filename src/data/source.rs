@@ -747,8 +747,26 @@ fn read_parquet<R: ChunkReader + Send + 'static>(
     sink: &mut Sink,
 ) -> Result<()> {
     let file_len = input.len();
-    let builder = ParquetRecordBatchReaderBuilder::try_new(input)
-        .map_err(|err| anyhow!("{}: not a readable parquet file: {err}", path.display()))?;
+    // Opening parses the footer with the same thrift code that stalls on crafted page headers (an
+    // unknown field holding a map of 2^31 booleans is skipped one zero-byte entry at a time), so it
+    // is watched like decoding.
+    let opened = call_watched("parquet-footer", PARQUET_STALL_LIMIT, move || {
+        ParquetRecordBatchReaderBuilder::try_new(input)
+    })
+    .with_context(|| format!("{}: cannot start the parquet reader", path.display()))?;
+    let builder = match opened {
+        Ok(builder) => {
+            builder.map_err(|err| anyhow!("{}: not a readable parquet file: {err}", path.display()))?
+        }
+        Err(WatchStop::Stalled) => bail!(
+            "{}: corrupt parquet metadata: the parquet reader made no progress for {} s",
+            path.display(),
+            PARQUET_STALL_LIMIT.as_secs()
+        ),
+        Err(WatchStop::Panicked(what)) => {
+            bail!("{}: corrupt parquet metadata: the parquet reader failed: {what}", path.display())
+        }
+    };
     check_column_chunks(builder.metadata(), file_len)
         .map_err(|err| anyhow!("{}: corrupt parquet metadata: {err}", path.display()))?;
     let schema = builder.schema().clone();
@@ -1046,11 +1064,32 @@ impl<T: Send + 'static> Watched<T> {
 
     /// The next item (None at the end), waiting at most `stall` for it.
     fn next(&self, stall: std::time::Duration) -> std::result::Result<Option<T>, WatchStop> {
-        match self.rx.recv_timeout(stall) {
-            Ok(Ok(item)) => Ok(item),
-            Ok(Err(what)) => Err(WatchStop::Panicked(what)),
-            Err(_) => Err(WatchStop::Stalled),
-        }
+        received(self.rx.recv_timeout(stall))
+    }
+}
+
+/// `f()` run on a thread of its own, waited for at most `stall`: [`Watched`] for a single call.
+fn call_watched<T: Send + 'static>(
+    name: &str,
+    stall: std::time::Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<std::result::Result<T, WatchStop>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new().name(name.to_string()).spawn(move || {
+        // The receiver is gone only when the caller stopped waiting; nothing is left to tell.
+        let _ = tx.send(catch_panic_quietly(f));
+    })?;
+    Ok(received(rx.recv_timeout(stall)))
+}
+
+/// What a watched thread sent: its value, its panic, or nothing in time.
+fn received<T>(
+    message: std::result::Result<std::result::Result<T, String>, std::sync::mpsc::RecvTimeoutError>,
+) -> std::result::Result<T, WatchStop> {
+    match message {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(what)) => Err(WatchStop::Panicked(what)),
+        Err(_) => Err(WatchStop::Stalled),
     }
 }
 
@@ -1074,7 +1113,7 @@ fn catch_panic_quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, Strin
 
 #[cfg(test)]
 mod tests {
-    use super::{WatchStop, Watched};
+    use super::{WatchStop, Watched, call_watched};
     use std::time::Duration;
 
     #[test]
@@ -1098,6 +1137,21 @@ mod tests {
         let boom = std::iter::once(()).map(|_| -> u8 { panic!("boom at page 3") });
         let w = Watched::spawn("t", boom).unwrap();
         assert_eq!(w.next(Duration::from_secs(5)), Err(WatchStop::Panicked("boom at page 3".into())));
+    }
+
+    #[test]
+    fn a_watched_call_gives_its_value_its_panic_or_stalled() {
+        let quick = Duration::from_secs(5);
+        assert_eq!(call_watched("t", quick, || 7).unwrap(), Ok(7));
+        assert_eq!(
+            call_watched("t", quick, || -> u8 { panic!("bad footer") }).unwrap(),
+            Err(WatchStop::Panicked("bad footer".into()))
+        );
+        let started = std::time::Instant::now();
+        let stalled =
+            call_watched("t", Duration::from_millis(100), || std::thread::sleep(Duration::from_secs(3)));
+        assert_eq!(stalled.unwrap(), Err(WatchStop::Stalled));
+        assert!(started.elapsed() < Duration::from_secs(2), "waited {:?}", started.elapsed());
     }
 
     use super::*;
