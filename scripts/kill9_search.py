@@ -8,7 +8,9 @@ Three kinds of kill, in turn:
            after a storage write,
   export   right as `train --from-study` starts writing its model folder (the temporary
            `.final_model.tmp-PID` folder appears).
-After every kill the same command is started again. Checked after each kill: every trial that was
+After every kill the same command is started again; with --slots N (N > 1) every other search
+start runs the trial array (`search --slots N`, N trials RUNNING at once in one process), so kills
+also land with several trials in flight and a study moves between the two modes. Checked after each kill: every trial that was
 COMPLETE before is still COMPLETE with the same value and intermediate values, `PRAGMA
 integrity_check` is ok, and the exported model folder is either the previous complete export or
 the new complete one, never half of one. At the end the search runs to completion and must hold
@@ -16,6 +18,7 @@ exactly --n-trials COMPLETE trials, and `optuna.load_study` must read the study 
 importable; --require-optuna makes its absence an error).
 
 Usage: scripts/kill9_search.py --bin target/release/hpo-gpu [--kills 20] [--n-trials 12] [--seed 1]
+                               [--slots 3]
 The workload (a small random-init BERT, a few hundred short examples) is generated in a temporary
 folder, so the script needs nothing but the binary. Exit status 0 = every check passed.
 """
@@ -145,6 +148,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workdir", help="keep the workload here instead of a temporary folder")
     ap.add_argument("--require-optuna", action="store_true")
+    ap.add_argument("--slots", type=int, default=1,
+                    help="N > 1: every other search start runs the trial array with N slots")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     root = args.workdir or tempfile.mkdtemp(prefix="hpo-gpu-kill9-")
@@ -164,6 +169,8 @@ def main():
     search = [args.bin, "search", *common, "--study-name", STUDY, "--n-trials", str(args.n_trials),
               "--pruner", "none", "--sampler-seed", "7", "--space", space, "--heartbeat-interval", "0.5",
               "--grace-period", "1.5", "--failed-trial-max-retry", "100"]
+    search_array = [*search, "--slots", str(args.slots)]
+    array_starts = 0
     train = [args.bin, "train", *common, "--from-study", STUDY, "--output", out_dir, "--quiet"]
     log = open(os.path.join(root, "log.txt"), "w")
     failures = []
@@ -197,7 +204,11 @@ def main():
         if finished >= args.n_trials:
             break
         kind = "trial" if attempts % 2 else "storage"
-        proc = subprocess.Popen(search, stdout=log, stderr=log)
+        # Modes alternate on every second start, so both kinds of kill land in both modes.
+        in_array = args.slots > 1 and (attempts // 2) % 2 == 1
+        proc = subprocess.Popen(search_array if in_array else search, stdout=log, stderr=log)
+        if in_array:
+            array_starts += 1
         if kind == "trial":
             delay = rng.uniform(0.1, 3.0)
             t0 = time.monotonic()
@@ -223,7 +234,7 @@ def main():
 
     # Phase 2: finish the search, export once, then kill exports while they write.
     before = read_trials(db)
-    run_to_end(search, "the uninterrupted search")
+    run_to_end(search_array if args.slots > 1 else search, "the uninterrupted search")
     after = check("after the final search", before)
     run_to_end(train, "the first export")
     expected = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else None
@@ -280,6 +291,8 @@ def main():
     for kind, n in killed.items():
         if n == 0:
             failures.append(f"no kill landed {kind!r}: raise --kills")
+    if args.slots > 1 and array_starts == 0:
+        failures.append("no search start ran the trial array: raise --kills")
     if total < args.kills:
         failures.append(f"only {total} kills landed while a process was running, wanted {args.kills}")
     states = {}
@@ -287,6 +300,8 @@ def main():
         states[s] = states.get(s, 0) + 1
     print(f"kills: {total} ({killed['trial']} during trials, {killed['storage']} on storage writes, "
           f"{killed['export']} during exports); trials by state {states}; {optuna_note}")
+    if args.slots > 1:
+        print(f"search starts with --slots {args.slots}: {array_starts} (the others one trial at a time)")
     print(f"workload and log: {root}")
     if failures:
         for f in failures:

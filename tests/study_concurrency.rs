@@ -175,8 +175,9 @@ fn nop_pruner_is_the_default_for_ask() {
 }
 
 /// Issue 7: four `hpo-gpu search` processes run a 100-trial study (about 25 trials each) on one
-/// SQLite file while a fifth process asks and tells through the CLI. Every trial number is unique,
-/// every trial was run by exactly one process, every tell is stored, and no worker ever sees
+/// SQLite file (two of them running the trial array, `--slots 3`) while a fifth process asks and
+/// tells through the CLI. Every trial number is unique, every trial was run by exactly one
+/// process, every tell is stored, and no worker ever sees
 /// "database is locked".
 #[test]
 fn four_search_processes_and_a_cli_asker_share_one_study() {
@@ -193,7 +194,9 @@ fn four_search_processes_and_a_cli_asker_share_one_study() {
     let exe = env!("CARGO_BIN_EXE_hpo-gpu");
     let n_trials = TARGET.to_string();
     let workers: Vec<_> = (0..4)
-        .map(|_| {
+        .map(|w| {
+            // Two of the workers run the trial array: up to three trials in flight per process.
+            let slots = if w < 2 { "1" } else { "3" };
             Command::new(exe)
                 .args(["search", "--model"])
                 .arg(&model)
@@ -202,6 +205,7 @@ fn four_search_processes_and_a_cli_asker_share_one_study() {
                 .args(["--train-samples", "0", "--eval-samples", "0", "--max-length", "16", "--epochs", "1"])
                 .args(["--device", "cpu", "--pruner", "none", "--study-name", "shared", "--storage", &url])
                 .args(["--n-trials", &n_trials, "--heartbeat-interval", "1", "--grace-period", "30"])
+                .args(["--slots", slots])
                 .output_spawn()
         })
         .collect();
