@@ -577,6 +577,37 @@ static CASES: &[Case] = &[
         stderr: "error: <tmp>/d/train.jsonl: the dataset has no examples",
     },
     Case {
+        id: "dataset-parquet-garbage",
+        input: "train.parquet that is not parquet",
+        setup: |t| {
+            write(t, "d/train.parquet", "PAR1 these are notes, not a parquet file PAR1");
+            std::fs::copy(t.join("data/test.jsonl"), t.join("d/test.jsonl")).unwrap();
+        },
+        args: &["train", "@train", "--dataset", "<tmp>/d"],
+        exit: 1,
+        stderr: "error: <tmp>/d/train.parquet: not a readable parquet file: EOF: Parquet file too small. Size is 45 but need 543517809",
+    },
+    Case {
+        id: "dataset-parquet-stalling-footer",
+        input: "train.parquet whose footer makes the parquet crate loop for minutes (2^31-entry boolean maps)",
+        setup: |t| {
+            // Two unknown footer fields, each a thrift map claiming 2^31 - 1 bool -> bool entries.
+            let footer = [
+                0x0B, 0x28, 0xFF, 0xFF, 0xFF, 0xFF, 0x07, 0x11, 0x1B, 0xFF, 0xFF, 0xFF, 0xFF, 0x07, 0x11,
+                0x00,
+            ];
+            let mut file = b"PAR1".to_vec();
+            file.extend(footer);
+            file.extend((footer.len() as u32).to_le_bytes());
+            file.extend(b"PAR1");
+            write(t, "d/train.parquet", file);
+            std::fs::copy(t.join("data/test.jsonl"), t.join("d/test.jsonl")).unwrap();
+        },
+        args: &["train", "@train", "--dataset", "<tmp>/d"],
+        exit: 1,
+        stderr: "error: <tmp>/d/train.parquet: corrupt parquet metadata: the parquet reader made no progress for 5 s",
+    },
+    Case {
         id: "dataset-no-label-column",
         input: "rows without the label column",
         setup: |t| write(t, "rows.jsonl", "{\"text\": \"good\", \"lbl\": 1}\n"),
@@ -865,6 +896,38 @@ static CASES: &[Case] = &[
         args: &["search", "@search", "--sampler", "grid"],
         exit: 2,
         stderr: "error: invalid value 'grid' for '--sampler <SAMPLER>'",
+    },
+    Case {
+        id: "search-slots-zero",
+        input: "a trial array of 0 slots",
+        setup: none,
+        args: &["search", "@search", "--slots", "0"],
+        exit: 1,
+        stderr: "error: --slots must be at least 1",
+    },
+    Case {
+        id: "search-micro-batch-zero",
+        input: "micro-batch 0",
+        setup: none,
+        args: &["search", "@search", "--slots", "2", "--micro-batch", "0"],
+        exit: 1,
+        stderr: "error: --micro-batch must be at least 1",
+    },
+    Case {
+        id: "search-micro-batch-without-array",
+        input: "--micro-batch without a trial array",
+        setup: none,
+        args: &["search", "@search", "--micro-batch", "8"],
+        exit: 1,
+        stderr: "error: --micro-batch applies to the trial array: use it with --slots 2 or more",
+    },
+    Case {
+        id: "search-micro-batch-not-dividing",
+        input: "micro-batch that does not divide a batch size the search can choose",
+        setup: none,
+        args: &["search", "@search", "--slots", "2", "--micro-batch", "24"],
+        exit: 1,
+        stderr: "error: --micro-batch 24 does not divide the batch size 16: every batch size the search can choose must be a multiple of the micro-batch size",
     },
     Case {
         id: "storage-unsupported-scheme",
