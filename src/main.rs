@@ -26,7 +26,8 @@ enum Command {
     Train(cli::TrainArgs),
     /// Classify texts with a saved model.
     Predict(cli::PredictArgs),
-    /// Run or continue a hyperparameter study (Optuna-compatible SQLite storage).
+    /// Run or continue a hyperparameter study (Optuna-compatible SQLite storage). Ctrl-C stores the
+    /// running trials FAIL and queues them again; the same command goes on from there.
     Search(hpo_gpu::search_cmd::SearchArgs),
     /// Create trials and print their parameters as JSON, like `optuna ask`.
     Ask(hpo_gpu::study::cli::AskArgs),
@@ -58,7 +59,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(a) => cli::run_train(&a, &mut out),
         Command::Predict(a) => cli::run_predict(&a, &mut out),
-        Command::Search(a) => hpo_gpu::search_cmd::run_search(&a, &mut out),
+        Command::Search(a) => {
+            hpo_gpu::study::interrupt::install()?;
+            hpo_gpu::search_cmd::run_search(&a, &mut out)
+        }
         Command::Ask(a) => hpo_gpu::study::cli::run_ask(&a, &mut out),
         Command::Tell(a) => hpo_gpu::study::cli::run_tell(&a, &mut out),
         Command::Trials(a) => hpo_gpu::study::cli::run_trials(&a, &mut out),

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use super::interrupt;
 use super::storage::{StartOutcome, Storage, StorageLocation, TrialCounts, best_of};
 use super::{FrozenTrial, ParamSet, StudyDirection, StudyRef, TrialParam, TrialState};
 use crate::search::pruner::Pruner;
@@ -179,20 +180,24 @@ pub struct StudyOutcome {
     pub best: Option<FrozenTrial>,
 }
 
-/// Writes heartbeats for this worker's running trials from its own connection until dropped.
+/// Writes heartbeats for this worker's running trials from its own connection until dropped, and
+/// has a signal (Ctrl-C) fail them from another ([`interrupt`]).
 struct HeartbeatThread {
     trials: Arc<Mutex<Vec<i64>>>,
     stop: Option<mpsc::Sender<()>>,
     handle: Option<JoinHandle<()>>,
+    _interrupt: interrupt::Registration,
 }
 
 impl HeartbeatThread {
-    fn start(storage: &Storage, interval: Duration) -> Result<Option<Self>> {
+    fn start(storage: &Storage, study_id: i64, opts: &DriverOptions) -> Result<Option<Self>> {
         // An in-memory database is private to its connection: nobody else can see it stale.
         if *storage.location() == StorageLocation::Memory {
             return Ok(None);
         }
+        let interval = opts.heartbeat_interval;
         let mut conn = storage.reopen().context("opening a heartbeat connection")?;
+        let on_signal = storage.reopen().context("opening a connection for stopping on a signal")?;
         let trials: Arc<Mutex<Vec<i64>>> = Arc::default();
         let beating = trials.clone();
         let (tx, rx) = mpsc::channel::<()>();
@@ -206,7 +211,8 @@ impl HeartbeatThread {
                 }
             }
         });
-        Ok(Some(HeartbeatThread { trials, stop: Some(tx), handle: Some(handle) }))
+        let _interrupt = interrupt::register(on_signal, study_id, trials.clone(), opts.max_retry);
+        Ok(Some(HeartbeatThread { trials, stop: Some(tx), handle: Some(handle), _interrupt }))
     }
 
     fn add(&self, trial_id: i64) {
@@ -383,7 +389,7 @@ impl<'a> StudyContext<'a> {
         opts: &'a DriverOptions,
         progress: &'a mut dyn Progress,
     ) -> Result<Self> {
-        let heartbeat = HeartbeatThread::start(storage, opts.heartbeat_interval)?;
+        let heartbeat = HeartbeatThread::start(storage, study.study_id, opts)?;
         Ok(StudyContext {
             direction: study.direction()?,
             storage,
@@ -544,9 +550,6 @@ impl<'a> StudyContext<'a> {
         reason: Option<&str>,
     ) -> Result<()> {
         let trial = &live.trial;
-        if let Some(h) = &self.heartbeat {
-            h.remove(trial.trial_id);
-        }
         let attrs: Vec<(String, String)> = reason
             .iter()
             .map(|r| ("fail_reason".to_string(), crate::search::pyjson::string_literal(r)))
@@ -554,6 +557,10 @@ impl<'a> StudyContext<'a> {
         let vals = values.map(|v| vec![v]);
         if let Err(e) = self.storage.set_trial_state(trial.trial_id, state, vals.as_deref(), &attrs) {
             self.progress.event(&StudyEvent::TellFailed { number: trial.number, error: &format!("{e:#}") });
+        }
+        // Only now: a signal before the state is stored still fails the trial.
+        if let Some(h) = &self.heartbeat {
+            h.remove(trial.trial_id);
         }
         let counts = self.storage.trial_counts(self.study.study_id)?;
         let best = best_of(self.storage.study_trials(self.study.study_id)?, self.direction)

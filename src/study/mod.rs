@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod driver;
+pub mod interrupt;
 pub mod storage;
 
 use std::collections::BTreeMap;

@@ -743,42 +743,70 @@ impl Storage {
             if now.seconds_since(beat) <= grace.as_secs_f64() {
                 continue;
             }
-            let trial = self.trial(trial_id)?;
-            let done = self.write(|tx| {
-                // Another worker may have failed it since we looked.
-                let state: String =
-                    row(tx, "SELECT state FROM trials WHERE trial_id = ?1", [trial_id], |r| r.get(0))?;
-                if state != "RUNNING" {
-                    return Ok(false);
-                }
-                let reason = format!(
-                    "stale heartbeat: last heartbeat at {} UTC, more than {} s before {} UTC",
-                    beat.format(),
-                    grace.as_secs(),
-                    now.format()
-                );
-                upsert_attr(
-                    tx,
-                    "trial_system_attributes",
-                    trial_id,
-                    "fail_reason",
-                    &pyjson::string_literal(&reason),
-                )?;
-                exec(
-                    tx,
-                    "UPDATE trials SET state = 'FAIL', datetime_complete = ?2 WHERE trial_id = ?1",
-                    params![trial_id, now.format()],
-                )?;
-                if let Some(retry) = retry_template(&trial, max_retry) {
-                    insert_trial(tx, study_id, &retry)?;
-                }
-                Ok(true)
-            })?;
-            if done {
-                failed.push(trial.number);
-            }
+            let reason = format!(
+                "stale heartbeat: last heartbeat at {} UTC, more than {} s before {} UTC",
+                beat.format(),
+                grace.as_secs(),
+                now.format()
+            );
+            failed.extend(self.fail_and_requeue(study_id, trial_id, &reason, max_retry)?);
         }
         Ok(failed)
+    }
+
+    /// Fails this worker's own RUNNING trials (`trial_ids`) with `reason` and re-queues their
+    /// parameters as [`Storage::fail_stale_trials`] does, without waiting for them to go stale:
+    /// for a worker that is stopping (SIGINT, SIGTERM). Trials that finished meanwhile are left
+    /// as they are. Returns the failed trials' numbers.
+    pub fn fail_running_trials(
+        &mut self,
+        study_id: i64,
+        trial_ids: &[i64],
+        reason: &str,
+        max_retry: Option<u32>,
+    ) -> Result<Vec<u64>> {
+        let mut failed = Vec::new();
+        for &trial_id in trial_ids {
+            failed.extend(self.fail_and_requeue(study_id, trial_id, reason, max_retry)?);
+        }
+        Ok(failed)
+    }
+
+    /// FAIL with `reason` and a WAITING retry (unless retried `max_retry` times), in one
+    /// transaction, if the trial is still RUNNING; its number then.
+    fn fail_and_requeue(
+        &mut self,
+        study_id: i64,
+        trial_id: i64,
+        reason: &str,
+        max_retry: Option<u32>,
+    ) -> Result<Option<u64>> {
+        let trial = self.trial(trial_id)?;
+        let done = self.write(|tx| {
+            // Another worker may have failed it, or its own worker finished it, since we looked.
+            let state: String =
+                row(tx, "SELECT state FROM trials WHERE trial_id = ?1", [trial_id], |r| r.get(0))?;
+            if state != "RUNNING" {
+                return Ok(false);
+            }
+            upsert_attr(
+                tx,
+                "trial_system_attributes",
+                trial_id,
+                "fail_reason",
+                &pyjson::string_literal(reason),
+            )?;
+            exec(
+                tx,
+                "UPDATE trials SET state = 'FAIL', datetime_complete = ?2 WHERE trial_id = ?1",
+                params![trial_id, UtcDateTime::now().format()],
+            )?;
+            if let Some(retry) = retry_template(&trial, max_retry) {
+                insert_trial(tx, study_id, &retry)?;
+            }
+            Ok(true)
+        })?;
+        Ok(done.then_some(trial.number))
     }
 
     // ----- trials: reads -----

@@ -1,0 +1,117 @@
+//! Stopping `hpo-gpu search` with SIGINT (Ctrl-C) or SIGTERM: the running trials are stored FAIL
+//! with the signal as the reason and queued again, the process exits with 128 + the signal, and
+//! the same command goes on from there (src/study/interrupt.rs).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use hpo_gpu::study::TrialState;
+use hpo_gpu::study::storage::Storage;
+
+/// `search` on the tiny model and data, with trials long enough (many epochs) to be stopped in.
+fn search(dir: &Path, epochs: &str, slots: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hpo-gpu"));
+    cmd.arg("search")
+        .arg("--model")
+        .arg(common::tiny_model(dir))
+        .args(["--random-init", "--dataset"])
+        .arg(common::tiny_data(dir))
+        .args(["--train-samples", "0", "--eval-samples", "0", "--max-length", "16", "--epochs", epochs])
+        .args(["--device", "cpu", "--pruner", "none", "--study-name", "s", "--n-trials", "3"])
+        .args(["--sampler-seed", "5", "--slots", slots])
+        .arg("--storage")
+        .arg(format!("sqlite:///{}", dir.join("study.db").display()));
+    cmd
+}
+
+/// Starts `cmd`, waits until `started` trials have started, sends `signal`; the exit code and
+/// stderr.
+fn stop_after_start(mut cmd: Command, started: usize, signal: i32) -> (Option<i32>, String) {
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start hpo-gpu");
+    let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut text = String::new();
+    let mut seen = 0;
+    while seen < started {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "search ended before {started} trials started:\n{text}"
+        );
+        seen += usize::from(line.starts_with("trial ") && line.contains(" started"));
+        text.push_str(&line);
+    }
+    // Inside training, not on the start's storage write.
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = i32::try_from(child.id()).expect("a pid fits in i32");
+    // SAFETY: kill(2) on our own child process, which has not been waited for yet.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    let status = child.wait().expect("wait for hpo-gpu");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    (status.code(), text + &rest)
+}
+
+fn trials(dir: &Path) -> Vec<hpo_gpu::study::FrozenTrial> {
+    let mut storage = Storage::open(&format!("sqlite:///{}", dir.join("study.db").display())).unwrap();
+    let study = storage.load_study("s").unwrap();
+    storage.trials(study.study_id, None).unwrap()
+}
+
+#[test]
+fn ctrl_c_fails_the_running_trial_queues_it_again_and_the_rerun_finishes_the_study() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (code, stderr) = stop_after_start(search(dir, "5000", "1"), 1, libc::SIGINT);
+    assert_eq!(code, Some(130), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert_eq!(
+        last,
+        "SIGINT (Ctrl-C): stopped; running trials [0] stored FAIL and queued again (within \
+         --failed-trial-max-retry): run the same command to go on"
+    );
+    let after = trials(dir);
+    assert_eq!(after.iter().map(|t| t.state).collect::<Vec<_>>(), [TrialState::Fail, TrialState::Waiting]);
+    assert_eq!(
+        after[0].system_attrs["fail_reason"],
+        serde_json::json!("interrupted: the worker received SIGINT (Ctrl-C)")
+    );
+    assert_eq!(after[1].system_attrs["failed_trial"], serde_json::json!(0));
+    assert_eq!(after[1].params, after[0].params, "the queued retry has the stopped trial's parameters");
+
+    // The same command (fewer epochs, to be quick) goes on: the retry first, then new trials.
+    let rerun = search(dir, "1", "1").output().unwrap();
+    let rerun_err = String::from_utf8_lossy(&rerun.stderr);
+    assert!(rerun.status.success(), "{rerun_err}");
+    assert!(rerun_err.contains("trial 1 started (retry of trial 0)"), "{rerun_err}");
+    let done = trials(dir);
+    let states: Vec<TrialState> = done.iter().map(|t| t.state).collect();
+    assert_eq!(states, [TrialState::Fail, TrialState::Complete, TrialState::Complete, TrialState::Complete]);
+}
+
+#[test]
+fn sigterm_fails_every_trial_of_a_trial_array() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (code, stderr) = stop_after_start(search(dir, "5000", "3"), 3, libc::SIGTERM);
+    assert_eq!(code, Some(143), "{stderr}");
+    assert!(
+        stderr.contains("SIGTERM: stopped; running trials [0, 1, 2] stored FAIL and queued again"),
+        "{stderr}"
+    );
+    let after = trials(dir);
+    let failed: Vec<u64> = after.iter().filter(|t| t.state == TrialState::Fail).map(|t| t.number).collect();
+    let queued: Vec<u64> =
+        after.iter().filter(|t| t.state == TrialState::Waiting).map(|t| t.number).collect();
+    assert_eq!((failed, queued), (vec![0, 1, 2], vec![3, 4, 5]));
+    assert!(after.iter().all(|t| t.state != TrialState::Running));
+    for t in after.iter().filter(|t| t.state == TrialState::Fail) {
+        assert_eq!(
+            t.system_attrs["fail_reason"],
+            serde_json::json!("interrupted: the worker received SIGTERM")
+        );
+    }
+}
