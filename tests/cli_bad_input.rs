@@ -88,6 +88,12 @@ const STORAGE: &str = "sqlite:///<tmp>/study.db";
 
 fn none(_: &Path) {}
 
+/// `<tmp>/d/NAME` with `content` as the training split, beside the fixture's good test split.
+fn train_file_beside_good_test(t: &Path, name: &str, content: impl AsRef<[u8]>) {
+    write(t, &format!("d/{name}"), content);
+    std::fs::copy(t.join("data/test.jsonl"), t.join("d/test.jsonl")).unwrap();
+}
+
 fn write(t: &Path, rel: &str, content: impl AsRef<[u8]>) {
     let p = t.join(rel);
     std::fs::create_dir_all(p.parent().expect("a file inside the temporary directory")).unwrap();
@@ -547,8 +553,7 @@ static CASES: &[Case] = &[
         input: "train.jsonl cut off mid-line",
         setup: |t| {
             let text = std::fs::read_to_string(t.join("data/train.jsonl")).unwrap();
-            write(t, "d/train.jsonl", &text[..300]);
-            std::fs::copy(t.join("data/test.jsonl"), t.join("d/test.jsonl")).unwrap();
+            train_file_beside_good_test(t, "train.jsonl", &text[..300]);
         },
         args: &["train", "@train", "--dataset", "<tmp>/d"],
         exit: 1,
@@ -558,8 +563,11 @@ static CASES: &[Case] = &[
         id: "dataset-bad-utf8",
         input: "train.jsonl with bytes that are not UTF-8",
         setup: |t| {
-            write(t, "d/train.jsonl", b"{\"text\": \"a \xff\xfe b\", \"label\": \"pos\"}\n");
-            std::fs::copy(t.join("data/test.jsonl"), t.join("d/test.jsonl")).unwrap();
+            train_file_beside_good_test(
+                t,
+                "train.jsonl",
+                b"{\"text\": \"a \xff\xfe b\", \"label\": \"pos\"}\n",
+            );
         },
         args: &["train", "@train", "--dataset", "<tmp>/d"],
         exit: 1,
@@ -569,8 +577,7 @@ static CASES: &[Case] = &[
         id: "dataset-empty",
         input: "train.jsonl is empty",
         setup: |t| {
-            write(t, "d/train.jsonl", "");
-            std::fs::copy(t.join("data/test.jsonl"), t.join("d/test.jsonl")).unwrap();
+            train_file_beside_good_test(t, "train.jsonl", "");
         },
         args: &["train", "@train", "--dataset", "<tmp>/d"],
         exit: 1,
@@ -580,8 +587,7 @@ static CASES: &[Case] = &[
         id: "dataset-parquet-garbage",
         input: "train.parquet that is not parquet",
         setup: |t| {
-            write(t, "d/train.parquet", "PAR1 these are notes, not a parquet file PAR1");
-            std::fs::copy(t.join("data/test.jsonl"), t.join("d/test.jsonl")).unwrap();
+            train_file_beside_good_test(t, "train.parquet", "PAR1 these are notes, not a parquet file PAR1");
         },
         args: &["train", "@train", "--dataset", "<tmp>/d"],
         exit: 1,
@@ -600,8 +606,7 @@ static CASES: &[Case] = &[
             file.extend(footer);
             file.extend((footer.len() as u32).to_le_bytes());
             file.extend(b"PAR1");
-            write(t, "d/train.parquet", file);
-            std::fs::copy(t.join("data/test.jsonl"), t.join("d/test.jsonl")).unwrap();
+            train_file_beside_good_test(t, "train.parquet", file);
         },
         args: &["train", "@train", "--dataset", "<tmp>/d"],
         exit: 1,

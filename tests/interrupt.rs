@@ -115,3 +115,32 @@ fn sigterm_fails_every_trial_of_a_trial_array() {
         );
     }
 }
+
+#[test]
+fn a_search_started_under_nohup_ignores_sighup_and_still_stops_on_ctrl_c() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let search = search(dir, "5000", "1");
+    // `trap '' HUP` is what nohup does: SIGHUP ignored, inherited by the program it execs.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg("trap '' HUP; exec \"$0\" \"$@\"").arg(search.get_program()).args(search.get_args());
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start sh");
+    let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut line = String::new();
+    while !line.contains(" started") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "search ended before a trial started");
+    }
+    let pid = i32::try_from(child.id()).expect("a pid fits in i32");
+    // SAFETY: kill(2) on our own child process, which has not been waited for yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "SIGHUP stopped a search started with SIGHUP ignored");
+    // SAFETY: as above; the child is still running.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert_eq!(status.code(), Some(130), "{rest}");
+    assert!(rest.contains("SIGINT (Ctrl-C): stopped; running trials [0] stored FAIL"), "{rest}");
+}

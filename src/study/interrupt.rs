@@ -34,9 +34,12 @@ struct Live {
 
 static LIVE: Mutex<Option<Live>> = Mutex::new(None);
 
-/// Takes over SIGINT, SIGTERM and SIGHUP for the rest of the process (for `hpo-gpu search`).
+/// Takes over SIGINT, SIGTERM and SIGHUP for the rest of the process (for `hpo-gpu search`),
+/// except those the process was started with ignored: `nohup` ignores SIGHUP and a shell ignores
+/// SIGINT for a background job, and a search started so must keep running as it would without us.
 pub fn install() -> Result<()> {
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    let wanted: Vec<i32> = [SIGINT, SIGTERM, SIGHUP].into_iter().filter(|&s| !ignored(s)).collect();
+    let mut signals = Signals::new(wanted)?;
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         if let Some(signal) = signals.forever().next() {
             stop(signal, &mut signals);
@@ -67,6 +70,16 @@ impl Drop for Registration {
         if let Ok(mut live) = LIVE.lock() {
             *live = None;
         }
+    }
+}
+
+/// Whether `signal` is set to be ignored (inherited across exec, as `nohup` and shells do it).
+fn ignored(signal: i32) -> bool {
+    // SAFETY: with a null new action sigaction(2) only reads the current one into `current`, a
+    // plain C struct for which all-zero bytes are a valid value.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut current) == 0 && current.sa_sigaction == libc::SIG_IGN
     }
 }
 
