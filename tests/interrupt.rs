@@ -5,6 +5,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -12,9 +13,27 @@ use std::time::Duration;
 use hpo_gpu::study::TrialState;
 use hpo_gpu::study::storage::Storage;
 
+/// The signals a search handles back to their defaults in the child, as in a terminal: the test
+/// may itself run with SIGINT or SIGHUP ignored (a background job of a script, `nohup`), and the
+/// search rightly keeps signals it was started with ignored.
+fn with_default_signals(cmd: &mut Command) -> &mut Command {
+    // SAFETY: signal(2) is async-signal-safe, as pre_exec requires; it only resets dispositions.
+    unsafe {
+        cmd.pre_exec(|| {
+            for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                if libc::signal(signal, libc::SIG_DFL) == libc::SIG_ERR {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
 /// `search` on the tiny model and data, with trials long enough (many epochs) to be stopped in.
 fn search(dir: &Path, epochs: &str, slots: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hpo-gpu"));
+    with_default_signals(&mut cmd);
     cmd.arg("search")
         .arg("--model")
         .arg(common::tiny_model(dir))
@@ -49,10 +68,27 @@ fn stop_after_start(mut cmd: Command, started: usize, signal: i32) -> (Option<i3
     let pid = i32::try_from(child.id()).expect("a pid fits in i32");
     // SAFETY: kill(2) on our own child process, which has not been waited for yet.
     assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
-    let status = child.wait().expect("wait for hpo-gpu");
+    let status = exit_within(&mut child, Duration::from_secs(60));
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
     (status.code(), text + &rest)
+}
+
+/// The child's exit status; a child still running after `limit` is killed and the test fails,
+/// rather than hanging on a signal that did not stop it.
+fn exit_within(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("poll hpo-gpu") {
+            return status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("hpo-gpu did not exit within {limit:?} of the signal");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn trials(dir: &Path) -> Vec<hpo_gpu::study::FrozenTrial> {
@@ -123,7 +159,11 @@ fn a_search_started_under_nohup_ignores_sighup_and_still_stops_on_ctrl_c() {
     let search = search(dir, "5000", "1");
     // `trap '' HUP` is what nohup does: SIGHUP ignored, inherited by the program it execs.
     let mut cmd = Command::new("sh");
-    cmd.arg("-c").arg("trap '' HUP; exec \"$0\" \"$@\"").arg(search.get_program()).args(search.get_args());
+    with_default_signals(&mut cmd)
+        .arg("-c")
+        .arg("trap '' HUP; exec \"$0\" \"$@\"")
+        .arg(search.get_program())
+        .args(search.get_args());
     let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start sh");
     let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
     let mut line = String::new();
@@ -138,7 +178,7 @@ fn a_search_started_under_nohup_ignores_sighup_and_still_stops_on_ctrl_c() {
     assert!(child.try_wait().unwrap().is_none(), "SIGHUP stopped a search started with SIGHUP ignored");
     // SAFETY: as above; the child is still running.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
-    let status = child.wait().unwrap();
+    let status = exit_within(&mut child, Duration::from_secs(60));
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
     assert_eq!(status.code(), Some(130), "{rest}");
