@@ -47,48 +47,86 @@ fn search(dir: &Path, epochs: &str, slots: &str) -> Command {
     cmd
 }
 
-/// Starts `cmd`, waits until `started` trials have started, sends `signal`; the exit code and
-/// stderr.
-fn stop_after_start(mut cmd: Command, started: usize, signal: i32) -> (Option<i32>, String) {
-    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start hpo-gpu");
-    let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
-    let mut text = String::new();
-    let mut seen = 0;
-    while seen < started {
-        let mut line = String::new();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "search ended before {started} trials started:\n{text}"
-        );
-        seen += usize::from(line.starts_with("trial ") && line.contains(" started"));
-        text.push_str(&line);
-    }
-    // Inside training, not on the start's storage write.
-    std::thread::sleep(Duration::from_millis(300));
-    let pid = i32::try_from(child.id()).expect("a pid fits in i32");
-    // SAFETY: kill(2) on our own child process, which has not been waited for yet.
-    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
-    let status = exit_within(&mut child, Duration::from_secs(60));
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
-    (status.code(), text + &rest)
+/// A running `hpo-gpu search` whose stderr is read on a thread of its own, so that its epoch lines
+/// never fill the pipe (a full pipe would block the signal thread's last line, and the exit).
+struct Running {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: String,
 }
 
-/// The child's exit status; a child still running after `limit` is killed and the test fails,
-/// rather than hanging on a signal that did not stop it.
-fn exit_within(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    let started = std::time::Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("poll hpo-gpu") {
-            return status;
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("hpo-gpu did not exit within {limit:?} of the signal");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+impl Running {
+    fn start(mut cmd: Command) -> Running {
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start hpo-gpu");
+        let stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running { child, lines, stderr: String::new() }
     }
+
+    /// Returns once `n` trials have started (then training is under way in them).
+    fn wait_for_started(&mut self, n: usize) {
+        let mut seen = 0;
+        while seen < n {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("no {n} trials started within 60 s:\n{}", self.stderr));
+            seen += usize::from(line.starts_with("trial ") && line.contains(" started"));
+            self.stderr.push_str(&line);
+            self.stderr.push('\n');
+        }
+        // Inside training, not on the start's storage write.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).expect("a pid fits in i32");
+        // SAFETY: kill(2) on our own child process, which has not been waited for yet.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+
+    fn still_running(&mut self) -> bool {
+        self.child.try_wait().expect("poll hpo-gpu").is_none()
+    }
+
+    /// The exit code and all of stderr; a child still running 60 s after the signal is killed
+    /// and the test fails, rather than hanging on a signal that did not stop it.
+    fn finish(mut self) -> (Option<i32>, String) {
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("poll hpo-gpu") {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("hpo-gpu did not exit within 60 s of the signal:\n{}", self.stderr);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // The reader ends at the pipe's end, which the exit closed.
+        for line in self.lines.iter() {
+            self.stderr.push_str(&line);
+            self.stderr.push('\n');
+        }
+        (status.code(), self.stderr)
+    }
+}
+
+/// Starts `cmd`, waits until `started` trials have started, sends `signal`; the exit code and
+/// stderr.
+fn stop_after_start(cmd: Command, started: usize, signal: i32) -> (Option<i32>, String) {
+    let mut running = Running::start(cmd);
+    running.wait_for_started(started);
+    running.signal(signal);
+    running.finish()
 }
 
 fn trials(dir: &Path) -> Vec<hpo_gpu::study::FrozenTrial> {
@@ -164,23 +202,13 @@ fn a_search_started_under_nohup_ignores_sighup_and_still_stops_on_ctrl_c() {
         .arg("trap '' HUP; exec \"$0\" \"$@\"")
         .arg(search.get_program())
         .args(search.get_args());
-    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start sh");
-    let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
-    let mut line = String::new();
-    while !line.contains(" started") {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "search ended before a trial started");
-    }
-    let pid = i32::try_from(child.id()).expect("a pid fits in i32");
-    // SAFETY: kill(2) on our own child process, which has not been waited for yet.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let mut running = Running::start(cmd);
+    running.wait_for_started(1);
+    running.signal(libc::SIGHUP);
     std::thread::sleep(Duration::from_millis(500));
-    assert!(child.try_wait().unwrap().is_none(), "SIGHUP stopped a search started with SIGHUP ignored");
-    // SAFETY: as above; the child is still running.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
-    let status = exit_within(&mut child, Duration::from_secs(60));
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
-    assert_eq!(status.code(), Some(130), "{rest}");
+    assert!(running.still_running(), "SIGHUP stopped a search started with SIGHUP ignored");
+    running.signal(libc::SIGINT);
+    let (code, rest) = running.finish();
+    assert_eq!(code, Some(130), "{rest}");
     assert!(rest.contains("SIGINT (Ctrl-C): stopped; running trials [0] stored FAIL"), "{rest}");
 }
