@@ -597,16 +597,7 @@ static CASES: &[Case] = &[
         id: "dataset-parquet-stalling-footer",
         input: "train.parquet whose footer makes the parquet crate loop for minutes (2^31-entry boolean maps)",
         setup: |t| {
-            // Two unknown footer fields, each a thrift map claiming 2^31 - 1 bool -> bool entries.
-            let footer = [
-                0x0B, 0x28, 0xFF, 0xFF, 0xFF, 0xFF, 0x07, 0x11, 0x1B, 0xFF, 0xFF, 0xFF, 0xFF, 0x07, 0x11,
-                0x00,
-            ];
-            let mut file = b"PAR1".to_vec();
-            file.extend(footer);
-            file.extend((footer.len() as u32).to_le_bytes());
-            file.extend(b"PAR1");
-            train_file_beside_good_test(t, "train.parquet", file);
+            train_file_beside_good_test(t, "train.parquet", common::parquet_with_stalling_footer(2));
         },
         args: &["train", "@train", "--dataset", "<tmp>/d"],
         exit: 1,

@@ -1,6 +1,8 @@
 //! Dataset sources against real IMDB data (skipped when ../shared/data is absent) and against small
 //! hand-made JSON Lines / JSON / CSV / TSV / Parquet files, good and broken.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -517,32 +519,10 @@ fn parquet_files() -> Result<()> {
     Ok(())
 }
 
-/// A parquet file whose footer starts with unknown fields, each a thrift map of 2^31 − 1
-/// boolean → boolean entries: 6 bytes that the parquet crate (60.1) skips one zero-byte entry at a
-/// time, ~4·10^9 steps per map (measured: 17 s for one map, 59 s for four, so a 1 KB footer of such
-/// maps would hang a search for about an hour).
-fn parquet_with_stalling_footer(maps: usize) -> Vec<u8> {
-    // Compact protocol: 0x0B = map field with its id in the next (zig-zag) byte, 0x28 = id 20;
-    // 0x1B = map field, id + 1; then the entry count as a varint and 0x11 = key and value bool.
-    const HUGE_BOOL_MAP: [u8; 6] = [0xFF, 0xFF, 0xFF, 0xFF, 0x07, 0x11];
-    let mut footer = vec![0x0B, 0x28];
-    footer.extend(HUGE_BOOL_MAP);
-    for _ in 1..maps {
-        footer.push(0x1B);
-        footer.extend(HUGE_BOOL_MAP);
-    }
-    footer.push(0x00);
-    let mut file = b"PAR1".to_vec();
-    file.extend(&footer);
-    file.extend((footer.len() as u32).to_le_bytes());
-    file.extend(b"PAR1");
-    file
-}
-
 #[test]
 fn parquet_footer_that_stalls_the_parquet_crate_is_an_error_in_seconds() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let path = write(tmp.path(), "stall.parquet", &parquet_with_stalling_footer(2))?;
+    let path = write(tmp.path(), "stall.parquet", &common::parquet_with_stalling_footer(2))?;
     let started = std::time::Instant::now();
     assert_contains(
         &err_of(read_file(&path, &cols(), None)),
