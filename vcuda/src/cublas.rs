@@ -1,0 +1,1 @@
+//! cuBLAS of the virtual device (written from NVIDIA's cuBLAS documentation).
