@@ -4,4 +4,6 @@
 //! without a GPU. What it proves and what it cannot: kernels/README.md.
 
 pub mod cublas;
+pub mod driver;
 pub mod memory;
+pub mod ptx;

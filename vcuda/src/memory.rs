@@ -10,7 +10,7 @@
 //!
 //! `VCUDA_MEMORY_BYTES` sets the device's memory size (default 8 GiB); an allocation past it fails
 //! with CUDA_ERROR_OUT_OF_MEMORY, which is how the "out of memory shrinks the trial array" path is
-//! tested.
+//! tested (with `VCUDA_REPORTED_MEMORY_BYTES` above it, so the array is sized for more than fits).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -54,12 +54,20 @@ fn lock() -> std::sync::MutexGuard<'static, Memory> {
 
 /// The device's memory size: `VCUDA_MEMORY_BYTES`, or 8 GiB.
 pub fn total_bytes() -> u64 {
-    std::env::var("VCUDA_MEMORY_BYTES").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(DEFAULT_MEMORY_BYTES)
+    std::env::var("VCUDA_MEMORY_BYTES")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(DEFAULT_MEMORY_BYTES)
 }
 
-/// (free, total) bytes, as cuMemGetInfo reports them.
+/// (free, total) bytes, as cuMemGetInfo reports them. `VCUDA_REPORTED_MEMORY_BYTES`, when set,
+/// is the total reported instead of the real cap: a device that claims more than it can give, as
+/// a GPU shared with another process does when that process allocates after the query.
 pub fn info() -> (u64, u64) {
-    let total = total_bytes();
+    let total = std::env::var("VCUDA_REPORTED_MEMORY_BYTES")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(total_bytes);
     (total.saturating_sub(lock().allocated), total)
 }
 
@@ -171,7 +179,11 @@ pub fn guard_hit(ptr: u64) -> Option<String> {
             return Some(if ptr < start {
                 format!("{} bytes before the {}-byte allocation at {start:#x}", start - ptr, a.size)
             } else {
-                format!("{} bytes past the end of the {}-byte allocation at {start:#x}", ptr - (start + a.size), a.size)
+                format!(
+                    "{} bytes past the end of the {}-byte allocation at {start:#x}",
+                    ptr - (start + a.size),
+                    a.size
+                )
             });
         }
     }
