@@ -1,6 +1,7 @@
 //! Compiles every `kernels/*.cu` to PTX with nvcc and embeds it in the binary.
 //!
-//! nvcc is looked up as `$NVCC`, `$CUDA_HOME/bin/nvcc`, then `nvcc` on PATH. Without it the build
+//! nvcc is looked up as `$NVCC`, under `$CUDA_HOME`/`$CUDA_PATH`, on PATH, under `/usr/local/cuda`,
+//! then in the repo's `.cuda/` (scripts/install-nvcc.sh). Without it the build
 //! still succeeds: the generated table is empty and the CUDA backend reports at run time that it was
 //! built without kernels. When nvcc is present every kernel must compile, and the sm_90 `ptxas -v`
 //! report (registers, spills) goes to `$OUT_DIR/ptxas-report.txt` with a one-line summary as a cargo
@@ -16,18 +17,21 @@ const PTX_ARCH: &str = "compute_80";
 /// The card we read register and spill reports for.
 const REPORT_ARCH: &str = "sm_90";
 
+/// nvcc: `$NVCC`, then `bin/nvcc` under `$CUDA_HOME` or `$CUDA_PATH`, on PATH, under
+/// `/usr/local/cuda`, and last the repo's own `.cuda/` (scripts/install-nvcc.sh).
 fn find_nvcc() -> Option<PathBuf> {
     if let Ok(p) = env::var("NVCC") {
         return Some(PathBuf::from(p));
     }
-    if let Ok(home) = env::var("CUDA_HOME") {
-        let p = Path::new(&home).join("bin").join("nvcc");
-        if p.exists() {
-            return Some(p);
-        }
-    }
-    let path = env::var_os("PATH")?;
-    env::split_paths(&path).map(|d| d.join("nvcc")).find(|p| p.exists())
+    let homes = ["CUDA_HOME", "CUDA_PATH"].into_iter().filter_map(|v| env::var_os(v).map(PathBuf::from));
+    let on_path = env::var_os("PATH").map(|p| env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
+    let repo = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap_or_default()).join(".cuda/nvidia/cu13");
+    homes
+        .map(|h| h.join("bin"))
+        .chain(on_path)
+        .chain([PathBuf::from("/usr/local/cuda/bin"), repo.join("bin")])
+        .map(|d| d.join("nvcc"))
+        .find(|p| p.is_file())
 }
 
 fn main() {
@@ -35,6 +39,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    println!("cargo:rerun-if-env-changed=CUDA_PATH");
     println!("cargo:rerun-if-env-changed=PATH");
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
 

@@ -9,6 +9,12 @@
 #include <stdint.h>
 
 typedef unsigned long long u64;
+
+// Dynamic shared memory (the launch's shared_mem_bytes). The virtual device (vcuda/, host C++)
+// defines its own spelling: g++ has no `extern __shared__`.
+#ifndef DYNAMIC_SHARED
+#define DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
 typedef __nv_bfloat16 bf16;
 
 __device__ __forceinline__ float to_f32(float x) { return x; }

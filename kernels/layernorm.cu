@@ -47,7 +47,7 @@ template <typename Act>
 __device__ void layernorm_backward(Act* dx, float* dgamma, float* dbeta, const Act* dy, const float* xhat,
                                    const float* rstd, const float* gamma, int n, int h, u64 act_stride,
                                    u64 row_stride, u64 param_stride) {
-    extern __shared__ float shared[];
+    DYNAMIC_SHARED(float, shared);
     float* sdg = shared;
     float* sdb = shared + h;
     const u64 t = blockIdx.y;

@@ -11,4 +11,6 @@ if [ ! -x .cuda/nvidia/cu13/bin/nvcc ]; then
   python3 -m pip install -q --no-deps --target .cuda \
     nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
     nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
+  # build.rs looks in .cuda/ too; make cargo run it again so the next build compiles the kernels.
+  touch build.rs
 fi

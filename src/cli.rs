@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 
-use crate::cuda::{Device, resolve_device};
+use crate::cuda::{Device, checked_device, resolve_device};
 use crate::model::BertModel;
 use crate::model::export::export_model;
 use crate::model::files::ModelFiles;
@@ -205,6 +205,7 @@ pub fn run_train(args: &TrainArgs, out: &mut dyn Write) -> Result<()> {
     let mut prepared = prepare(&args.data)?;
     args.hyper.apply_dropout(&mut prepared.config)?;
     let (mut model, report) = initial_model(&args.data, &prepared, cfg.seed)?;
+    let device = checked_device(args.device, device, model.config.head_size())?;
     let mut study_info = serde_json::Value::Null;
     if let Some((name, (number, value, params))) = &from_study {
         let max_length = prepared.tokenizer.max_length;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::{Result, bail};
 
 use crate::cli::HyperArgs;
-use crate::cuda::{Device, resolve_device};
+use crate::cuda::{Device, checked_device, resolve_device};
 use crate::data::batch::TokenizedSplit;
 use crate::model::BertModel;
 use crate::pipeline::{ModelDataArgs, Prepared, initial_model, prepare};
@@ -320,6 +320,9 @@ pub fn run_search(args: &SearchArgs, out: &mut dyn Write) -> Result<()> {
     let mut prepared = prepare(&args.data)?;
     args.hyper.apply_dropout(&mut prepared.config)?;
     let (initial, report) = initial_model(&args.data, &prepared, base.seed)?;
+    let device = checked_device(args.device, device, initial.config.head_size())?;
+    // A GPU that failed its self-check under --device auto leaves the search on the CPU.
+    let use_array = args.slots > 1 || device == Device::Cuda;
     let mut study = args.study.prepare()?;
     for w in &study.warnings {
         eprintln!("note: {w}");

@@ -5,11 +5,12 @@
 //!
 //! Shapes cover sequence lengths 1, 7, 128 and 512, head sizes 32 and 64, the [CLS]-only last
 //! layer, a padded sequence, and T = 1 and T = 3 trials with different data per trial.
-//! Without a usable GPU every test prints "skipped: <reason>" and passes.
+//! Without a usable GPU every test prints "SKIPPED: <reason>" and passes — unless the test command
+//! provides a device (HPO_GPU_REQUIRE_DEVICE=1: scripts/test.sh runs these on the virtual device).
 
 mod common;
 
-use common::rel_err;
+use common::{gpu_or_skip, rel_err};
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use half::bf16;
 use hpo_gpu::config::BertConfig;
@@ -34,16 +35,6 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 const FP32_TOL: f64 = 1e-5;
 const BF16_TOL: f64 = 1e-2;
 
-/// The GPU, or None after printing why these tests skip.
-fn gpu_or_skip() -> Option<Gpu> {
-    match Gpu::new() {
-        Ok(g) => Some(g),
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
 
 /// A fresh generator; the seed is printed so a failure can be replayed.
 fn fresh_rng(test: &str) -> StdRng {

@@ -17,16 +17,24 @@ pub mod gemm;
 pub mod launch;
 pub mod layernorm;
 pub mod optimizer;
+pub mod self_check;
 
 use anyhow::{Result, bail};
 
 /// Why the GPU cannot be used, or Ok with the device's name.
 pub fn availability() -> Result<String> {
+    // cudarc panics instead of returning an error when libcuda cannot be loaded: check first.
+    let driver = unsafe { cudarc::driver::sys::is_culib_present() };
     if !BUILT_WITH_NVCC || KERNEL_PTX.is_empty() {
+        if driver {
+            bail!(
+                "this hpo-gpu was built without CUDA kernels although an NVIDIA driver is present: \
+                 run scripts/install-nvcc.sh, then build again (README, \"On a GPU\")"
+            );
+        }
         bail!("this hpo-gpu was built without CUDA kernels (nvcc was not found at build time)");
     }
-    // cudarc panics instead of returning an error when libcuda cannot be loaded: check first.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !driver {
         bail!("libcuda.so was not found: no NVIDIA driver on this machine");
     }
     let ctx =
@@ -64,5 +72,23 @@ pub fn resolve_device(requested: Device) -> Result<Device> {
                 Ok(Device::Cuda)
             }
         },
+    }
+}
+
+/// Runs the GPU self-check (`self_check::tick_matches_host`) when `device` is the GPU: a mismatch
+/// stops `--device cuda` with the reason, and sends `--device auto` to the CPU with one line
+/// saying why. `head_dim` is the model's attention head size.
+pub fn checked_device(requested: Device, device: Device, head_dim: usize) -> Result<Device> {
+    if device != Device::Cuda {
+        return Ok(device);
+    }
+    let check = context::Gpu::new().and_then(|gpu| self_check::tick_matches_host(gpu, head_dim));
+    match (check, requested) {
+        (Ok(()), _) => Ok(Device::Cuda),
+        (Err(why), Device::Cuda) => bail!("--device cuda: {why:#}"),
+        (Err(why), _) => {
+            eprintln!("note: running on the CPU: {why:#}");
+            Ok(Device::Cpu)
+        }
     }
 }

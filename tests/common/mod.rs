@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use hpo_gpu::model::tensor::RawTensor;
 
+pub mod running;
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -18,6 +20,28 @@ pub fn shared_data() -> Option<PathBuf> {
     } else {
         eprintln!("SKIPPED: {} is absent (the real data lives beside the repo)", p.display());
         None
+    }
+}
+
+/// Whether the test command provides a CUDA device (a GPU, or in CI the virtual device of
+/// vcuda/): then a GPU test that finds none fails instead of skipping.
+pub fn device_required() -> bool {
+    std::env::var_os("HPO_GPU_REQUIRE_DEVICE").is_some_and(|v| v == "1")
+}
+
+/// The GPU with every kernel loaded, or None after printing why the calling test skips (a failure
+/// when [`device_required`]).
+pub fn gpu_or_skip() -> Option<hpo_gpu::cuda::context::Gpu> {
+    match hpo_gpu::cuda::context::Gpu::new() {
+        Ok(g) => {
+            eprintln!("running on {}", g.name);
+            Some(g)
+        }
+        Err(why) if device_required() => panic!("HPO_GPU_REQUIRE_DEVICE=1 but no usable CUDA device: {why:#}"),
+        Err(why) => {
+            eprintln!("SKIPPED: {why:#}");
+            None
+        }
     }
 }
 
