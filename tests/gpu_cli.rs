@@ -209,6 +209,13 @@ fn train_on_the_gpu_matches_the_cpu() {
     assert_eq!(gpu_params.len(), cpu_params.len());
     for (name, c) in cpu_params {
         let (c, g) = (common::f32s(c), common::f32s(&gpu_params[name]));
+        if name.ends_with("attention.self.key.bias") {
+            // Its gradient is analytically zero (softmax ignores a shift): both sides hold ~1e-10
+            // noise that Adam turns into ±lr steps, so it can only be bounded by 16 steps of 1e-3.
+            let most = g.iter().zip(&c).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(most <= 2.0 * 16.0 * 1e-3, "{name}: moved {most} apart");
+            continue;
+        }
         let e = common::rel_err_f32(&g, &c);
         assert!(e <= TOL, "{name}: the GPU-trained tensor differs by {e:.2e}");
     }
@@ -221,13 +228,14 @@ fn out_of_memory_shrinks_the_trial_array_and_the_study_goes_on() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let (mut cmd, url) = enqueued_search(tmp.path(), &TRIALS, "cuda", "4");
-    // The virtual device claims 8 GiB (so four slots look affordable) but gives 6 MiB: room for
-    // two slots of this model and their activations, not four.
-    cmd.env("VCUDA_REPORTED_MEMORY_BYTES", (8u64 << 30).to_string()).env("VCUDA_MEMORY_BYTES", (6u64 << 20).to_string());
+    // The virtual device claims 8 GiB (so four slots look affordable) but gives 7 MiB: room for
+    // four slots' parameters and moments (1.2 MB each), not for their training activations too.
+    cmd.env("VCUDA_REPORTED_MEMORY_BYTES", (8u64 << 30).to_string()).env("VCUDA_MEMORY_BYTES", (7u64 << 20).to_string());
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("shrank from 4 to 3 slots"), "{stderr}");
+    assert!(stderr.contains("trial array on vcuda virtual device (kernels run on the host) (4 slots)"), "{stderr}");
+    assert!(stderr.contains("evicted from the trial array, which shrank from 3 to 2 slots"), "{stderr}");
     let all = trials(&url);
     let complete = all.iter().filter(|t| t.state == TrialState::Complete).count();
     assert_eq!(complete, 3, "the study still finished its 3 trials: {:?}", all.iter().map(|t| t.state).collect::<Vec<_>>());

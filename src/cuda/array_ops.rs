@@ -530,7 +530,7 @@ impl ArrayOps for CudaOps {
 }
 
 /// The trial array on device 0 for models of `config`: T = `wanted` slots, or fewer when the free
-/// device memory holds fewer (each slot: 5·P fp32 values plus one micro-batch's activations of
+/// device memory holds fewer (or an allocation of T slots fails) (each slot: 5·P fp32 values plus one micro-batch's activations of
 /// `micro_batch` sequences up to `max_len` tokens, with 15% headroom).
 pub fn cuda_array_backend(
     config: &crate::config::BertConfig,
@@ -538,12 +538,24 @@ pub fn cuda_array_backend(
     max_len: usize,
     wanted: usize,
 ) -> Result<crate::trial_array::device::DeviceArrayBackend<CudaOps>> {
-    let gpu = Gpu::new()?;
+    let mut gpu = Gpu::new()?;
     let layout = ParamLayout::new(config);
     let (free, _total) = gpu.ctx.mem_get_info().map_err(dev("reading free device memory"))?;
     let per_slot = crate::trial_array::bytes_per_slot(config, layout.len, micro_batch, max_len);
-    let slots = crate::trial_array::slots_that_fit(wanted.max(1), free as u64, per_slot, 0.15)?;
-    let name = format!("{} ({slots} slots)", gpu.name);
-    let ops = CudaOps::new(gpu, config, &layout)?;
-    crate::trial_array::device::DeviceArrayBackend::new(ops, config, slots, &name).map_err(|e| anyhow!("{e}"))
+    let mut slots = crate::trial_array::slots_that_fit(wanted.max(1), free as u64, per_slot, 0.15)?;
+    // Free memory can shrink between the query and the allocation (another process on the GPU):
+    // out of memory here means fewer slots, as it does during the study.
+    loop {
+        let name = format!("{} ({slots} slots)", gpu.name);
+        let ops = CudaOps::new(gpu, config, &layout)?;
+        match crate::trial_array::device::DeviceArrayBackend::new(ops, config, slots, &name) {
+            Ok(backend) => return Ok(backend),
+            Err(crate::trial_array::ArrayError::OutOfMemory(why)) if slots > 1 => {
+                eprintln!("note: {slots} trial-array slots do not fit in device memory ({why}); trying {}", slots - 1);
+                slots -= 1;
+                gpu = Gpu::new()?;
+            }
+            Err(e) => return Err(anyhow!("{e}")),
+        }
+    }
 }

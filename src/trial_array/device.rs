@@ -55,6 +55,22 @@ impl<O: ArrayOps> DeviceArrayBackend<O> {
         }
     }
 
+    /// Out of memory may only be retried (after shrinking) while a tick has changed nothing, and a
+    /// tick accumulates gradients as it goes: so allocate, and free, what the tick's activations
+    /// need before it starts. Failing here is `OutOfMemory`; an allocation failing later in the
+    /// tick is an error like any other.
+    fn reserve_activations(&self, layout: &TickLayout) -> ArrayResult<()> {
+        let cells = layout
+            .attn_full
+            .iter()
+            .map(|seqs| seqs.iter().map(|s| s.q_len * s.k_len).sum::<usize>())
+            .max()
+            .unwrap_or(0);
+        let bytes = super::activation_bytes(&self.model.config, layout.trials, layout.rows, cells);
+        drop(self.model.ops.zeros(bytes.div_ceil(4) as usize).map_err(classify)?);
+        Ok(())
+    }
+
     fn heads(&self) -> usize {
         self.model.config.num_attention_heads
     }
@@ -115,6 +131,7 @@ impl<O: ArrayOps> ArrayBackend for DeviceArrayBackend<O> {
                     Some(SlotInput { batch: w.batch, loss_scale: w.loss_scale, dropout: Some(w.dropout) });
             }
             let lt = TickLayout::new(&slots, self.heads(), self.pad())?;
+            self.reserve_activations(&lt)?;
             let tick = self.model.ops.tick(&lt).map_err(classify)?;
             let sums = self.model.forward_backward(&tick, &lt)?;
             for (i, w) in work.iter().enumerate() {
@@ -175,7 +192,8 @@ impl<O: ArrayOps> ArrayBackend for DeviceArrayBackend<O> {
                 }
                 let lt = TickLayout::new(&slots, self.heads(), self.pad())?;
                 let tick = self.model.ops.tick(&lt).map_err(classify)?;
-                let (logits, sums) = self.model.eval_logits(&tick, &lt)?;
+                // Evaluation changes no slot's state: out of memory anywhere in it can be retried.
+                let (logits, sums) = self.model.eval_logits(&tick, &lt).map_err(classify)?;
                 for (k, &j) in members.iter().enumerate() {
                     let s = work[j].slot;
                     let rows = &logits[s * lt.seqs * nl..(s * lt.seqs + chunk.len()) * nl];
@@ -227,9 +245,13 @@ impl<O: ArrayOps> ArrayBackend for DeviceArrayBackend<O> {
         }
         let p = self.param_len();
         let m = &mut self.model;
+        // Through the host, freeing each old buffer before its smaller copy is made: shrinking
+        // happens because memory ran out, so there may be no room for both.
         for buf in [&mut m.params, &mut m.grads, &mut m.m, &mut m.v, &mut self.best] {
+            let kept = m.ops.read(buf, 0, slots * p)?;
+            *buf = m.ops.zeros(1)?;
             let mut smaller = m.ops.zeros(slots * p)?;
-            m.ops.copy(buf, 0, &mut smaller, 0, slots * p)?;
+            m.ops.write(&mut smaller, 0, &kept)?;
             *buf = smaller;
         }
         m.trials = slots;

@@ -117,14 +117,21 @@ pub fn bytes_per_slot(
     micro_batch: usize,
     max_len: usize,
 ) -> u64 {
+    let rows = micro_batch * max_len;
+    4 * 5 * param_len as u64 + activation_bytes(config, 1, rows, rows * max_len)
+}
+
+/// Bytes of activations a training tick of `trials` slots keeps for its backward pass, each slot
+/// with `rows` token rows and `attention_cells` query·key pairs (Σ q_len·k_len over its
+/// sequences). Per layer: input, q, k, v, ctx, attention output, LayerNorm caches (2×), FFN
+/// pre/post activation, and the attention probabilities; doubled for the backward's temporaries.
+pub fn activation_bytes(config: &crate::config::BertConfig, trials: usize, rows: usize, attention_cells: usize) -> u64 {
     let (h, i, a) =
         (config.hidden_size as u64, config.intermediate_size as u64, config.num_attention_heads as u64);
-    let rows = (micro_batch * max_len) as u64;
-    // Per layer: input, q, k, v, ctx, attention output, LayerNorm caches (2×), FFN pre/post
-    // activation, plus attention probabilities A·L² per sequence.
-    let per_layer = rows * (9 * h + 2 * i) + micro_batch as u64 * a * (max_len as u64).pow(2);
-    let activations = config.num_hidden_layers as u64 * per_layer + rows * 3 * h;
-    4 * (5 * param_len as u64 + 2 * activations)
+    let rows = rows as u64;
+    let per_layer = rows * (9 * h + 2 * i) + a * attention_cells as u64;
+    let per_slot = config.num_hidden_layers as u64 * per_layer + rows * 3 * h;
+    4 * 2 * trials as u64 * per_slot
 }
 
 /// How many slots fit in `free_bytes` keeping `headroom` (a fraction, e.g. 0.1) free, at most
