@@ -3,6 +3,9 @@
 # - .venv: torch, transformers, optuna … for the interop tests (created once, ~3 min, ~6 GB)
 # - .cuda: nvcc 13.0 from PyPI, so every CUDA kernel is compiled (scripts/install-nvcc.sh)
 # - cargo test: unit, parity, gradient, data, storage, CLI and interop tests
+# - the GPU path (tests/gpu_*.rs) on the virtual CUDA device of vcuda/ (its own tests first), which
+#   runs our kernels on the host: found through LD_LIBRARY_PATH for those tests only, where they
+#   must not skip (HPO_GPU_REQUIRE_DEVICE=1); then scripts/vcuda-broken.sh shows broken kernels fail
 # Tests that need ../shared/data or the Python environment say SKIPPED when those are absent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,5 +25,13 @@ fi
 scripts/install-nvcc.sh
 export CUDA_HOME="$PWD/.cuda/nvidia/cu13"
 export HPO_GPU_PYTHON="$PWD/.venv/bin/python"
+echo "== the virtual CUDA device (vcuda/): build and its own tests"
+vcuda_lib=$(scripts/build-vcuda.sh)
+cargo test -q --manifest-path vcuda/Cargo.toml --target-dir target/vcuda
 echo "== cargo test"
 cargo test --all-targets "$@"
+echo "== broken kernels must fail on the virtual device"
+scripts/vcuda-broken.sh
+echo "== the GPU path on the virtual device ($vcuda_lib)"
+LD_LIBRARY_PATH="$vcuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" HPO_GPU_REQUIRE_DEVICE=1 \
+  cargo test --test gpu_kernels --test gpu_array --test gpu_cli

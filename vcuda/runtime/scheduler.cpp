@@ -1,6 +1,6 @@
 // Runs one kernel launch on the host: every CUDA thread is a fiber with its own stack; the blocks
-// of the grid run one after another; within a block the fibers take turns, each running until it
-// reaches a barrier or a warp shuffle, or exits (cooperative scheduling, so no data races exist
+// of the grid run one after another; within a block one fiber runs at a time, until it reaches a
+// barrier or a warp shuffle, or exits (cooperative scheduling, so no data races exist
 // here that the GPU would have: see kernels/README.md for what this cannot show).
 //
 // Checked, as launch errors naming the kernel, the block and the source line:
@@ -10,9 +10,9 @@
 // - a deadlock (live threads, none able to go on);
 // - an access to an address outside every allocation's usable range that faults (SIGSEGV on the
 //   inaccessible page after each allocation or fiber stack), reported with the address.
-// Exited threads leave a barrier, as on Volta and later. Threads take turns in an order that flips
-// every pass, so a missing barrier is likely to let some thread read what another has not written
-// yet (shared memory starts as NaN bytes in every block).
+// Exited threads leave a barrier, as on Volta and later. The lowest-numbered ready thread runs (the
+// highest in odd blocks), so a missing barrier lets a warp read shared memory that later (or
+// earlier) warps have not written yet, and shared memory starts as NaN bytes in every block.
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -116,6 +116,8 @@ struct Launch {
     const char* barrier_file = nullptr;
     int barrier_line = 0;
     std::vector<unsigned char> dynamic_shared;
+    // Bit i set: thread i is Ready (so the next thread to run is found with one bit scan).
+    uint64_t ready[MAX_THREADS / 64] = {};
     void* scheduler_sp = nullptr;
     bool failed = false;
     std::string error;
@@ -142,6 +144,13 @@ char* stack_for(unsigned i) {
         stacks.push_back(static_cast<char*>(m) + page);
     }
     return stacks[i];
+}
+
+void set_state(Fiber& f, State s) {
+    f.state = s;
+    uint64_t& word = current->ready[f.linear / 64];
+    const uint64_t bit = 1ull << (f.linear % 64);
+    word = s == State::Ready ? (word | bit) : (word & ~bit);
 }
 
 std::string block_name() {
@@ -177,7 +186,7 @@ void yield_to_scheduler() {
 void release_barrier() {
     current->at_barrier = 0;
     for (Fiber& f : current->fibers)
-        if (f.state == State::AtBarrier) f.state = State::Ready;
+        if (f.state == State::AtBarrier) set_state(f, State::Ready);
 }
 
 }  // namespace
@@ -185,7 +194,7 @@ void release_barrier() {
 extern "C" void vcuda_fiber_main() {
     current->kernel->invoke(current->params);
     Fiber* self = reinterpret_cast<Fiber*>(vcuda_self);
-    self->state = State::Exited;
+    set_state(*self, State::Exited);
     current->alive -= 1;
     Warp& w = current->warps[self->linear / 32];
     const unsigned bit = 1u << (self->linear % 32);
@@ -214,7 +223,7 @@ extern "C" void vcuda_syncthreads(const char* file, int line) {
         release_barrier();
         return;
     }
-    self->state = State::AtBarrier;
+    set_state(*self, State::AtBarrier);
     yield_to_scheduler();
 }
 
@@ -252,10 +261,10 @@ extern "C" unsigned long long vcuda_shuffle(unsigned mask, unsigned long long bi
         for (unsigned i = 0; i < 32; ++i)
             if (mask >> i & 1u) {
                 Fiber& f = l.fibers[(self->linear / 32) * 32 + i];
-                if (f.state == State::AtShuffle) f.state = State::Ready;
+                if (f.state == State::AtShuffle) set_state(f, State::Ready);
             }
     } else {
-        self->state = State::AtShuffle;
+        set_state(*self, State::AtShuffle);
         yield_to_scheduler();
     }
     const unsigned seg = lane & ~(unsigned)(width - 1);
@@ -338,7 +347,7 @@ void start_fiber(Fiber& f) {
     for (int i = 1; i <= 6; ++i) sp[i] = nullptr;
     sp[7] = reinterpret_cast<void*>(&vcuda_fiber_trampoline);
     f.sp = sp;
-    f.state = State::Ready;
+    set_state(f, State::Ready);
 }
 
 // Runs one block; false when the launch failed (message in current->error).
@@ -352,23 +361,30 @@ bool run_block(Launch& l) {
         warp.exists = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1;
         warp.exited = warp.arrived = warp.mask = 0;
     }
+    memset(l.ready, 0, sizeof l.ready);
     for (unsigned i = 0; i < nthreads; ++i) start_fiber(l.fibers[i]);
     if (!l.dynamic_shared.empty()) memset(l.dynamic_shared.data(), 0xff, l.dynamic_shared.size());
     if (__start_vcuda_shared && __stop_vcuda_shared)
         memset(__start_vcuda_shared, 0xff, (size_t)(__stop_vcuda_shared - __start_vcuda_shared));
-    // The order in which threads take turns flips every pass and from block to block, so a
-    // missing barrier shows whichever side of it runs first (cooperative scheduling has no races).
-    bool reverse = (vcuda_block_idx.x + vcuda_block_idx.y + vcuda_block_idx.z) % 2 == 1;
+    // The lowest-numbered ready thread runs (the highest in odd blocks): a warp goes as far as it
+    // can before the next one starts, so a missing barrier lets a thread read what threads after
+    // it (or, in odd blocks, before it) have not written yet — shared memory starts as NaN bytes.
+    const bool reverse = (vcuda_block_idx.x + vcuda_block_idx.y + vcuda_block_idx.z) % 2 == 1;
+    const unsigned words = (nthreads + 63) / 64;
     while (l.alive > 0) {
-        bool progressed = false;
-        reverse = !reverse;
-        for (unsigned k = 0; k < nthreads; ++k) {
-            const unsigned i = reverse ? nthreads - 1 - k : k;
-            Fiber& f = l.fibers[i];
-            if (f.state != State::Ready) continue;
+        int next = -1;
+        if (!reverse) {
+            for (unsigned w = 0; w < words && next < 0; ++w)
+                if (l.ready[w]) next = (int)(w * 64 + __builtin_ctzll(l.ready[w]));
+        } else {
+            for (unsigned w = words; w-- > 0 && next < 0;)
+                if (l.ready[w]) next = (int)(w * 64 + 63 - __builtin_clzll(l.ready[w]));
+        }
+        const bool progressed = next >= 0;
+        if (progressed) {
+            Fiber& f = l.fibers[next];
             vcuda_self = &f.thread;
             vcuda_switch(&l.scheduler_sp, f.sp);
-            progressed = true;
             if (l.failed) return false;
         }
         if (!progressed) {
