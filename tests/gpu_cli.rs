@@ -203,7 +203,11 @@ fn train_on_the_gpu_matches_the_cpu() {
     for (g, c) in epochs(gpu_metrics).iter().zip(&epochs(cpu_metrics)) {
         for key in ["train_loss", "eval_loss"] {
             let (x, y) = (g[key].as_f64().unwrap(), c[key].as_f64().unwrap());
-            assert!((x - y).abs() <= TOL * y.abs(), "epoch {}: {key} {x} on the GPU, {y} on the CPU", g["epoch"]);
+            assert!(
+                (x - y).abs() <= TOL * y.abs(),
+                "epoch {}: {key} {x} on the GPU, {y} on the CPU",
+                g["epoch"]
+            );
         }
     }
     assert_eq!(gpu_params.len(), cpu_params.len());
@@ -230,15 +234,24 @@ fn out_of_memory_shrinks_the_trial_array_and_the_study_goes_on() {
     let (mut cmd, url) = enqueued_search(tmp.path(), &TRIALS, "cuda", "4");
     // The virtual device claims 8 GiB (so four slots look affordable) but gives 7 MiB: room for
     // four slots' parameters and moments (1.2 MB each), not for their training activations too.
-    cmd.env("VCUDA_REPORTED_MEMORY_BYTES", (8u64 << 30).to_string()).env("VCUDA_MEMORY_BYTES", (7u64 << 20).to_string());
+    cmd.env("VCUDA_REPORTED_MEMORY_BYTES", (8u64 << 30).to_string())
+        .env("VCUDA_MEMORY_BYTES", (7u64 << 20).to_string());
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("trial array on vcuda virtual device (kernels run on the host) (4 slots)"), "{stderr}");
+    assert!(
+        stderr.contains("trial array on vcuda virtual device (kernels run on the host) (4 slots)"),
+        "{stderr}"
+    );
     assert!(stderr.contains("evicted from the trial array, which shrank from 3 to 2 slots"), "{stderr}");
     let all = trials(&url);
     let complete = all.iter().filter(|t| t.state == TrialState::Complete).count();
-    assert_eq!(complete, 3, "the study still finished its 3 trials: {:?}", all.iter().map(|t| t.state).collect::<Vec<_>>());
+    assert_eq!(
+        complete,
+        3,
+        "the study still finished its 3 trials: {:?}",
+        all.iter().map(|t| t.state).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -251,12 +264,18 @@ fn ctrl_c_stops_a_gpu_search_and_queues_its_trials_again() {
     cmd.args(["--epochs", "1000"]);
     let (code, stderr) = stop_after_start(cmd, 2, libc::SIGINT);
     assert_eq!(code, Some(130), "{stderr}");
-    assert!(stderr.contains("SIGINT (Ctrl-C): stopped; running trials [0, 1] stored FAIL and queued again"), "{stderr}");
+    assert!(
+        stderr.contains("SIGINT (Ctrl-C): stopped; running trials [0, 1] stored FAIL and queued again"),
+        "{stderr}"
+    );
     let after = trials(&url);
     let interrupted = after
         .iter()
         .filter(|t| t.state == TrialState::Fail)
-        .filter(|t| t.system_attrs["fail_reason"] == serde_json::json!("interrupted: the worker received SIGINT (Ctrl-C)"))
+        .filter(|t| {
+            t.system_attrs["fail_reason"]
+                == serde_json::json!("interrupted: the worker received SIGINT (Ctrl-C)")
+        })
         .count();
     assert_eq!(interrupted, 2, "{after:?}");
     assert!(after.iter().all(|t| t.state != TrialState::Running));

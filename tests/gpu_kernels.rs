@@ -35,7 +35,6 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 const FP32_TOL: f64 = 1e-5;
 const BF16_TOL: f64 = 1e-2;
 
-
 /// A fresh generator; the seed is printed so a failure can be replayed.
 fn fresh_rng(test: &str) -> StdRng {
     let seed =

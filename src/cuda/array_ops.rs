@@ -551,7 +551,10 @@ pub fn cuda_array_backend(
         match crate::trial_array::device::DeviceArrayBackend::new(ops, config, slots, &name) {
             Ok(backend) => return Ok(backend),
             Err(crate::trial_array::ArrayError::OutOfMemory(why)) if slots > 1 => {
-                eprintln!("note: {slots} trial-array slots do not fit in device memory ({why}); trying {}", slots - 1);
+                eprintln!(
+                    "note: {slots} trial-array slots do not fit in device memory ({why}); trying {}",
+                    slots - 1
+                );
                 slots -= 1;
                 gpu = Gpu::new()?;
             }

@@ -83,7 +83,7 @@ pub fn tick_matches_host(gpu: Gpu, head_dim: usize) -> Result<()> {
     let dev_loss = dev.forward_backward(&dev_tick, &layout)?;
     for (slot, (d, h)) in dev_loss.iter().zip(&host_loss).enumerate() {
         anyhow::ensure!(
-            relative(*d as f64, *h as f64) <= TOLERANCE,
+            relative(*d, *h) <= TOLERANCE,
             "GPU self-check failed on {name}: slot {slot}'s loss is {d} on the GPU and {h} on the CPU"
         );
     }

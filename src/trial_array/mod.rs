@@ -125,7 +125,12 @@ pub fn bytes_per_slot(
 /// with `rows` token rows and `attention_cells` query·key pairs (Σ q_len·k_len over its
 /// sequences). Per layer: input, q, k, v, ctx, attention output, LayerNorm caches (2×), FFN
 /// pre/post activation, and the attention probabilities; doubled for the backward's temporaries.
-pub fn activation_bytes(config: &crate::config::BertConfig, trials: usize, rows: usize, attention_cells: usize) -> u64 {
+pub fn activation_bytes(
+    config: &crate::config::BertConfig,
+    trials: usize,
+    rows: usize,
+    attention_cells: usize,
+) -> u64 {
     let (h, i, a) =
         (config.hidden_size as u64, config.intermediate_size as u64, config.num_attention_heads as u64);
     let rows = rows as u64;

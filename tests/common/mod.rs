@@ -37,7 +37,9 @@ pub fn gpu_or_skip() -> Option<hpo_gpu::cuda::context::Gpu> {
             eprintln!("running on {}", g.name);
             Some(g)
         }
-        Err(why) if device_required() => panic!("HPO_GPU_REQUIRE_DEVICE=1 but no usable CUDA device: {why:#}"),
+        Err(why) if device_required() => {
+            panic!("HPO_GPU_REQUIRE_DEVICE=1 but no usable CUDA device: {why:#}")
+        }
         Err(why) => {
             eprintln!("SKIPPED: {why:#}");
             None

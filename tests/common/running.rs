@@ -104,4 +104,3 @@ pub fn stop_after_start(cmd: Command, started: usize, signal: i32) -> (Option<i3
     running.signal(signal);
     running.finish()
 }
-

@@ -747,8 +747,9 @@ pub struct Function {
     max_dynamic_shared: AtomicU32,
 }
 
+/// Never changed after the load, so each function's address (its CUfunction) stays valid.
 struct Module {
-    functions: Vec<Box<Function>>,
+    functions: Vec<Function>,
 }
 
 /// Binds every entry of `ptx` to its host twin, or says why not.
@@ -788,7 +789,7 @@ fn load(ptx_text: &str) -> Result<Module, (CUresult, String)> {
             ));
         }
         let max = (SHARED_DEFAULT - entry.static_shared) as u32;
-        functions.push(Box::new(Function { entry, host, max_dynamic_shared: AtomicU32::new(max) }));
+        functions.push(Function { entry, host, max_dynamic_shared: AtomicU32::new(max) });
     }
     // The reverse: a kernel of the same source file that the PTX lacks.
     let files: Vec<&str> = functions.iter().map(|f| f.host.file()).collect();
@@ -856,7 +857,7 @@ pub unsafe extern "C" fn cuModuleGetFunction(
         let name = name.to_string_lossy();
         match m.functions.iter().find(|f| f.entry.name == name) {
             Some(f) => {
-                unsafe { *function = &**f as *const Function as *mut c_void };
+                unsafe { *function = f as *const Function as *mut c_void };
                 CUDA_SUCCESS
             }
             None => CUDA_ERROR_NOT_FOUND,
