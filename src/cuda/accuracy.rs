@@ -4,11 +4,11 @@
 //! Kernels: `kernels/accuracy.cu`.
 
 use anyhow::{Result, anyhow, ensure};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
 use super::context::Gpu;
 use super::cross_entropy::DeviceLabels;
-use super::launch::{addr, blocks, check_len, config, int, launched};
+use super::launch::{KernelArgs, addr, blocks, check_len, config, int, launched};
 
 /// Writes each row's argmax into `preds` `[T, rows]` (when given) and the count of rows whose
 /// argmax equals the label into `correct` `[T]` (zeroed first).
@@ -44,7 +44,7 @@ pub fn argmax_accuracy(
     let (bi, ci) = (int("rows", b)?, int("classes", c)?);
     let (ls, ys, ps) = (logit_stride as u64, labels.stride as u64, b as u64);
     let cfg = config(blocks(b, 128), trials, 1, 128, 0)?;
-    let mut bld = s.launch_builder(&f);
+    let mut bld = KernelArgs::new(&f);
     bld.arg(&pp).arg(&pc).arg(&px).arg(&py).arg(&bi).arg(&ci).arg(&ls).arg(&ys).arg(&ps);
-    launched("argmax_accuracy_f32", unsafe { bld.launch(cfg) }.map(|_| ()))
+    launched("argmax_accuracy_f32", unsafe { bld.launch(s, cfg) })
 }

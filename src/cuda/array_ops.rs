@@ -4,7 +4,7 @@
 //! against `cpu::bert`; tests/gpu_array.rs checks this against `CpuOps` on a GPU.
 
 use anyhow::{Result, anyhow, ensure};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
 use super::attention::{AttnDropout, AttnShape, DeviceAttnSeqs, attention_backward, attention_forward};
 use super::bias::{BiasShape, bias_add, bias_backward};
@@ -14,7 +14,7 @@ use super::dropout::{DeviceRng, DropoutShape, dropout};
 use super::embedding::{DeviceTokens, EmbeddingTables, embedding_backward, embedding_forward};
 use super::gelu::{bias_gelu_forward, gelu_backward};
 use super::gemm::gemm_trials;
-use super::launch::{addr, blocks, config, int, launched};
+use super::launch::{KernelArgs, addr, blocks, config, int, launched};
 use super::layernorm::{LayerNormShape, layernorm_backward, layernorm_forward};
 use super::optimizer::{GradNorm, TrialSteps, adamw};
 use crate::cpu::adamw::AdamW;
@@ -121,13 +121,13 @@ impl CudaOps {
             None => (0, None),
         };
         let nu = n as u64;
-        let mut b = s.launch_builder(&f);
+        let mut b = KernelArgs::new(&f);
         b.arg(&py);
         if x.is_some() {
             b.arg(&px);
         }
         b.arg(&nu);
-        launched(name, unsafe { b.launch(config(blocks(n, 256), 1, 1, 256, 0)?) }.map(|_| ()))
+        launched(name, unsafe { b.launch(s, config(blocks(n, 256), 1, 1, 256, 0)?) })
     }
 
     /// gather_rows / scatter_add_rows over the tick's [CLS] rows.
@@ -160,12 +160,9 @@ impl CudaOps {
         } else {
             (dst_stride as u64, src_stride as u64)
         };
-        let mut b = s.launch_builder(&f);
+        let mut b = KernelArgs::new(&f);
         b.arg(&pd).arg(&ps).arg(&pr).arg(&b_).arg(&hi).arg(&s1).arg(&s2);
-        launched(
-            name,
-            unsafe { b.launch(config(blocks(lt.seqs * h, 256), lt.trials, 1, 256, 0)?) }.map(|_| ()),
-        )
+        launched(name, unsafe { b.launch(s, config(blocks(lt.seqs * h, 256), lt.trials, 1, 256, 0)?) })
     }
 }
 
@@ -445,12 +442,11 @@ impl ArrayOps for CudaOps {
             let (pd, _g0) = addr(d, 0, s);
             let (pv, _g1) = addr(&tick.real_seqs, 0, s);
             let (bi, ci, stride) = (int("sequences", b)?, int("classes", c)?, (b * c) as u64);
-            let mut l = s.launch_builder(&f);
+            let mut l = KernelArgs::new(&f);
             l.arg(&pd).arg(&pv).arg(&bi).arg(&ci).arg(&stride);
-            launched(
-                "zero_rows_from_f32",
-                unsafe { l.launch(config(blocks(b * c, 256), t, 1, 256, 0)?) }.map(|_| ()),
-            )?;
+            launched("zero_rows_from_f32", unsafe {
+                l.launch(s, config(blocks(b * c, 256), t, 1, 256, 0)?)
+            })?;
         }
         Ok(())
     }
@@ -493,12 +489,9 @@ impl ArrayOps for CudaOps {
             let (pg, _g0) = addr(grads, 0, s);
             let (pc, _g1) = addr(&norm.clip_coef, 0, s);
             let (pu, su) = (p as u64, p as u64);
-            let mut b = s.launch_builder(&f);
+            let mut b = KernelArgs::new(&f);
             b.arg(&pg).arg(&pc).arg(&pu).arg(&su);
-            launched(
-                "clip_grads",
-                unsafe { b.launch(config(blocks(p, 256), trials, 1, 256, 0)?) }.map(|_| ()),
-            )?;
+            launched("clip_grads", unsafe { b.launch(s, config(blocks(p, 256), trials, 1, 256, 0)?) })?;
         }
         // AdamW: one launch per distinct (β1, β2, ε); slots that do not step (or diverged) get
         // step 0, which the kernel skips.

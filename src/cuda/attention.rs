@@ -7,11 +7,11 @@
 //! Kernels: `kernels/attention.cu` (head sizes 32 and 64).
 
 use anyhow::{Result, anyhow, ensure};
-use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+use cudarc::driver::{CudaSlice, DeviceRepr};
 
 use super::context::Gpu;
 use super::dropout::{DeviceRng, threshold_and_scale};
-use super::launch::{Act, addr, check_len, config, int, launched};
+use super::launch::{Act, KernelArgs, addr, check_len, config, int, launched};
 use crate::cpu::bert::AttnSeq;
 
 /// Query rows per block (4 warps × 4 rows) and key rows per block in the dk/dv kernel.
@@ -208,10 +208,10 @@ pub fn attention_forward<A: Act>(
     let (ps, _g5) = addr(&seqs.buf, 0, s);
     let (pr, _g6) = addr(&rng.buf, 0, s);
     let cfg = config((seqs.max_q.div_ceil(BLOCK_ROWS)) as u64, seqs.count * seqs.heads, sh.trials, 128, 0)?;
-    let mut b = s.launch_builder(&f);
+    let mut b = KernelArgs::new(&f);
     b.arg(&pc).arg(&pl).arg(&pq).arg(&pk).arg(&pv).arg(&ps).arg(&pr).arg(&c.heads).arg(&c.scale).arg(&c.drop);
     b.arg(&c.strides[0]).arg(&c.strides[1]).arg(&c.strides[2]).arg(&c.strides[3]);
-    launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))
+    launched(&name, unsafe { b.launch(s, cfg) })
 }
 
 /// Gradients of `attention_forward`: dq (overwritten), dk and dv (zeroed first, so key rows
@@ -264,19 +264,19 @@ pub fn attention_backward<A: Act>(
     // dq first: it also writes delta, which the dk/dv kernel reads.
     let name = format!("attention_dq_{}", c.suffix);
     let f = gpu.function("attention", &name)?;
-    let mut b = s.launch_builder(&f);
+    let mut b = KernelArgs::new(&f);
     b.arg(&pdq).arg(&pdl).arg(&pq).arg(&pk).arg(&pv).arg(&pc).arg(&pdc).arg(&pl).arg(&ps).arg(&pr);
     b.arg(&c.heads).arg(&c.scale).arg(&c.drop);
     b.arg(&c.strides[0]).arg(&c.strides[1]).arg(&c.strides[2]).arg(&c.strides[3]);
     let cfg = config(seqs.max_q.div_ceil(BLOCK_ROWS) as u64, y, sh.trials, 128, 0)?;
-    launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))?;
+    launched(&name, unsafe { b.launch(s, cfg) })?;
 
     let name = format!("attention_dkdv_{}", c.suffix);
     let f = gpu.function("attention", &name)?;
-    let mut b = s.launch_builder(&f);
+    let mut b = KernelArgs::new(&f);
     b.arg(&pdk).arg(&pdv).arg(&pq).arg(&pk).arg(&pv).arg(&pdc).arg(&pl).arg(&pdl).arg(&ps).arg(&pr);
     b.arg(&c.heads).arg(&c.scale).arg(&c.drop);
     b.arg(&c.strides[0]).arg(&c.strides[1]).arg(&c.strides[2]).arg(&c.strides[3]);
     let cfg = config(seqs.max_k.div_ceil(BLOCK_ROWS) as u64, y, sh.trials, 128, 0)?;
-    launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))
+    launched(&name, unsafe { b.launch(s, cfg) })
 }

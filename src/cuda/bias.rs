@@ -5,10 +5,10 @@
 //! Kernels: `kernels/bias.cu`; `gelu.rs` fuses the FFN's bias with its GELU.
 
 use anyhow::Result;
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
 use super::context::Gpu;
-use super::launch::{Act, addr, blocks, check_len, config, int, launched};
+use super::launch::{Act, KernelArgs, addr, blocks, check_len, config, int, launched};
 
 /// A `[T, rows, width]` activation (`act_stride` between trials) and its bias at `bias` inside
 /// each trial's `[P]` parameter or gradient buffer (`param_stride`).
@@ -52,9 +52,9 @@ pub fn bias_add<A: Act>(
     let (n, m) = (int("rows", sh.rows)?, int("width", sh.width)?);
     let (as_, ps) = (sh.act_stride as u64, sh.param_stride as u64);
     let cfg = config(blocks(sh.rows * sh.width, 256), sh.trials, 1, 256, 0)?;
-    let mut b = s.launch_builder(&f);
+    let mut b = KernelArgs::new(&f);
     b.arg(&py).arg(&pb).arg(&n).arg(&m).arg(&as_).arg(&ps);
-    launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))
+    launched(&name, unsafe { b.launch(s, cfg) })
 }
 
 /// grads[bias] += Σ rows of dy.
@@ -73,7 +73,7 @@ pub fn bias_backward<A: Act>(
     let (n, m) = (int("rows", sh.rows)?, int("width", sh.width)?);
     let (as_, ps) = (sh.act_stride as u64, sh.param_stride as u64);
     let cfg = config(blocks(sh.rows, 32), sh.trials, 1, 256, 0)?;
-    let mut b = s.launch_builder(&f);
+    let mut b = KernelArgs::new(&f);
     b.arg(&pg).arg(&pd).arg(&n).arg(&m).arg(&as_).arg(&ps);
-    launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))
+    launched(&name, unsafe { b.launch(s, cfg) })
 }

@@ -5,10 +5,10 @@
 //! Kernels: `kernels/cross_entropy.cu`.
 
 use anyhow::{Result, anyhow, bail, ensure};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
 use super::context::Gpu;
-use super::launch::{addr, blocks, check_len, config, int, launched};
+use super::launch::{KernelArgs, addr, blocks, check_len, config, int, launched};
 
 /// Labels `[T, rows]` (or `[rows]` for every trial), each checked against the label count.
 pub struct DeviceLabels {
@@ -88,7 +88,7 @@ pub fn softmax_cross_entropy(
     let (bi, ci) = (int("rows", b)?, int("classes", c)?);
     let (ls, ys) = (logit_stride as u64, labels.stride as u64);
     let cfg = config(blocks(b, 128), trials, 1, 128, 0)?;
-    let mut bld = s.launch_builder(&f);
+    let mut bld = KernelArgs::new(&f);
     bld.arg(&pl).arg(&pd).arg(&px).arg(&py).arg(&ps).arg(&bi).arg(&ci).arg(&ls).arg(&ys).arg(&loss_stride);
-    launched("softmax_cross_entropy_f32", unsafe { bld.launch(cfg) }.map(|_| ()))
+    launched("softmax_cross_entropy_f32", unsafe { bld.launch(s, cfg) })
 }

@@ -4,10 +4,10 @@
 //! Kernels: `kernels/dropout.cu`, generator in `kernels/philox.cuh`.
 
 use anyhow::{Result, anyhow, ensure};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
 use super::context::Gpu;
-use super::launch::{Act, addr, blocks, check_len, config, launched};
+use super::launch::{Act, KernelArgs, addr, blocks, check_len, config, launched};
 use crate::cpu::philox::DropoutRng;
 
 /// Each trial's generator `[T]` on the device (seed lo, seed hi, stream, step: `DropoutState`).
@@ -76,7 +76,7 @@ pub fn dropout<A: Act>(
     let (pr, _g2) = addr(&rng.buf, 0, s);
     let (site, base, n, stride) = (sh.site, sh.base as u64, sh.n as u64, sh.stride as u64);
     let cfg = config(blocks(sh.n, 256), sh.trials, 1, 256, 0)?;
-    let mut b = s.launch_builder(&f);
+    let mut b = KernelArgs::new(&f);
     b.arg(&po).arg(&px).arg(&pr).arg(&threshold).arg(&scale).arg(&site).arg(&base).arg(&n).arg(&stride);
-    launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))
+    launched(&name, unsafe { b.launch(s, cfg) })
 }

@@ -4,10 +4,10 @@
 //! Kernels: `kernels/embedding.cu`.
 
 use anyhow::{Result, ensure};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
 use super::context::Gpu;
-use super::launch::{Act, addr, blocks, check_len, config, int, launched};
+use super::launch::{Act, KernelArgs, addr, blocks, check_len, config, int, launched};
 use crate::cpu::bert::Sequence;
 use crate::model::layout::ParamLayout;
 
@@ -145,10 +145,10 @@ pub fn embedding_forward<A: Act>(
     let (wo, poo, to) = (tb.word as u64, tb.position as u64, tb.token_type as u64);
     let (os, ps, ts) = (out_stride as u64, param_stride as u64, tokens.stride as u64);
     let cfg = config(blocks(n * h, 256), trials, 1, 256, 0)?;
-    let mut b = s.launch_builder(&f);
+    let mut b = KernelArgs::new(&f);
     b.arg(&po).arg(&pp).arg(&pi).arg(&pt).arg(&ppos).arg(&ni).arg(&hi).arg(&wo).arg(&poo).arg(&to);
     b.arg(&os).arg(&ps).arg(&ts);
-    launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))
+    launched(&name, unsafe { b.launch(s, cfg) })
 }
 
 /// Scatter-adds d `[T, rows, H]` into the word, position and token-type rows of `grads`
@@ -185,8 +185,8 @@ pub fn embedding_backward<A: Act>(
     let (wo, poo, to) = (tb.word as u64, tb.position as u64, tb.token_type as u64);
     let (ds, gs, ts) = (d_stride as u64, grad_stride as u64, tokens.stride as u64);
     let cfg = config(blocks(n * h, 256), trials, 1, 256, 0)?;
-    let mut b = s.launch_builder(&f);
+    let mut b = KernelArgs::new(&f);
     b.arg(&pg).arg(&pd).arg(&pi).arg(&pt).arg(&ppos).arg(&ni).arg(&hi).arg(&pad).arg(&wo).arg(&poo);
     b.arg(&to).arg(&ds).arg(&gs).arg(&ts);
-    launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))
+    launched(&name, unsafe { b.launch(s, cfg) })
 }

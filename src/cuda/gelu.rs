@@ -5,11 +5,11 @@
 //! Kernels: `kernels/gelu.cu`.
 
 use anyhow::Result;
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
 use super::bias::BiasShape;
 use super::context::Gpu;
-use super::launch::{Act, addr, blocks, check_len, config, int, launched};
+use super::launch::{Act, KernelArgs, addr, blocks, check_len, config, int, launched};
 
 /// x += bias in place (x becomes the pre-activation the backward reads), act = gelu(x).
 pub fn bias_gelu_forward<A: Act>(
@@ -31,9 +31,9 @@ pub fn bias_gelu_forward<A: Act>(
     let (n, m) = (int("rows", sh.rows)?, int("width", sh.width)?);
     let (as_, ps) = (sh.act_stride as u64, sh.param_stride as u64);
     let cfg = config(blocks(sh.rows * sh.width, 256), sh.trials, 1, 256, 0)?;
-    let mut b = s.launch_builder(&f);
+    let mut b = KernelArgs::new(&f);
     b.arg(&px).arg(&pa).arg(&px).arg(&pb).arg(&n).arg(&m).arg(&as_).arg(&ps);
-    launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))
+    launched(&name, unsafe { b.launch(s, cfg) })
 }
 
 /// dx = dy · gelu'(pre) (overwrites dx); with `grads`, the bias gradient Σ rows dx is added at
@@ -69,7 +69,7 @@ pub fn gelu_backward<A: Act>(
     let (n, m) = (int("rows", sh.rows)?, int("width", sh.width)?);
     let (as_, ps) = (sh.act_stride as u64, sh.param_stride as u64);
     let cfg = config(blocks(sh.rows, 32), sh.trials, 1, 256, 0)?;
-    let mut b = s.launch_builder(&f);
+    let mut b = KernelArgs::new(&f);
     b.arg(&pdx).arg(&pg).arg(&pp).arg(&pd).arg(&n).arg(&m).arg(&as_).arg(&ps);
-    launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))
+    launched(&name, unsafe { b.launch(s, cfg) })
 }

@@ -3,7 +3,8 @@
 
 use anyhow::{Result, anyhow, ensure};
 use cudarc::driver::{
-    CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, SyncOnDrop, ValidAsZeroBits,
+    CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError, LaunchConfig, SyncOnDrop,
+    ValidAsZeroBits,
 };
 
 /// An activation storage type: fp32, or bf16 for the bf16 compute mode (arithmetic stays fp32;
@@ -90,4 +91,69 @@ pub fn blocks(n: usize, block: u32) -> u64 {
 /// Turns a driver error into one that names the kernel.
 pub fn launched(name: &str, r: std::result::Result<(), cudarc::driver::DriverError>) -> Result<()> {
     r.map_err(|e| anyhow!("launching {name} failed: {e:?}"))
+}
+
+/// A kernel's arguments packed into one parameter buffer as CUDA lays one out (each value at the
+/// next multiple of its own alignment, in order), launched with `CU_LAUNCH_PARAM_BUFFER_POINTER`
+/// and `CU_LAUNCH_PARAM_BUFFER_SIZE`. The driver then knows how many bytes the launcher passed and
+/// refuses a buffer that does not match the kernel's parameters — an `int` where the kernel takes
+/// a `u64`, or an argument too few — instead of reading past what was passed.
+pub struct KernelArgs<'a> {
+    function: &'a CudaFunction,
+    buffer: Vec<u8>,
+}
+
+impl<'a> KernelArgs<'a> {
+    pub fn new(function: &'a CudaFunction) -> Self {
+        KernelArgs { function, buffer: Vec::with_capacity(128) }
+    }
+
+    /// Appends one argument: a device address (`u64`), a scalar, or a `#[repr(C)]` struct of them.
+    pub fn arg<T: DeviceRepr>(&mut self, value: &T) -> &mut Self {
+        let align = std::mem::align_of::<T>();
+        self.buffer.resize(self.buffer.len().next_multiple_of(align), 0);
+        // SAFETY: DeviceRepr types are plain `#[repr(C)]` values; the ones launched here (integers,
+        // floats, structs of 4-byte fields) have no padding, so every byte read is initialised.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(value as *const T as *const u8, std::mem::size_of::<T>()) };
+        self.buffer.extend_from_slice(bytes);
+        self
+    }
+
+    /// Enqueues the kernel on `stream`.
+    ///
+    /// # Safety
+    /// The arguments must be what the kernel's signature declares, and every device address in
+    /// them must stay valid until the kernel has run.
+    pub unsafe fn launch(&self, stream: &CudaStream, cfg: LaunchConfig) -> Result<(), DriverError> {
+        use std::ffi::c_void;
+        stream.context().bind_to_thread()?;
+        let mut size = self.buffer.len();
+        // cuLaunchKernel's `extra`: (key, value) pairs closed by CU_LAUNCH_PARAM_END (keys 1, 2, 0).
+        let mut extra: [*mut c_void; 5] = [
+            1 as *mut c_void,
+            self.buffer.as_ptr() as *mut c_void,
+            2 as *mut c_void,
+            &mut size as *mut usize as *mut c_void,
+            std::ptr::null_mut(),
+        ];
+        let (g, b) = (cfg.grid_dim, cfg.block_dim);
+        // SAFETY: the caller's contract; `extra` and the buffer outlive the call, which copies them.
+        unsafe {
+            cudarc::driver::sys::cuLaunchKernel(
+                self.function.cu_function(),
+                g.0,
+                g.1,
+                g.2,
+                b.0,
+                b.1,
+                b.2,
+                cfg.shared_mem_bytes,
+                stream.cu_stream(),
+                std::ptr::null_mut(),
+                extra.as_mut_ptr(),
+            )
+        }
+        .result()
+    }
 }

@@ -5,10 +5,10 @@
 //! Kernels: `kernels/layernorm.cu`.
 
 use anyhow::{Result, ensure};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
 use super::context::Gpu;
-use super::launch::{Act, addr, blocks, check_len, config, int, launched};
+use super::launch::{Act, KernelArgs, addr, blocks, check_len, config, int, launched};
 
 /// Rows and widths of one LayerNorm launch. Activations (x, residual, y, xhat, dy, dx) are
 /// `[T, rows, hidden]` with `act_stride` between trials; rstd is `[T, rows]` (`row_stride`);
@@ -82,10 +82,10 @@ pub fn layernorm_forward<A: Act>(
     let (n, h) = (int("rows", sh.rows)?, int("hidden", sh.hidden)?);
     let (as_, rs, ps) = (sh.act_stride as u64, sh.row_stride as u64, sh.param_stride as u64);
     let cfg = config(blocks(sh.rows, 4), sh.trials, 1, 128, 0)?;
-    let mut b = s.launch_builder(&f);
+    let mut b = KernelArgs::new(&f);
     b.arg(&py).arg(&pxh).arg(&prs).arg(&px).arg(&pr).arg(&pg).arg(&pb).arg(&epsf).arg(&n).arg(&h);
     b.arg(&as_).arg(&rs).arg(&ps);
-    launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))
+    launched(&name, unsafe { b.launch(s, cfg) })
 }
 
 /// dx = LN backward of dy (overwrites dx); dγ and dβ are added into `grads` at the same offsets
@@ -128,8 +128,8 @@ pub fn layernorm_backward<A: Act>(
         sh.hidden
     );
     let cfg = config(blocks(sh.rows, 32), sh.trials, 1, 128, shared)?;
-    let mut b = s.launch_builder(&f);
+    let mut b = KernelArgs::new(&f);
     b.arg(&pdx).arg(&pdg).arg(&pdb).arg(&pdy).arg(&pxh).arg(&prs).arg(&pg).arg(&n).arg(&h);
     b.arg(&as_).arg(&rs).arg(&ps);
-    launched(&name, unsafe { b.launch(cfg) }.map(|_| ()))
+    launched(&name, unsafe { b.launch(s, cfg) })
 }

@@ -4,10 +4,10 @@
 //! Kernels: `kernels/optimizer.cu`.
 
 use anyhow::{Result, anyhow, ensure};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
 use super::context::Gpu;
-use super::launch::{addr, blocks, check_len, config, launched};
+use super::launch::{KernelArgs, addr, blocks, check_len, config, launched};
 use crate::cpu::adamw::AdamW;
 
 /// Blocks per trial in the first pass of the norm.
@@ -56,24 +56,24 @@ impl GradNorm {
         let (pg, _g1) = addr(grads, 0, s);
         let (pu, su) = (p as u64, stride as u64);
         let f = gpu.function("optimizer", "grad_sumsq_partial")?;
-        let mut b = s.launch_builder(&f);
+        let mut b = KernelArgs::new(&f);
         b.arg(&pp).arg(&pg).arg(&pu).arg(&su);
-        launched("grad_sumsq_partial", unsafe { b.launch(config(nb as u64, t, 1, 256, 0)?) }.map(|_| ()))?;
+        launched("grad_sumsq_partial", unsafe { b.launch(s, config(nb as u64, t, 1, 256, 0)?) })?;
 
         let (pn, _g2) = addr(&self.norm, 0, s);
         let (pc, _g3) = addr(&self.clip_coef, 0, s);
         let nbi = nb as i32;
         let mx = max_norm.unwrap_or(f64::INFINITY);
         let f = gpu.function("optimizer", "grad_norm_finish")?;
-        let mut b = s.launch_builder(&f);
+        let mut b = KernelArgs::new(&f);
         b.arg(&pn).arg(&pc).arg(&pp).arg(&nbi).arg(&mx);
-        launched("grad_norm_finish", unsafe { b.launch(config(1, t, 1, 256, 0)?) }.map(|_| ()))?;
+        launched("grad_norm_finish", unsafe { b.launch(s, config(1, t, 1, 256, 0)?) })?;
 
         if max_norm.is_some() {
             let f = gpu.function("optimizer", "clip_grads")?;
-            let mut b = s.launch_builder(&f);
+            let mut b = KernelArgs::new(&f);
             b.arg(&pg).arg(&pc).arg(&pu).arg(&su);
-            launched("clip_grads", unsafe { b.launch(config(blocks(p, 256), t, 1, 256, 0)?) }.map(|_| ()))?;
+            launched("clip_grads", unsafe { b.launch(s, config(blocks(p, 256), t, 1, 256, 0)?) })?;
         }
         Ok(())
     }
@@ -132,8 +132,8 @@ pub fn adamw(
     let (pst, _g7) = addr(&st, 0, s);
     let (b1, b2, eps, pu, su) = (adam.beta1, adam.beta2, adam.eps, p as u64, stride as u64);
     let cfg = config(blocks(p, 256).min(4096), t, 1, 256, 0)?;
-    let mut b = s.launch_builder(&f);
+    let mut b = KernelArgs::new(&f);
     b.arg(&pp).arg(&pg).arg(&pm).arg(&pv).arg(&pd).arg(&plr).arg(&pwd).arg(&pst).arg(&b1).arg(&b2).arg(&eps);
     b.arg(&pu).arg(&su);
-    launched("adamw", unsafe { b.launch(cfg) }.map(|_| ()))
+    launched("adamw", unsafe { b.launch(s, cfg) })
 }

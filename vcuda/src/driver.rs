@@ -7,7 +7,9 @@
 //! when a PTX entry has no host twin, a host kernel of the same file has no PTX entry, or their
 //! parameter lists differ in count or size. A launch enforces the hardware's limits (block ≤ 1024
 //! threads, grid y/z ≤ 65535, static shared ≤ 48 KB, dynamic shared above 48 KB only after
-//! cuFuncSetAttribute), checks that every pointer parameter is device memory, runs every block
+//! cuFuncSetAttribute), takes the arguments as `kernelParams` or as one packed buffer whose size
+//! must be exactly the kernel's (`extra`, as hpo-gpu's launchers pass them), checks that every
+//! pointer parameter is device memory, runs every block
 //! (runtime/scheduler.cpp), then checks every allocation's guard zones.
 //!
 //! Failures print one line to stderr starting `vcuda:` that names the kernel and the problem (the
@@ -944,6 +946,68 @@ fn check_config(
     Ok(())
 }
 
+const LAUNCH_PARAM_END: usize = 0;
+const LAUNCH_PARAM_BUFFER_POINTER: usize = 1;
+const LAUNCH_PARAM_BUFFER_SIZE: usize = 2;
+
+/// Offsets of a kernel's parameters in a packed parameter buffer (each at a multiple of its
+/// alignment, in order) and the buffer's size.
+fn param_layout(params: &[ptx::Param]) -> (Vec<usize>, usize) {
+    let mut offsets = Vec::with_capacity(params.len());
+    let mut end = 0usize;
+    for p in params {
+        let at = end.next_multiple_of(p.align.max(1) as usize);
+        offsets.push(at);
+        end = at + p.size as usize;
+    }
+    (offsets, end)
+}
+
+/// With `extra` (CU_LAUNCH_PARAM_BUFFER_POINTER/SIZE): one pointer per parameter into the packed
+/// buffer, after checking that its size is exactly what the kernel's parameters take. None when
+/// the parameters come as `kernelParams`.
+unsafe fn packed_params(
+    f: &Function,
+    kernel_params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> Result<Option<Vec<*mut c_void>>, String> {
+    if extra.is_null() {
+        return Ok(None);
+    }
+    if !kernel_params.is_null() {
+        return Err("both kernelParams and extra are given".into());
+    }
+    let (mut buffer, mut size) = (None, None);
+    let mut i = 0;
+    loop {
+        // SAFETY: `extra` is a key/value list closed by CU_LAUNCH_PARAM_END.
+        let key = unsafe { *extra.add(i) } as usize;
+        if key == LAUNCH_PARAM_END {
+            break;
+        }
+        let value = unsafe { *extra.add(i + 1) };
+        match key {
+            LAUNCH_PARAM_BUFFER_POINTER => buffer = Some(value as *mut u8),
+            LAUNCH_PARAM_BUFFER_SIZE => size = Some(unsafe { *(value as *const usize) }),
+            other => return Err(format!("unknown `extra` key {other:#x}")),
+        }
+        i += 2;
+    }
+    let (Some(buffer), Some(size)) = (buffer, size) else {
+        return Err(
+            "`extra` needs both CU_LAUNCH_PARAM_BUFFER_POINTER and CU_LAUNCH_PARAM_BUFFER_SIZE".into()
+        );
+    };
+    let (offsets, total) = param_layout(&f.entry.params);
+    if size != total {
+        let sizes: Vec<u32> = f.entry.params.iter().map(|p| p.size).collect();
+        return Err(format!(
+            "the launcher passed {size} bytes of arguments, but the kernel's parameters {sizes:?} take {total}"
+        ));
+    }
+    Ok(Some(offsets.iter().map(|&o| unsafe { buffer.add(o) } as *mut c_void).collect()))
+}
+
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuLaunchKernel(
     function: *mut c_void,
@@ -965,16 +1029,16 @@ pub unsafe extern "C" fn cuLaunchKernel(
         // SAFETY: made by cuModuleGetFunction; the module outlives its launches.
         let f = unsafe { &*(function as *const Function) };
         let name = f.entry.name.as_str();
-        if !extra.is_null() {
-            return failure(
-                CUDA_ERROR_NOT_SUPPORTED,
-                format!("{name}: launch `extra` parameters are not supported"),
-            );
-        }
         let (grid, block) = ([grid_x, grid_y, grid_z], [block_x, block_y, block_z]);
         if let Err(e) = check_config(f, grid, block, shared_mem_bytes) {
             return failure(CUDA_ERROR_INVALID_VALUE, format!("cuLaunchKernel: {e}"));
         }
+        // SAFETY: cuLaunchKernel's contract for `extra`.
+        let mut packed = match unsafe { packed_params(f, kernel_params, extra) } {
+            Ok(p) => p,
+            Err(e) => return failure(CUDA_ERROR_INVALID_VALUE, format!("cuLaunchKernel: {name}: {e}")),
+        };
+        let kernel_params = packed.as_mut().map_or(kernel_params, |p| p.as_mut_ptr());
         let count = f.host.param_sizes().len();
         if count > 0 && kernel_params.is_null() {
             return failure(

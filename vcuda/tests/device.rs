@@ -266,3 +266,51 @@ fn the_memory_cap_gives_out_of_memory() {
     assert_eq!(unsafe { cuMemFree_v2(p) }, CUDA_SUCCESS);
     unsafe { std::env::remove_var("VCUDA_MEMORY_BYTES") };
 }
+
+/// Arguments as one packed buffer (`extra`, as hpo-gpu's launchers pass them): laid out at each
+/// parameter's alignment, and refused when its size is not exactly the kernel's.
+#[test]
+fn packed_arguments_must_have_the_kernels_size() {
+    let m = selftest_module();
+    let sum = function(m, "selftest_block_sum");
+    let input: Vec<f32> = (0..64).map(|i| i as f32).collect();
+    let (inp, out) = (Buffer::new(&input), Buffer::new(&[f32::NAN]));
+    let launch_packed = |buffer: &mut Vec<u8>| {
+        let mut size = buffer.len();
+        let mut extra: [*mut c_void; 5] = [
+            1 as *mut c_void,
+            buffer.as_mut_ptr() as *mut c_void,
+            2 as *mut c_void,
+            &mut size as *mut usize as *mut c_void,
+            std::ptr::null_mut(),
+        ];
+        unsafe {
+            cuLaunchKernel(
+                sum,
+                1,
+                1,
+                1,
+                64,
+                1,
+                1,
+                0,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                extra.as_mut_ptr(),
+            )
+        }
+    };
+    // (u64 out, u64 in, int n): 20 bytes.
+    let mut buffer = [out.ptr.to_ne_bytes(), inp.ptr.to_ne_bytes()].concat();
+    buffer.extend_from_slice(&64i32.to_ne_bytes());
+    assert_eq!(launch_packed(&mut buffer.clone()), CUDA_SUCCESS);
+    assert_eq!(out.read(), vec![(0..64).sum::<i32>() as f32]);
+    // n passed as a u64: 24 bytes.
+    let mut wide = [out.ptr.to_ne_bytes(), inp.ptr.to_ne_bytes(), 64u64.to_ne_bytes()].concat();
+    assert_eq!(launch_packed(&mut wide), CUDA_ERROR_INVALID_VALUE);
+    let err = last_error().unwrap();
+    assert!(err.contains("selftest_block_sum: the launcher passed 24 bytes of arguments, but the kernel's parameters [8, 8, 4] take 20"), "{err}");
+    // One argument too few.
+    let mut short = buffer[..16].to_vec();
+    assert_eq!(launch_packed(&mut short), CUDA_ERROR_INVALID_VALUE);
+}
