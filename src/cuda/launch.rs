@@ -131,9 +131,9 @@ impl<'a> KernelArgs<'a> {
         let mut size = self.buffer.len();
         // cuLaunchKernel's `extra`: (key, value) pairs closed by CU_LAUNCH_PARAM_END (keys 1, 2, 0).
         let mut extra: [*mut c_void; 5] = [
-            1 as *mut c_void,
+            std::ptr::without_provenance_mut(1),
             self.buffer.as_ptr() as *mut c_void,
-            2 as *mut c_void,
+            std::ptr::without_provenance_mut(2),
             &mut size as *mut usize as *mut c_void,
             std::ptr::null_mut(),
         ];

@@ -278,9 +278,9 @@ fn packed_arguments_must_have_the_kernels_size() {
     let launch_packed = |buffer: &mut Vec<u8>| {
         let mut size = buffer.len();
         let mut extra: [*mut c_void; 5] = [
-            1 as *mut c_void,
+            std::ptr::without_provenance_mut(1),
             buffer.as_mut_ptr() as *mut c_void,
-            2 as *mut c_void,
+            std::ptr::without_provenance_mut(2),
             &mut size as *mut usize as *mut c_void,
             std::ptr::null_mut(),
         ];
