@@ -118,6 +118,8 @@ struct Launch {
     std::vector<unsigned char> dynamic_shared;
     // Bit i set: thread i is Ready (so the next thread to run is found with one bit scan).
     uint64_t ready[MAX_THREADS / 64] = {};
+    unsigned ready_words = 0;
+    bool lowest_first = true;  // which ready thread runs next: the lowest-numbered, or the highest
     void* scheduler_sp = nullptr;
     bool failed = false;
     std::string error;
@@ -170,6 +172,32 @@ void yield_to_scheduler() {
     vcuda_switch(&self->sp, current->scheduler_sp);
 }
 
+// The ready thread to run next, or -1.
+int next_ready(const Launch& l) {
+    if (l.lowest_first) {
+        for (unsigned w = 0; w < l.ready_words; ++w)
+            if (l.ready[w]) return (int)(w * 64 + __builtin_ctzll(l.ready[w]));
+    } else {
+        for (unsigned w = l.ready_words; w-- > 0;)
+            if (l.ready[w]) return (int)(w * 64 + 63 - __builtin_clzll(l.ready[w]));
+    }
+    return -1;
+}
+
+// The running thread waits or has exited: run the next ready thread directly (one switch, not
+// two through the scheduler), or go back to the scheduler when none is ready.
+void switch_away() {
+    Fiber* self = reinterpret_cast<Fiber*>(vcuda_self);
+    const int next = next_ready(*current);
+    if (next < 0) {
+        vcuda_switch(&self->sp, current->scheduler_sp);
+        return;
+    }
+    Fiber& f = current->fibers[next];
+    vcuda_self = &f.thread;
+    vcuda_switch(&self->sp, f.sp);
+}
+
 // Ends the launch with `message`; the calling fiber never runs again.
 [[noreturn]] void fail(const char* fmt, ...) {
     char b[1024];
@@ -204,7 +232,7 @@ extern "C" void vcuda_fiber_main() {
              thread_name(*self).c_str(), w.arrived, w.file, w.line, w.mask);
     // Exited threads leave a barrier: the others may now all be there.
     if (current->at_barrier > 0 && current->at_barrier == current->alive) release_barrier();
-    yield_to_scheduler();
+    switch_away();
     abort();  // unreachable: an exited fiber is never resumed
 }
 
@@ -224,7 +252,7 @@ extern "C" void vcuda_syncthreads(const char* file, int line) {
         return;
     }
     set_state(*self, State::AtBarrier);
-    yield_to_scheduler();
+    switch_away();
 }
 
 extern "C" unsigned long long vcuda_shuffle(unsigned mask, unsigned long long bits, int kind, int arg, int width,
@@ -265,7 +293,7 @@ extern "C" unsigned long long vcuda_shuffle(unsigned mask, unsigned long long bi
             }
     } else {
         set_state(*self, State::AtShuffle);
-        yield_to_scheduler();
+        switch_away();
     }
     const unsigned seg = lane & ~(unsigned)(width - 1);
     unsigned src = lane;
@@ -369,17 +397,12 @@ bool run_block(Launch& l) {
     // The lowest-numbered ready thread runs (the highest in odd blocks): a warp goes as far as it
     // can before the next one starts, so a missing barrier lets a thread read what threads after
     // it (or, in odd blocks, before it) have not written yet — shared memory starts as NaN bytes.
-    const bool reverse = (vcuda_block_idx.x + vcuda_block_idx.y + vcuda_block_idx.z) % 2 == 1;
-    const unsigned words = (nthreads + 63) / 64;
+    l.lowest_first = (vcuda_block_idx.x + vcuda_block_idx.y + vcuda_block_idx.z) % 2 == 0;
+    l.ready_words = (nthreads + 63) / 64;
     while (l.alive > 0) {
-        int next = -1;
-        if (!reverse) {
-            for (unsigned w = 0; w < words && next < 0; ++w)
-                if (l.ready[w]) next = (int)(w * 64 + __builtin_ctzll(l.ready[w]));
-        } else {
-            for (unsigned w = words; w-- > 0 && next < 0;)
-                if (l.ready[w]) next = (int)(w * 64 + 63 - __builtin_clzll(l.ready[w]));
-        }
+        // Threads hand over to each other directly (switch_away); the scheduler runs again when
+        // none is ready: the block has ended, failed or deadlocked.
+        const int next = next_ready(l);
         const bool progressed = next >= 0;
         if (progressed) {
             Fiber& f = l.fibers[next];
