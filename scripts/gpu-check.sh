@@ -53,6 +53,8 @@ run_bench() {  # the packed criterion bench $1, short measurement
 
 export -f run_tests run_bench
 export pack
+# On a GPU machine the GPU tests must run, not skip (a dry run here still reports skip reasons).
+if nvidia-smi -L >/dev/null 2>&1; then export HPO_GPU_REQUIRE_DEVICE=1; fi
 step kernels 120 run_tests gpu_kernels
 step array 90 run_tests gpu_array
 step bench_kernels 120 run_bench kernels

@@ -9,7 +9,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
-use super::{BUILT_WITH_NVCC, KERNEL_PTX};
+use super::KERNEL_PTX;
 
 /// One device with the kernels loaded. Launchers enqueue on `stream`; nothing waits for the GPU
 /// until a copy back to the host (or `synchronize`).
@@ -25,13 +25,7 @@ impl Gpu {
     /// Opens device 0 and loads every kernel module; refuses with the reason when this build has
     /// no kernels, the machine has no NVIDIA driver, or there is no usable device.
     pub fn new() -> Result<Gpu> {
-        if !BUILT_WITH_NVCC || KERNEL_PTX.is_empty() {
-            bail!("this hpo-gpu was built without CUDA kernels (nvcc was not found at build time)");
-        }
-        // cudarc panics instead of returning an error when libcuda cannot be loaded: check first.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            bail!("libcuda.so was not found: no NVIDIA driver on this machine");
-        }
+        super::prerequisites()?;
         let ctx = CudaContext::new(0).map_err(|e| anyhow!("no usable CUDA device: {e:?}"))?;
         let name = ctx.name().map_err(|e| anyhow!("cannot query the CUDA device: {e:?}"))?;
         let stream = ctx.default_stream();
