@@ -12,8 +12,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use hpo_gpu::study::storage::{NewTrial, Storage};
-use hpo_gpu::study::{FrozenTrial, StudyDirection, TrialState};
+use hpo_gpu::study::storage::Storage;
+use hpo_gpu::study::{FrozenTrial, TrialState};
 
 use common::running::{stop_after_start, with_default_signals};
 
@@ -53,23 +53,7 @@ const TRIALS: [(f64, i64); 4] = [(1e-3, 8), (1e10, 8), (3e-3, 16), (2e-4, 8)];
 /// A study in `dir` holding `enqueued` as WAITING trials with fixed parameters, and the search
 /// command that runs them on `device` (its learning-rate space allows the diverging value).
 fn enqueued_search(dir: &Path, enqueued: &[(f64, i64)], device: &str, slots: &str) -> (Command, String) {
-    std::fs::create_dir_all(dir).unwrap();
-    let space = dir.join("space.toml");
-    std::fs::write(
-        &space,
-        "[learning_rate]\ntype = \"float\"\nlow = 1e-5\nhigh = 1e12\nlog = true\n\n\
-         [per_device_train_batch_size]\ntype = \"categorical\"\nchoices = [8, 16]\n",
-    )
-    .unwrap();
-    let url = format!("sqlite:///{}", dir.join("study.db").display());
-    let mut storage = Storage::open(&url).unwrap();
-    let study = storage.create_study("s", StudyDirection::Maximize, false).unwrap();
-    for (lr, bs) in enqueued {
-        let mut t = NewTrial::new(TrialState::Waiting);
-        let fixed = format!("{{\"learning_rate\": {lr:e}, \"per_device_train_batch_size\": {bs}}}");
-        t.system_attrs.push(("fixed_params".into(), fixed));
-        storage.create_trial(study.study_id, &t).unwrap();
-    }
+    let (space, url) = common::enqueued_study(dir, "s", enqueued);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hpo-gpu"));
     with_default_signals(&mut cmd);
     cmd.args(["search", "--model"])

@@ -5,8 +5,8 @@ mod common;
 
 use std::path::Path;
 
-use hpo_gpu::study::storage::{NewTrial, Storage};
-use hpo_gpu::study::{FrozenTrial, StudyDirection, TrialState};
+use hpo_gpu::study::storage::Storage;
+use hpo_gpu::study::{FrozenTrial, TrialState};
 
 /// (learning rate, batch size) of each enqueued trial. A learning rate of 1e10 drives the tiny
 /// model's loss to NaN in its second optimizer step (10 or 1000 only make the loss large).
@@ -14,23 +14,7 @@ const HEALTHY: [(f64, i64); 3] = [(1e-3, 8), (3e-3, 16), (2e-4, 8)];
 const DIVERGING: (f64, i64) = (1e10, 8);
 
 fn run_study(dir: &Path, name: &str, trials: &[(f64, i64)]) -> Vec<FrozenTrial> {
-    std::fs::create_dir_all(dir).unwrap();
-    let space = dir.join("space.toml");
-    std::fs::write(
-        &space,
-        "[learning_rate]\ntype = \"float\"\nlow = 1e-5\nhigh = 1e12\nlog = true\n\n\
-         [per_device_train_batch_size]\ntype = \"categorical\"\nchoices = [8, 16]\n",
-    )
-    .unwrap();
-    let url = format!("sqlite:///{}", dir.join(format!("{name}.db")).display());
-    let mut storage = Storage::open(&url).unwrap();
-    let study = storage.create_study(name, StudyDirection::Maximize, false).unwrap();
-    for (lr, bs) in trials {
-        let mut t = NewTrial::new(TrialState::Waiting);
-        let fixed = format!("{{\"learning_rate\": {lr:e}, \"per_device_train_batch_size\": {bs}}}");
-        t.system_attrs.push(("fixed_params".into(), fixed));
-        storage.create_trial(study.study_id, &t).unwrap();
-    }
+    let (space, url) = common::enqueued_study(dir, name, trials);
     let healthy = trials.iter().filter(|t| **t != DIVERGING).count().to_string();
     let model = common::tiny_model(dir);
     let data = common::tiny_data(dir);

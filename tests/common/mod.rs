@@ -181,3 +181,29 @@ pub fn parquet_with_stalling_footer(maps: usize) -> Vec<u8> {
     file.extend(b"PAR1");
     file
 }
+
+/// A study `name` in `dir/<name>.db` holding `trials` ((learning rate, batch size) each) as
+/// WAITING trials with fixed parameters, and a search-space file whose learning-rate range
+/// admits them (up to 1e12: a diverging trial included). Returns (space file, storage URL).
+pub fn enqueued_study(dir: &Path, name: &str, trials: &[(f64, i64)]) -> (PathBuf, String) {
+    use hpo_gpu::study::storage::{NewTrial, Storage};
+    use hpo_gpu::study::{StudyDirection, TrialState};
+    std::fs::create_dir_all(dir).unwrap();
+    let space = dir.join("space.toml");
+    std::fs::write(
+        &space,
+        "[learning_rate]\ntype = \"float\"\nlow = 1e-5\nhigh = 1e12\nlog = true\n\n\
+         [per_device_train_batch_size]\ntype = \"categorical\"\nchoices = [8, 16]\n",
+    )
+    .unwrap();
+    let url = format!("sqlite:///{}", dir.join(format!("{name}.db")).display());
+    let mut storage = Storage::open(&url).unwrap();
+    let study = storage.create_study(name, StudyDirection::Maximize, false).unwrap();
+    for (lr, bs) in trials {
+        let mut t = NewTrial::new(TrialState::Waiting);
+        let fixed = format!("{{\"learning_rate\": {lr:e}, \"per_device_train_batch_size\": {bs}}}");
+        t.system_attrs.push(("fixed_params".into(), fixed));
+        storage.create_trial(study.study_id, &t).unwrap();
+    }
+    (space, url)
+}
