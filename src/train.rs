@@ -2,7 +2,7 @@
 //! semantics (mean loss over the batch, clip to global norm, AdamW, linear schedule), evaluation
 //! after every epoch, and the best epoch's weights kept.
 //!
-//! Trainer semantics reproduced by default (see DESIGN §3): the trial objective is the **last**
+//! Trainer semantics reproduced by default: the trial objective is the **last**
 //! evaluation's accuracy, and "load best model at end" without `metric_for_best_model` keeps the
 //! epoch with the **lowest eval loss**. `Objective::BestEpoch` and `BestBy::Accuracy` are the
 //! alternatives.

@@ -1,4 +1,4 @@
-//! The trial array (DESIGN §4): T trials of one architecture train side by side in "slots", with
+//! The trial array: T trials of one architecture train side by side in "slots", with
 //! parameters, gradients and Adam moments laid out `[T, P]`. This module is device independent:
 //!
 //! - [`ArrayBackend`] is what the scheduler needs from a device: load a slot, forward+backward one
