@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 
-use crate::cuda::{Device, checked_device, resolve_device};
+use crate::device::{Device, checked_device, resolve_device};
 use crate::model::BertModel;
 use crate::model::export::export_model;
 use crate::model::files::ModelFiles;

@@ -8,6 +8,7 @@ pub mod config;
 pub mod cpu;
 pub mod cuda;
 pub mod data;
+pub mod device;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hub;

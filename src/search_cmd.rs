@@ -11,8 +11,8 @@ use std::sync::Arc;
 use anyhow::{Result, bail};
 
 use crate::cli::HyperArgs;
-use crate::cuda::{Device, checked_device, resolve_device};
 use crate::data::batch::TokenizedSplit;
+use crate::device::{Device, checked_device, resolve_device};
 use crate::model::BertModel;
 use crate::pipeline::{ModelDataArgs, Prepared, initial_model, prepare};
 use crate::search::distributions::Distribution;

@@ -1,0 +1,55 @@
+//! Which device a command runs on: `--device auto|cpu|cuda`, resolved against what this machine
+//! and build can use, and the GPU's self-check before the first trial.
+
+use anyhow::{Result, bail};
+
+/// The compute device a command runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// The GPU when one is usable, else the CPU reference.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// Resolves `--device` to the backend that will run: `cuda` must be usable; `auto` takes the GPU
+/// when it is usable and falls back to the CPU otherwise (saying why on stderr).
+pub fn resolve_device(requested: Device) -> Result<Device> {
+    match requested {
+        Device::Cpu => Ok(Device::Cpu),
+        Device::Cuda => {
+            crate::cuda::availability().map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?;
+            Ok(Device::Cuda)
+        }
+        Device::Auto => match crate::cuda::availability() {
+            Err(why) => {
+                eprintln!("note: running on the CPU ({why})");
+                Ok(Device::Cpu)
+            }
+            Ok(name) => {
+                eprintln!("note: running on {name} (--device cpu for the CPU reference)");
+                Ok(Device::Cuda)
+            }
+        },
+    }
+}
+
+/// Runs the GPU self-check (`crate::cuda::self_check::tick_matches_host`) when `device` is the GPU: a mismatch
+/// stops `--device cuda` with the reason, and sends `--device auto` to the CPU with one line
+/// saying why. `head_dim` is the model's attention head size.
+pub fn checked_device(requested: Device, device: Device, head_dim: usize) -> Result<Device> {
+    if device != Device::Cuda {
+        return Ok(device);
+    }
+    let check = crate::cuda::context::Gpu::new()
+        .and_then(|gpu| crate::cuda::self_check::tick_matches_host(gpu, head_dim));
+    match (check, requested) {
+        (Ok(()), _) => Ok(Device::Cuda),
+        (Err(why), Device::Cuda) => bail!("--device cuda: {why:#}"),
+        (Err(why), _) => {
+            eprintln!("note: running on the CPU: {why:#}");
+            Ok(Device::Cpu)
+        }
+    }
+}
