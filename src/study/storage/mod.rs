@@ -1,0 +1,443 @@
+//! SQLite storage in exactly Optuna 5.0's RDB schema, so `optuna.load_study`, Optuna's plots and
+//! optuna-dashboard read our studies unchanged and we continue studies Python started.
+//!
+//! What "exactly" means here, checked against a database written by Optuna 5.0.0:
+//! - the same `CREATE` statements (SQLAlchemy's DDL text, so `sqlite3 .schema` matches), with
+//!   `version_info` = (1, 12, "5.0.0") and `alembic_version` = `v3.2.0.a`, so Optuna runs no
+//!   migration;
+//! - enums stored by name (`COMPLETE`, `MAXIMIZE`, `FINITE`/`INF_POS`/`INF_NEG`/`NAN`);
+//! - `distribution_json` byte-identical to `distribution_to_json`; categorical `param_value` is the
+//!   index of the choice; attributes are `json.dumps` text;
+//! - datetimes are naive UTC text `YYYY-MM-DD HH:MM:SS.ffffff`;
+//! - a trial's `number` is the count of the study's trials with a smaller `trial_id`, computed in
+//!   the transaction that inserts it.
+//!
+//! Concurrency: every write is one `BEGIN IMMEDIATE` transaction (the database write lock is taken
+//! up front, so two processes never both read a count and then both insert), the journal is WAL
+//! (with `synchronous=NORMAL`: durable across process crashes, and a power cut can only lose the
+//! last commits), and a 30 s busy timeout plus a few retries let several worker processes share
+//! one file.
+//!
+//! Heartbeats (`trial_heartbeats`) follow Optuna's RDBStorage: a RUNNING trial whose heartbeat is
+//! older than the grace period is stale; [`Storage::fail_stale_trials`] marks it FAIL and, like
+//! `RetryHeartbeatStaleTrialCallback`, re-queues its parameters as a WAITING trial carrying the
+//! system attributes `failed_trial` and `retry_history`. RUNNING trials without any heartbeat
+//! (from `ask`, or Python without heartbeats) are never considered stale, as in Optuna.
+//!
+//! Files: `database.rs` opens the database (URLs, schema, transactions), `trials.rs` writes the
+//! trial lifecycle, `heartbeat.rs` fails and re-queues stale trials, `rows.rs` decodes rows into
+//! trials; this file holds the types, the study operations and the (cached) trial reads.
+
+mod database;
+mod heartbeat;
+mod rows;
+mod trials;
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{Result, anyhow, bail};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::Value;
+
+use super::{FrozenTrial, StudyDirection, StudyRef, TrialState, UtcDateTime};
+use crate::search::distributions::Distribution;
+use crate::search::pyjson;
+use database::{exec, row};
+use rows::{TrialFilter, attrs_of, load_trials, study_directions};
+
+pub use database::{
+    ALEMBIC_VERSION, BUSY_TIMEOUT, LIBRARY_VERSION, SCHEMA_VERSION, StorageLocation,
+    check_database_directory, parse_storage_url,
+};
+pub use trials::check_distribution_compatibility;
+
+/// What a new trial starts with (Optuna's "template trial" of `create_new_trial`).
+#[derive(Clone, Debug)]
+pub struct NewTrial {
+    pub state: TrialState,
+    pub values: Option<Vec<f64>>,
+    pub datetime_start: Option<UtcDateTime>,
+    pub datetime_complete: Option<UtcDateTime>,
+    /// (name, internal value, distribution)
+    pub params: Vec<(String, f64, Distribution)>,
+    /// (key, JSON text as `json.dumps` writes it)
+    pub user_attrs: Vec<(String, String)>,
+    pub system_attrs: Vec<(String, String)>,
+    pub intermediate_values: Vec<(i64, f64)>,
+}
+
+impl NewTrial {
+    /// An empty trial in `state`, started now unless it is WAITING.
+    pub fn new(state: TrialState) -> Self {
+        NewTrial {
+            state,
+            values: None,
+            datetime_start: (state != TrialState::Waiting).then(UtcDateTime::now),
+            datetime_complete: state.is_finished().then(UtcDateTime::now),
+            params: Vec::new(),
+            user_attrs: Vec::new(),
+            system_attrs: Vec::new(),
+            intermediate_values: Vec::new(),
+        }
+    }
+}
+
+/// Result of [`Storage::start_trial`].
+#[derive(Clone, Debug)]
+pub enum StartOutcome {
+    /// A RUNNING trial: a popped WAITING trial (with its stored params) or a new one.
+    Started(FrozenTrial),
+    /// `finished + live running >= target`: nothing to start now.
+    TargetReached { finished: u64, running: u64 },
+}
+
+/// Per-state trial counts of a study.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrialCounts {
+    pub running: u64,
+    pub waiting: u64,
+    pub complete: u64,
+    pub pruned: u64,
+    pub fail: u64,
+}
+
+impl TrialCounts {
+    pub fn finished_ok(&self) -> u64 {
+        self.complete + self.pruned
+    }
+}
+
+/// A connection to one Optuna-schema SQLite database.
+pub struct Storage {
+    conn: Connection,
+    location: StorageLocation,
+    url: String,
+    /// Trials per study as last read. Finished trials never change (they cannot be updated),
+    /// so a refresh only reads new trials and the ones that were unfinished (Optuna's RDB
+    /// storage caches the same way).
+    cache: HashMap<i64, Vec<FrozenTrial>>,
+}
+
+impl Storage {
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn location(&self) -> &StorageLocation {
+        &self.location
+    }
+
+    // ----- studies -----
+
+    /// Creates a study, or with `load_if_exists` loads it (refusing a different direction).
+    pub fn create_study(
+        &mut self,
+        name: &str,
+        direction: StudyDirection,
+        load_if_exists: bool,
+    ) -> Result<StudyRef> {
+        if name.is_empty() || name.len() > 512 {
+            bail!("study name must be 1 to 512 bytes, got {} bytes", name.len());
+        }
+        let created = self.write(|tx| {
+            let existing: Option<i64> = tx
+                .query_row("SELECT study_id FROM studies WHERE study_name = ?1", [name], |r| r.get(0))
+                .optional()?;
+            if existing.is_some() {
+                return Ok(false);
+            }
+            exec(tx, "INSERT INTO studies (study_name) VALUES (?1)", [name])?;
+            let study_id = tx.last_insert_rowid();
+            exec(
+                tx,
+                "INSERT INTO study_directions (direction, study_id, objective) VALUES (?1, ?2, 0)",
+                params![direction.as_str(), study_id],
+            )?;
+            Ok(true)
+        })?;
+        let study = self.load_study(name)?;
+        if !created {
+            if !load_if_exists {
+                bail!(
+                    "a study named {name:?} already exists in {} (load it instead of creating it)",
+                    self.url
+                );
+            }
+            if study.directions != [direction] {
+                bail!(
+                    "study {name:?} in {} has direction {}, not {direction}",
+                    self.url,
+                    study.directions.iter().map(|d| d.as_str()).collect::<Vec<_>>().join(", ")
+                );
+            }
+        }
+        Ok(study)
+    }
+
+    /// Loads a study by name; the error lists the studies that exist.
+    pub fn load_study(&mut self, name: &str) -> Result<StudyRef> {
+        let url = self.url.clone();
+        self.read(|tx| {
+            let id: Option<i64> = tx
+                .query_row("SELECT study_id FROM studies WHERE study_name = ?1", [name], |r| r.get(0))
+                .optional()?;
+            let Some(study_id) = id else {
+                let names: Vec<String> = tx
+                    .prepare_cached("SELECT study_name FROM studies ORDER BY study_id")?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                if names.is_empty() {
+                    bail!("no study named {name:?} in {url} (the storage has no studies)");
+                }
+                bail!("no study named {name:?} in {url} (studies: {})", names.join(", "));
+            };
+            Ok(StudyRef { study_id, name: name.to_string(), directions: study_directions(tx, study_id)? })
+        })
+    }
+
+    /// All studies, in creation order.
+    pub fn studies(&mut self) -> Result<Vec<StudyRef>> {
+        self.read(|tx| {
+            let rows: Vec<(i64, String)> = tx
+                .prepare_cached("SELECT study_id, study_name FROM studies ORDER BY study_id")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            rows.into_iter()
+                .map(|(study_id, name)| {
+                    Ok(StudyRef { study_id, name, directions: study_directions(tx, study_id)? })
+                })
+                .collect()
+        })
+    }
+
+    /// Sets a study user attribute (`json.dumps(value)` text).
+    pub fn set_study_user_attr(&mut self, study_id: i64, key: &str, value: &Value) -> Result<()> {
+        let json = pyjson::dumps(value);
+        self.write(|tx| {
+            exec(
+                tx,
+                "INSERT INTO study_user_attributes (study_id, \"key\", value_json) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (study_id, \"key\") DO UPDATE SET value_json = excluded.value_json",
+                params![study_id, key, json],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn study_user_attrs(&mut self, study_id: i64) -> Result<BTreeMap<String, Value>> {
+        self.read(|tx| {
+            attrs_of(
+                tx,
+                "SELECT \"key\", value_json FROM study_user_attributes WHERE study_id = ?1",
+                study_id,
+            )
+        })
+    }
+
+    pub fn study_system_attrs(&mut self, study_id: i64) -> Result<BTreeMap<String, Value>> {
+        self.read(|tx| {
+            attrs_of(
+                tx,
+                "SELECT \"key\", value_json FROM study_system_attributes WHERE study_id = ?1",
+                study_id,
+            )
+        })
+    }
+
+    // ----- trials: reads -----
+
+    /// One trial by its database id.
+    pub fn trial(&mut self, trial_id: i64) -> Result<FrozenTrial> {
+        let mut trials = self.read(|tx| load_trials(tx, TrialFilter::Id(trial_id)))?;
+        trials.pop().ok_or_else(|| anyhow!("no trial with trial_id {trial_id}"))
+    }
+
+    /// One trial by its number within a study.
+    pub fn trial_by_number(&mut self, study: &StudyRef, number: u64) -> Result<FrozenTrial> {
+        let id: Option<i64> = self.read(|tx| {
+            Ok(tx
+                .query_row(
+                    "SELECT trial_id FROM trials WHERE study_id = ?1 AND number = ?2",
+                    params![study.study_id, number as i64],
+                    |r| r.get(0),
+                )
+                .optional()?)
+        })?;
+        match id {
+            Some(id) => self.trial(id),
+            None => bail!("study {:?} has no trial number {number}", study.name),
+        }
+    }
+
+    /// All trials of a study ordered by `trial_id` (= by number), optionally only some states.
+    pub fn trials(&mut self, study_id: i64, states: Option<&[TrialState]>) -> Result<Vec<FrozenTrial>> {
+        let all = self.study_trials(study_id)?;
+        Ok(match states {
+            Some(states) => all.iter().filter(|t| states.contains(&t.state)).cloned().collect(),
+            None => all.to_vec(),
+        })
+    }
+
+    /// All trials of a study ordered by `trial_id`, borrowed from the cache after bringing it up
+    /// to date: only trials added since the last read and those that were unfinished are read.
+    pub fn study_trials(&mut self, study_id: i64) -> Result<&[FrozenTrial]> {
+        let cached = self.cache.remove(&study_id).unwrap_or_default();
+        let after = cached.iter().map(|t| t.trial_id).max().unwrap_or(0);
+        let unfinished: Vec<i64> =
+            cached.iter().filter(|t| !t.state.is_finished()).map(|t| t.trial_id).collect();
+        let ids_json = format!("[{}]", unfinished.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
+        let (fresh, count) = self.read(|tx| {
+            let fresh =
+                load_trials(tx, TrialFilter::Refresh { study_id, after, ids_json: ids_json.clone() })?;
+            let count: i64 =
+                row(tx, "SELECT COUNT(*) FROM trials WHERE study_id = ?1", [study_id], |r| r.get(0))?;
+            Ok((fresh, count))
+        })?;
+        let mut trials: Vec<FrozenTrial> = cached.into_iter().filter(|t| t.state.is_finished()).collect();
+        trials.extend(fresh);
+        trials.sort_unstable_by_key(|t| t.trial_id);
+        if trials.len() as i64 != count {
+            // Trials were deleted behind our back (e.g. `optuna delete-study`): read everything.
+            trials = self.read(|tx| load_trials(tx, TrialFilter::Study(study_id)))?;
+        }
+        Ok(self.cache.entry(study_id).or_insert(trials))
+    }
+
+    pub fn trial_counts(&mut self, study_id: i64) -> Result<TrialCounts> {
+        self.read(|tx| {
+            let mut counts = TrialCounts::default();
+            let mut stmt =
+                tx.prepare_cached("SELECT state, COUNT(*) FROM trials WHERE study_id = ?1 GROUP BY state")?;
+            let rows = stmt.query_map([study_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (state, n) = row?;
+                let n = n as u64;
+                match TrialState::parse(&state)? {
+                    TrialState::Running => counts.running = n,
+                    TrialState::Waiting => counts.waiting = n,
+                    TrialState::Complete => counts.complete = n,
+                    TrialState::Pruned => counts.pruned = n,
+                    TrialState::Fail => counts.fail = n,
+                }
+            }
+            Ok(counts)
+        })
+    }
+
+    /// The best COMPLETE trial (Optuna's `best_trial`: by value, infinities included; the first
+    /// by trial_id among equals). `None` when no trial is complete.
+    pub fn best_trial(&mut self, study: &StudyRef) -> Result<Option<FrozenTrial>> {
+        let direction = study.direction()?;
+        Ok(best_of(self.study_trials(study.study_id)?, direction).cloned())
+    }
+}
+
+/// The best COMPLETE trial among `trials`.
+pub fn best_of(trials: &[FrozenTrial], direction: StudyDirection) -> Option<&FrozenTrial> {
+    let mut best: Option<(&FrozenTrial, f64)> = None;
+    for t in trials.iter().filter(|t| t.state == TrialState::Complete) {
+        let Some(v) = t.value() else { continue };
+        if v.is_nan() {
+            continue;
+        }
+        match best {
+            Some((_, b)) if !direction.better(v, b) => {}
+            _ => best = Some((t, v)),
+        }
+    }
+    best.map(|(t, _)| t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::search::distributions::{CategoricalDistribution, FloatDistribution, ParamValue};
+
+    // Distributions shared by the tests of the submodules.
+    pub(super) fn lr() -> Distribution {
+        Distribution::Float(FloatDistribution::new(1e-6, 1e-4, true, None).unwrap())
+    }
+
+    pub(super) fn batch() -> Distribution {
+        Distribution::Categorical(
+            CategoricalDistribution::new(vec![ParamValue::Int(16), ParamValue::Int(32), ParamValue::Int(64)])
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn study_create_load_and_directions() {
+        let mut s = Storage::open("sqlite:///:memory:").unwrap();
+        let a = s.create_study("a", StudyDirection::Maximize, false).unwrap();
+        assert_eq!(a.directions, vec![StudyDirection::Maximize]);
+        assert!(
+            s.create_study("a", StudyDirection::Maximize, false)
+                .unwrap_err()
+                .to_string()
+                .contains("already exists")
+        );
+        assert_eq!(s.create_study("a", StudyDirection::Maximize, true).unwrap(), a);
+        assert!(
+            s.create_study("a", StudyDirection::Minimize, true)
+                .unwrap_err()
+                .to_string()
+                .contains("direction MAXIMIZE")
+        );
+        let err = s.load_study("b").unwrap_err().to_string();
+        assert!(err.contains("no study named \"b\"") && err.contains("studies: a"), "{err}");
+        s.set_study_user_attr(a.study_id, "k", &serde_json::json!([1, 2.5])).unwrap();
+        assert_eq!(s.study_user_attrs(a.study_id).unwrap()["k"], serde_json::json!([1, 2.5]));
+    }
+
+    #[test]
+    fn best_trial_and_target_cap() {
+        let mut s = Storage::open("sqlite:///:memory:").unwrap();
+        let study = s.create_study("s", StudyDirection::Minimize, false).unwrap();
+        assert!(s.best_trial(&study).unwrap().is_none());
+        for (i, v) in [3.0, 1.0, 2.0, 1.0].into_iter().enumerate() {
+            let mut t = NewTrial::new(TrialState::Complete);
+            t.values = Some(vec![v]);
+            assert_eq!(s.create_trial(study.study_id, &t).unwrap().number, i as u64);
+        }
+        assert_eq!(s.best_trial(&study).unwrap().unwrap().number, 1);
+        // 4 finished, target 5: one may start (with heartbeat), then the target counts it.
+        assert!(matches!(s.start_trial(study.study_id, Some(5), true).unwrap(), StartOutcome::Started(_)));
+        assert!(matches!(
+            s.start_trial(study.study_id, Some(5), true).unwrap(),
+            StartOutcome::TargetReached { finished: 4, running: 1 }
+        ));
+        let c = s.trial_counts(study.study_id).unwrap();
+        assert_eq!((c.complete, c.running, c.finished_ok()), (4, 1, 4));
+    }
+
+    #[test]
+    fn cached_reads_see_other_connections_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let mut a = Storage::open_path(&path).unwrap();
+        let mut b = Storage::open_path(&path).unwrap();
+        let study = a.create_study("s", StudyDirection::Minimize, false).unwrap();
+        let mut done = NewTrial::new(TrialState::Complete);
+        done.values = Some(vec![1.0]);
+        a.create_trial(study.study_id, &done).unwrap();
+        let StartOutcome::Started(run) = a.start_trial(study.study_id, None, false).unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.study_trials(study.study_id).unwrap().len(), 2);
+        // B finishes A's running trial and adds one; A's next read has both changes.
+        b.report(run.trial_id, 1, 0.5, &[]).unwrap();
+        b.set_trial_state(run.trial_id, TrialState::Complete, Some(&[0.5]), &[]).unwrap();
+        b.create_trial(study.study_id, &done).unwrap();
+        let seen = a.study_trials(study.study_id).unwrap();
+        assert_eq!(
+            seen.iter().map(|t| (t.number, t.state)).collect::<Vec<_>>(),
+            vec![(0, TrialState::Complete), (1, TrialState::Complete), (2, TrialState::Complete)]
+        );
+        assert_eq!(seen[1].intermediate_values[&1], 0.5);
+        // A deletion elsewhere (as `optuna delete-study` does) is noticed too.
+        b.conn.execute("DELETE FROM trial_values WHERE trial_id = 1", []).unwrap();
+        b.conn.execute("DELETE FROM trials WHERE trial_id = 1", []).unwrap();
+        let seen = a.study_trials(study.study_id).unwrap();
+        assert_eq!(seen.iter().map(|t| t.trial_id).collect::<Vec<_>>(), vec![2, 3]);
+    }
+}
