@@ -3,7 +3,6 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -14,8 +13,13 @@ use crate::model::BertModel;
 use crate::model::export::export_model;
 use crate::model::files::ModelFiles;
 use crate::pipeline::{ModelDataArgs, initial_model, prepare};
-use crate::train::{BestBy, EpochMetrics, Objective, Progress, TrainConfig, Verdict, train};
-use crate::trial_array::schedule::{ArrayTrial, DropoutProbs, train_one};
+use crate::study::ParamSet;
+use crate::train::{BestBy, Objective, TrainConfig};
+use crate::trial::protocol::{EpochMetrics, EpochProgress, TrainResult, TrialEnd, TrialHost, Verdict};
+use crate::trial_array::ArrayBackend;
+use crate::trial_array::cpu::CpuArrayBackend;
+use crate::trial_array::schedule::{ArrayOptions, MicroBatch, run_array};
+use crate::trial_array::setup::TrialSetup;
 
 /// Training hyperparameters (transformers' `TrainingArguments` names and defaults).
 #[derive(Clone, Debug, clap::Args, serde::Serialize)]
@@ -133,6 +137,8 @@ pub struct TrainArgs {
 /// A progress bar on stderr: examples/s and ETA per epoch.
 pub struct Bar {
     bar: indicatif::ProgressBar,
+    /// The epoch the bar shows.
+    epoch: usize,
 }
 
 impl Bar {
@@ -145,23 +151,54 @@ impl Bar {
             .expect("valid template")
             .progress_chars("=> "),
         );
-        Bar { bar }
+        Bar { bar, epoch: 0 }
+    }
+
+    pub fn show(&mut self, p: &EpochProgress) {
+        if p.epoch != self.epoch {
+            self.epoch = p.epoch;
+            self.bar.reset();
+            self.bar.set_length(p.examples as u64);
+            self.bar.set_message(format!("epoch {}/{}", p.epoch, p.epochs));
+        }
+        self.bar.set_prefix(format!("{:.4}", p.loss));
+        self.bar.set_position(p.done as u64);
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
     }
 }
 
-impl Progress for Bar {
-    fn start(&self, what: &str, total: u64) {
-        self.bar.reset();
-        self.bar.set_length(total);
-        self.bar.set_position(0);
-        self.bar.set_message(what.to_string());
+/// `hpo-gpu train`'s side of the engine: one trial, its epochs printed and its progress drawn.
+struct TrainHost<'a> {
+    params: Option<ParamSet>,
+    out: &'a mut dyn Write,
+    json: bool,
+    bar: Bar,
+    end: Option<TrialEnd>,
+}
+
+impl TrialHost for TrainHost<'_> {
+    fn next_trials(&mut self, _free_slots: usize, _idle: bool) -> Result<Vec<(u64, ParamSet)>> {
+        Ok(self.params.take().map(|p| (0, p)).into_iter().collect())
     }
-    fn advance(&self, n: u64, loss: f64) {
-        self.bar.set_prefix(format!("{loss:.4}"));
-        self.bar.inc(n);
+
+    fn on_epoch(&mut self, _number: u64, metrics: &EpochMetrics) -> Result<Verdict> {
+        self.bar.finish();
+        if !self.json {
+            print_epoch(self.out, metrics)?;
+        }
+        Ok(Verdict::Continue)
     }
-    fn finish(&self) {
-        self.bar.finish_and_clear();
+
+    fn on_end(&mut self, _number: u64, end: TrialEnd) -> Result<()> {
+        self.end = Some(end);
+        Ok(())
+    }
+
+    fn on_progress(&mut self, _number: u64, progress: &EpochProgress) {
+        self.bar.show(progress);
     }
 }
 
@@ -191,8 +228,8 @@ fn best_trial_params(storage_url: &str, study_name: &str) -> Result<(u64, f64, c
 
 pub fn run_train(args: &TrainArgs, out: &mut dyn Write) -> Result<()> {
     let device = resolve_device(args.device)?;
-    let mut cfg = args.hyper.train_config();
-    cfg.validate()?;
+    let base = args.hyper.train_config();
+    base.validate()?;
     // Checked again on export; here so a training run is not spent before the export refuses.
     if args.output.exists() && !args.output.is_dir() {
         bail!("--output {}: exists and is not a directory", args.output.display());
@@ -204,18 +241,24 @@ pub fn run_train(args: &TrainArgs, out: &mut dyn Write) -> Result<()> {
     let t0 = Instant::now();
     let mut prepared = prepare(&args.data)?;
     args.hyper.apply_dropout(&mut prepared.config)?;
-    let (mut model, report) = initial_model(&args.data, &prepared, cfg.seed)?;
+    let (model, report) = initial_model(&args.data, &prepared, base.seed)?;
     let device = checked_device(args.device, device, model.config.head_size())?;
+    let (train_examples, eval_examples) = (prepared.train.len(), prepared.eval.len());
+    let mean_tokens = prepared.train.tokens() as f64 / train_examples.max(1) as f64;
+    let max_length = prepared.tokenizer.max_length;
+    let mut setup = TrialSetup::new(model, base, prepared.train, prepared.eval, max_length);
+    let params = from_study.as_ref().map(|(_, (_, _, params))| params.clone()).unwrap_or_default();
+    // The trial's settings: the flags, overridden by the study's best parameters.
+    let settings = setup.settings(&params)?;
     let mut study_info = serde_json::Value::Null;
     if let Some((name, (number, value, params))) = &from_study {
-        let max_length = prepared.tokenizer.max_length;
-        let (c, m, trial_max_length) = crate::search_cmd::apply_params(&cfg, &model, params, max_length)?;
-        if trial_max_length != max_length {
+        if settings.max_length != max_length {
             bail!(
-                "--from-study: the best trial used max_length {trial_max_length}; pass --max-length {trial_max_length}"
+                "--from-study: the best trial used max_length {}; pass --max-length {}",
+                settings.max_length,
+                settings.max_length
             );
         }
-        (cfg, model) = (c, m);
         eprintln!(
             "training with study {name:?}'s best trial {number} (value {value:.4}): {}",
             params.to_py_json()
@@ -227,43 +270,37 @@ pub fn run_train(args: &TrainArgs, out: &mut dyn Write) -> Result<()> {
         eprintln!("note: newly initialised (not in the checkpoint): {}", report.initialised.join(", "));
     }
     eprintln!(
-        "{} train / {} eval examples, {} labels ({}), {:.0} tokens per train example on average; prepared in {:.1}s",
-        prepared.train.len(),
-        prepared.eval.len(),
+        "{train_examples} train / {eval_examples} eval examples, {} labels ({}), {mean_tokens:.0} tokens per train example on average; prepared in {:.1}s",
         prepared.label_names.len(),
         prepared.label_names.join(", "),
-        prepared.train.tokens() as f64 / prepared.train.len().max(1) as f64,
         t0.elapsed().as_secs_f64()
     );
-    let bar = Bar::new(args.quiet);
-    let json_mode = args.json;
-    let mut on_epoch = |m: &EpochMetrics| -> Result<Verdict> {
-        if !json_mode {
-            print_epoch(out, m)?;
-        }
-        Ok(Verdict::Continue)
-    };
-    let result = match device {
+    // One slot of the engine, each optimizer batch in one pass.
+    let cfg = settings.cfg;
+    let config = &settings.config;
+    let mut backend: Box<dyn ArrayBackend> = match device {
         Device::Cuda => {
-            // One slot of the trial array, micro-batch = batch size: train()'s computation.
-            let max_len = prepared.tokenizer.max_length;
-            let mut backend =
-                crate::cuda::array_ops::cuda_array_backend(&model.config, cfg.batch_size, max_len, 1)?;
-            let trial = ArrayTrial {
-                key: 0,
-                cfg: cfg.clone(),
-                initial_params: model.params.clone(),
-                dropout: DropoutProbs::from_config(&model.config),
-                dropout_stream: 0,
-                train: Arc::new(prepared.train.clone()),
-                eval: Arc::new(prepared.eval.clone()),
-            };
-            let (result, params) = train_one(&mut backend, trial, cfg.batch_size, &mut on_epoch)?;
-            model.params = params;
-            result
+            Box::new(crate::cuda::array_ops::cuda_array_backend(config, cfg.batch_size, max_length, 1)?)
         }
-        _ => train(&mut model, &prepared.train, &prepared.eval, &cfg, &bar, &mut on_epoch)?,
+        _ => Box::new(CpuArrayBackend::new(config, 1)),
     };
+    let mut host = TrainHost {
+        params: Some(params),
+        out: &mut *out,
+        json: args.json,
+        bar: Bar::new(args.quiet),
+        end: None,
+    };
+    let options = ArrayOptions { micro_batch: MicroBatch::WholeBatch };
+    run_array(backend.as_mut(), &mut setup, &mut host, &options)?;
+    let (result, params): (TrainResult, Vec<f32>) = match host.end {
+        Some(TrialEnd::Finished { result, params }) => (result, params),
+        Some(TrialEnd::Failed { reason } | TrialEnd::Evicted { reason }) => bail!("{reason}"),
+        None => bail!("the engine ended without training the model"),
+    };
+    let mut model = setup.initial;
+    model.config = settings.config;
+    model.params = params;
     let metrics = json!({
         "epochs": result.epochs,
         "best_epoch": result.best_epoch,
@@ -271,8 +308,8 @@ pub fn run_train(args: &TrainArgs, out: &mut dyn Write) -> Result<()> {
         "train_config": cfg,
         "model": args.data.model,
         "dataset": args.data.dataset,
-        "train_examples": prepared.train.len(),
-        "eval_examples": prepared.eval.len(),
+        "train_examples": train_examples,
+        "eval_examples": eval_examples,
         "device": if device == Device::Cuda { "cuda" } else { "cpu" },
         "study": study_info,
     });

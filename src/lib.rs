@@ -20,6 +20,7 @@ pub mod search;
 pub mod search_cmd;
 pub mod study;
 pub mod train;
+pub mod trial;
 pub mod trial_array;
 
 /// Keeps freed large buffers in the process instead of returning them to the kernel. The CPU

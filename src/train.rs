@@ -1,13 +1,14 @@
-//! The training loop: epochs over a seeded example order, optimizer steps with Trainer's
-//! semantics (mean loss over the batch, clip to global norm, AdamW, linear schedule), evaluation
-//! after every epoch, and the best epoch's weights kept.
+//! What a training run is, independent of the device: its settings ([`TrainConfig`], a subset of
+//! transformers' `TrainingArguments`), its optimizer steps ([`StepPlan`]: mean loss over the
+//! batch, clip to global norm, AdamW, linear schedule), its seeded example order
+//! ([`EpochOrder`]), which epoch is kept and what is reported ([`BestBy`], [`Objective`]), and
+//! evaluation on the CPU reference. The training loop itself is the trial-array scheduler
+//! (`trial_array::schedule`), for one model as for many.
 //!
 //! Trainer semantics reproduced by default: the trial objective is the **last**
 //! evaluation's accuracy, and "load best model at end" without `metric_for_best_model` keeps the
 //! epoch with the **lowest eval loss**. `Objective::BestEpoch` and `BestBy::Accuracy` are the
 //! alternatives.
-
-use std::time::Instant;
 
 use anyhow::{Result, bail};
 use rand::SeedableRng;
@@ -15,16 +16,16 @@ use rand::seq::SliceRandom;
 use serde::Serialize;
 
 use crate::config::BertConfig;
-use crate::cpu::adamw::{AdamState, AdamW, clip_grad_norm, linear_schedule};
-use crate::cpu::bert::{self, Dropout};
-use crate::cpu::philox::DropoutRng;
-use crate::data::batch::{TokenizedSplit, chunk_by_attention_budget};
+use crate::cpu::adamw::AdamW;
+use crate::cpu::bert;
+use crate::data::batch::TokenizedSplit;
 use crate::model::BertModel;
 use crate::model::layout::ParamLayout;
+use crate::trial::protocol::EpochMetrics;
 
-/// Values of the attention-probability buffers one forward/backward chunk may hold (≈1 GiB of
-/// f32 over all layers for the largest models we run on CPU).
-const ATTENTION_BUDGET_VALUES: usize = 1 << 25;
+/// Evaluation runs at least this many examples per forward pass: the eval batch size changes
+/// only summation order, and tiny passes waste time.
+pub const MIN_EVAL_BATCH: usize = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -194,148 +195,6 @@ impl TrainConfig {
     }
 }
 
-/// One epoch's numbers, as stored in `training_metrics.json` and reported to a study.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct EpochMetrics {
-    pub epoch: usize,
-    /// Mean of the optimizer steps' batch-mean losses (Trainer's logged `loss`).
-    pub train_loss: f64,
-    pub eval_loss: f64,
-    pub eval_accuracy: f64,
-    pub learning_rate: f64,
-    pub train_seconds: f64,
-    pub eval_seconds: f64,
-    pub train_examples_per_second: f64,
-    pub eval_examples_per_second: f64,
-    /// Real (unpadded) tokens per second in training.
-    pub train_tokens_per_second: f64,
-}
-
-/// What a caller decides after an epoch (a pruner may stop a trial early).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    Continue,
-    Stop,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct TrainResult {
-    pub epochs: Vec<EpochMetrics>,
-    /// 1-based epoch whose weights were kept.
-    pub best_epoch: usize,
-    /// The objective value (eval accuracy) per `TrainConfig::objective`.
-    pub objective: f64,
-    /// True when `on_epoch` stopped training early.
-    pub stopped_early: bool,
-}
-
-/// Progress display hooks (the CLI draws a bar; tests pass `NoProgress`).
-pub trait Progress {
-    fn start(&self, _what: &str, _total_examples: u64) {}
-    fn advance(&self, _examples: u64, _loss: f64) {}
-    fn finish(&self) {}
-}
-
-pub struct NoProgress;
-impl Progress for NoProgress {}
-
-/// Trains `model` in place; on return it holds the best epoch's weights.
-pub fn train(
-    model: &mut BertModel,
-    train: &TokenizedSplit,
-    eval: &TokenizedSplit,
-    cfg: &TrainConfig,
-    progress: &dyn Progress,
-    on_epoch: &mut dyn FnMut(&EpochMetrics) -> Result<Verdict>,
-) -> Result<TrainResult> {
-    cfg.validate()?;
-    if train.is_empty() || eval.is_empty() {
-        bail!("training needs a non-empty train and eval split");
-    }
-    let StepPlan { steps_per_epoch, total_steps, warmup } = StepPlan::new(cfg, train.len());
-    let opt = cfg.optimizer();
-    let decay = model.layout.decay_mask();
-    let mut state = AdamState::new(model.layout.len);
-    let mut grads = vec![0.0f32; model.layout.len];
-    let heads = model.config.num_attention_heads * model.config.num_hidden_layers;
-    let mut epoch_order = EpochOrder::new(train.len(), cfg.seed);
-    let mut forward_passes: u32 = 0;
-    let mut result = TrainResult { epochs: Vec::new(), best_epoch: 0, objective: 0.0, stopped_early: false };
-    let mut best: Option<(f64, Vec<f32>)> = None;
-
-    for epoch in 1..=cfg.epochs {
-        let order = epoch_order.next_epoch();
-        progress.start(&format!("epoch {epoch}/{}", cfg.epochs), train.len() as u64);
-        let t0 = Instant::now();
-        let mut loss_sum = 0.0;
-        let mut lr = cfg.learning_rate;
-        for (s, batch_idx) in order.chunks(cfg.batch_size).enumerate() {
-            grads.fill(0.0);
-            let scale = 1.0 / batch_idx.len() as f32;
-            let mut batch_loss = 0.0f64;
-            for chunk in chunk_by_attention_budget(train, batch_idx, heads, ATTENTION_BUDGET_VALUES) {
-                let batch = train.packed_batch(&chunk);
-                let rng = DropoutRng { seed: cfg.seed, stream: 0, step: forward_passes };
-                forward_passes = forward_passes.wrapping_add(1);
-                let fwd = bert::forward(
-                    &model.config,
-                    &model.layout,
-                    &model.params,
-                    &batch,
-                    Some(Dropout::from_config(&model.config, rng)),
-                );
-                batch_loss += fwd.losses.iter().map(|l| *l as f64).sum::<f64>();
-                bert::backward(&model.config, &model.layout, &model.params, &batch, &fwd, scale, &mut grads);
-            }
-            let batch_loss = batch_loss / batch_idx.len() as f64;
-            let step = (epoch as u64 - 1) * steps_per_epoch + s as u64;
-            if !batch_loss.is_finite() {
-                bail!(
-                    "training diverged: the loss is {batch_loss} at epoch {epoch}, optimizer step {}",
-                    step + 1
-                );
-            }
-            loss_sum += batch_loss;
-            clip_grad_norm(&mut grads, cfg.max_grad_norm);
-            lr = linear_schedule(cfg.learning_rate, step, total_steps, warmup);
-            opt.step(&mut model.params, &grads, &decay, &mut state, lr);
-            progress.advance(batch_idx.len() as u64, batch_loss);
-        }
-        let train_seconds = t0.elapsed().as_secs_f64();
-        progress.finish();
-        let t1 = Instant::now();
-        let (eval_loss, eval_accuracy) = evaluate(model, eval, cfg.eval_batch_size)?;
-        let eval_seconds = t1.elapsed().as_secs_f64();
-        let m = EpochMetrics {
-            epoch,
-            train_loss: loss_sum / steps_per_epoch as f64,
-            eval_loss,
-            eval_accuracy,
-            learning_rate: lr,
-            train_seconds,
-            eval_seconds,
-            train_examples_per_second: train.len() as f64 / train_seconds,
-            eval_examples_per_second: eval.len() as f64 / eval_seconds,
-            train_tokens_per_second: train.tokens() as f64 / train_seconds,
-        };
-        let score = cfg.best_by.score(eval_loss, eval_accuracy);
-        if best.as_ref().is_none_or(|(b, _)| score > *b) {
-            best = Some((score, model.params.clone()));
-            result.best_epoch = epoch;
-        }
-        result.epochs.push(m.clone());
-        if on_epoch(&m)? == Verdict::Stop {
-            result.stopped_early = true;
-            break;
-        }
-    }
-    if let Some((_, params)) = best {
-        model.params = params;
-    }
-    result.objective = cfg.objective.value(&result.epochs, result.best_epoch);
-    Ok(result)
-}
-
 /// Mean cross-entropy over examples and accuracy of `model` on `split` (no dropout).
 pub fn evaluate(model: &BertModel, split: &TokenizedSplit, batch_size: usize) -> Result<(f64, f64)> {
     evaluate_params(&model.config, &model.layout, &model.params, split, batch_size)
@@ -349,7 +208,7 @@ pub fn evaluate_params(
     split: &TokenizedSplit,
     batch_size: usize,
 ) -> Result<(f64, f64)> {
-    let (logits, losses) = predict_params(config, layout, params, split, batch_size.max(32))?;
+    let (logits, losses) = predict_params(config, layout, params, split, batch_size.max(MIN_EVAL_BATCH))?;
     let nl = config.num_labels;
     let correct = logits.chunks_exact(nl).zip(&split.labels).filter(|(row, y)| argmax(row) == **y).count();
     let loss = losses.iter().sum::<f64>() / split.len().max(1) as f64;

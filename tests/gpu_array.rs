@@ -21,11 +21,13 @@ use std::sync::Arc;
 
 use hpo_gpu::cuda::array_ops::cuda_array_backend;
 use hpo_gpu::data::batch::TokenizedSplit;
-use hpo_gpu::train::{EpochMetrics, TrainConfig, Verdict};
+use hpo_gpu::study::ParamSet;
+use hpo_gpu::train::TrainConfig;
+use hpo_gpu::trial::protocol::{EpochMetrics, TrialEnd, TrialHost, Verdict};
 use hpo_gpu::trial_array::ArrayBackend;
 use hpo_gpu::trial_array::cpu::CpuArrayBackend;
 use hpo_gpu::trial_array::schedule::{
-    ArrayHost, ArrayOptions, ArrayTrial, DropoutProbs, TrialEnd, run_array,
+    ArrayOptions, ArrayTrial, DropoutProbs, MicroBatch, TrialBuilder, run_array,
 };
 use rand::{RngExt, SeedableRng};
 
@@ -129,16 +131,28 @@ fn gpu_array_matches_host_ops_head_size_64() {
     run(128, 2);
 }
 
-/// Records what the scheduler reports for each trial.
+/// Trial k of the test is `self.0[k]`.
+struct Trials(Vec<ArrayTrial>);
+
+impl TrialBuilder for Trials {
+    fn build(&mut self, number: u64, _params: &ParamSet) -> anyhow::Result<ArrayTrial> {
+        Ok(self.0[number as usize].clone())
+    }
+}
+
+/// Hands out trials 0..count and records how each ends.
 struct QueueHost {
-    queue: Vec<ArrayTrial>,
+    next: u64,
+    count: u64,
     ends: std::collections::BTreeMap<u64, TrialEnd>,
 }
 
-impl ArrayHost for QueueHost {
-    fn next_trials(&mut self, free_slots: usize, _idle: bool) -> anyhow::Result<Vec<ArrayTrial>> {
-        let n = free_slots.min(self.queue.len());
-        Ok(self.queue.drain(..n).collect())
+impl TrialHost for QueueHost {
+    fn next_trials(&mut self, free_slots: usize, _idle: bool) -> anyhow::Result<Vec<(u64, ParamSet)>> {
+        let end = self.count.min(self.next + free_slots as u64);
+        let numbers = self.next..end;
+        self.next = end;
+        Ok(numbers.map(|number| (number, ParamSet::new())).collect())
     }
     fn on_epoch(&mut self, _key: u64, _m: &EpochMetrics) -> anyhow::Result<Verdict> {
         Ok(Verdict::Continue)
@@ -171,9 +185,7 @@ fn gpu_trial_array_trains_like_the_cpu_reference() {
     let trials = || -> Vec<ArrayTrial> {
         [(1e-3, 2usize), (3e-3, 4), (2e-3, 8), (5e-4, 8)]
             .iter()
-            .enumerate()
-            .map(|(k, &(lr, b))| ArrayTrial {
-                key: k as u64,
+            .map(|&(lr, b)| ArrayTrial {
                 cfg: TrainConfig {
                     learning_rate: lr,
                     batch_size: b,
@@ -189,12 +201,13 @@ fn gpu_trial_array_trains_like_the_cpu_reference() {
             })
             .collect()
     };
-    let mut on_cpu = QueueHost { queue: trials(), ends: Default::default() };
-    run_array(&mut CpuArrayBackend::new(&c, 4), &mut on_cpu, &ArrayOptions { micro_batch: 2 }).unwrap();
+    let options = ArrayOptions { micro_batch: MicroBatch::Fixed(2) };
+    let mut on_cpu = QueueHost { next: 0, count: 4, ends: Default::default() };
+    run_array(&mut CpuArrayBackend::new(&c, 4), &mut Trials(trials()), &mut on_cpu, &options).unwrap();
     let mut backend = cuda_array_backend(&c, 2, 90, 4).unwrap();
     assert_eq!(backend.slots(), 4);
-    let mut on_gpu = QueueHost { queue: trials(), ends: Default::default() };
-    run_array(&mut backend, &mut on_gpu, &ArrayOptions { micro_batch: 2 }).unwrap();
+    let mut on_gpu = QueueHost { next: 0, count: 4, ends: Default::default() };
+    run_array(&mut backend, &mut Trials(trials()), &mut on_gpu, &options).unwrap();
     for k in 0..4u64 {
         let (TrialEnd::Finished { result: a, params: pa }, TrialEnd::Finished { result: b, params: pb }) =
             (&on_gpu.ends[&k], &on_cpu.ends[&k])

@@ -526,7 +526,7 @@ fn attention_case<A: Act>(g: &Gpu, r: &mut StdRng, c: &AttnCase) {
         (vec![0f32; t_n * nq * h], vec![0f32; t_n * n * h], vec![0f32; t_n * n * h]);
     for t in 0..t_n {
         let (qa, ka) = (t * nq * h..(t + 1) * nq * h, t * n * h..(t + 1) * n * h);
-        let drop = c.dropout.then_some((&gens[t], p_drop, site));
+        let drop = c.dropout.then_some(bert::AttentionDropout { rng: &gens[t], p: p_drop, site, first: 0 });
         let (layout, nprobs) = &layouts[t];
         let mut probs = vec![0f32; *nprobs];
         bert::attention_forward(

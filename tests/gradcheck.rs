@@ -117,7 +117,17 @@ fn attention_backward_matches_finite_differences_with_padding_cls_and_dropout() 
         let dctx = randn(&mut rng, nq * h);
         let run = |q: &[f64], k: &[f64], v: &[f64]| {
             let (mut p, mut c) = (vec![0.0; np], vec![0.0; nq * h]);
-            bert::attention_forward(q, k, v, &layout, heads, h, &mut p, &mut c, Some((&drop, 0.2, 1)));
+            bert::attention_forward(
+                q,
+                k,
+                v,
+                &layout,
+                heads,
+                h,
+                &mut p,
+                &mut c,
+                Some(bert::AttentionDropout { rng: &drop, p: 0.2, site: 1, first: 0 }),
+            );
             (p, c)
         };
         let (probs, _) = run(&q, &k, &v);
@@ -134,7 +144,7 @@ fn attention_backward_matches_finite_differences_with_padding_cls_and_dropout() 
             &mut dq,
             &mut dk,
             &mut dv,
-            Some((&drop, 0.2, 1)),
+            Some(bert::AttentionDropout { rng: &drop, p: 0.2, site: 1, first: 0 }),
         );
         let (k0, v0, q0) = (k.clone(), v.clone(), q.clone());
         assert_close(

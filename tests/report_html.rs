@@ -4,6 +4,7 @@
 //! `cargo test --test report_html -- --ignored regenerate_docs` rewrites the committed examples
 //! under docs/report/ (then run scripts/screenshot_report.sh for the screenshot).
 
+mod fake_trainer;
 mod report_common;
 
 use std::path::Path;

@@ -7,6 +7,7 @@
 //! it (or optuna) the comparison prints SKIP; without scikit-learn only fANOVA is skipped. The
 //! rankings themselves are always checked.
 
+mod fake_trainer;
 mod report_common;
 
 use hpo_gpu::report::StudySnapshot;

@@ -4,6 +4,7 @@
 
 mod common;
 mod common_study;
+mod fake_trainer;
 
 use std::collections::HashSet;
 use std::process::Command;

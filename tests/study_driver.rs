@@ -2,6 +2,7 @@
 //! after a crash, batched asks, seeded reproducibility and TPE actually optimising.
 
 mod common_study;
+mod fake_trainer;
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -7,6 +7,7 @@
 //! optuna) these tests print SKIP and pass. The plots additionally need matplotlib.
 
 mod common_study;
+mod fake_trainer;
 
 use std::path::Path;
 use std::time::Duration;

@@ -5,15 +5,18 @@
 //! attributes the successive-halving family stored on it. Our driver runs the same trials
 //! (values reported per step, pruner asked after every report) and must decide identically.
 
+mod fake_trainer;
+
 use anyhow::Result;
 use hpo_gpu::search::pruner::{
     HyperbandPruner, MedianPruner, PercentilePruner, Pruner, SuccessiveHalvingPruner,
 };
 use hpo_gpu::search::sampler::RandomSampler;
 use hpo_gpu::search::space::SearchSpace;
-use hpo_gpu::study::driver::{DriverOptions, EpochReport, NoProgress, TrialRunner, Verdict, run_study};
+use hpo_gpu::study::driver::{DriverOptions, NoProgress, run_study};
 use hpo_gpu::study::storage::Storage;
 use hpo_gpu::study::{ParamSet, StudyDirection, TrialState};
+use hpo_gpu::trial::protocol::{EpochMetrics, TrialHost, TrialRunner, Verdict};
 
 const T: u64 = 24;
 const N: u32 = 9;
@@ -28,22 +31,21 @@ fn value(i: u64, s: u32) -> f64 {
 struct StepRunner;
 
 impl TrialRunner for StepRunner {
+    fn run_trials(&mut self, host: &mut dyn TrialHost) -> Result<()> {
+        fake_trainer::one_at_a_time(host, |number, params, report| self.run_trial(number, params, report))
+    }
+}
+
+impl StepRunner {
     fn run_trial(
         &mut self,
         n: u64,
         _: &ParamSet,
-        report: &mut dyn FnMut(&EpochReport) -> Result<Verdict>,
+        report: &mut dyn FnMut(&EpochMetrics) -> Result<Verdict>,
     ) -> Result<f64> {
         for s in 1..=N {
             let v = value(n, s);
-            let r = EpochReport {
-                epoch: s,
-                objective: v,
-                train_loss: v,
-                eval_loss: v,
-                eval_accuracy: v,
-                seconds: 0.0,
-            };
+            let r = fake_trainer::epoch(s, v, v, v, 0.0);
             if report(&r)? == Verdict::Prune {
                 return Ok(v);
             }

@@ -1,23 +1,30 @@
-//! The trial array's scheduling on the CPU backend: a slot trains exactly as `train()` does, slots
-//! with different batch sizes do not disturb each other, ticks and optimizer steps happen when they
+//! The engine's scheduling on the CPU backend: a slot trains exactly as the Trainer's loop written
+//! out plainly (`Fixture::train_alone`) does, slots with different batch sizes do not disturb each other, ticks and optimizer steps happen when they
 //! should, freed slots refill at once, a diverging trial fails alone, out-of-memory shrinks the array.
 
 mod common;
+mod fake_trainer;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use anyhow::Result;
 use hpo_gpu::config::BertConfig;
+use hpo_gpu::cpu::adamw::{AdamState, AdamW, clip_grad_norm, linear_schedule};
+use hpo_gpu::cpu::bert::{self, Dropout};
+use hpo_gpu::cpu::philox::DropoutRng;
 use hpo_gpu::data::batch::TokenizedSplit;
 use hpo_gpu::model::BertModel;
+use hpo_gpu::model::layout::ParamLayout;
 use hpo_gpu::pipeline::{ModelDataArgs, prepare};
-use hpo_gpu::train::{EpochMetrics, NoProgress, TrainConfig, Verdict, train};
+use hpo_gpu::study::ParamSet;
+use hpo_gpu::train::{EpochOrder, StepPlan, TrainConfig, evaluate_params};
+use hpo_gpu::trial::protocol::{EpochMetrics, TrialEnd, TrialHost, TrialRunner, Verdict};
 use hpo_gpu::trial_array::cpu::CpuArrayBackend;
 use hpo_gpu::trial_array::device::DeviceArrayBackend;
 use hpo_gpu::trial_array::ops_cpu::CpuOps;
 use hpo_gpu::trial_array::schedule::{
-    ArrayHost, ArrayOptions, ArrayTrial, DropoutProbs, TrialEnd, run_array, train_one,
+    ArrayOptions, ArrayTrial, DropoutProbs, MicroBatch, TrialBuilder, run_array,
 };
 use hpo_gpu::trial_array::{
     ArrayBackend, ArrayError, ArrayResult, SlotEval, SlotMicroBatch, SlotOptimizerStep,
@@ -66,20 +73,23 @@ impl Fixture {
         c
     }
 
-    fn trial(&self, key: u64, cfg: TrainConfig, dropout: bool) -> ArrayTrial {
+    /// Trial `number` with `cfg`.
+    fn trial(&self, number: u64, cfg: TrainConfig, dropout: bool) -> (u64, ArrayTrial) {
         let config = self.config(dropout);
-        ArrayTrial {
-            key,
+        let trial = ArrayTrial {
             initial_params: BertModel::random_init(&config, 5).params,
             dropout: DropoutProbs::from_config(&config),
             dropout_stream: 0,
             cfg,
             train: self.train.clone(),
             eval: self.eval.clone(),
-        }
+        };
+        (number, trial)
     }
 
-    /// The same trial through `train()`: its epochs and final (kept) parameters.
+    /// The same trial through the Trainer's loop written out plainly — whole batches, one pass
+    /// each, the dropout generator stepping per batch — the oracle the engine is held to: its
+    /// epochs (without timings) and final (kept) parameters.
     fn train_alone(
         &self,
         cfg: &TrainConfig,
@@ -87,12 +97,55 @@ impl Fixture {
         stop_after: Option<usize>,
     ) -> (Vec<EpochMetrics>, Vec<f32>) {
         let config = self.config(dropout);
-        let mut model = BertModel::random_init(&config, 5);
-        let mut on_epoch = |m: &EpochMetrics| -> Result<Verdict> {
-            Ok(if stop_after == Some(m.epoch) { Verdict::Stop } else { Verdict::Continue })
+        let layout = ParamLayout::new(&config);
+        let decay = layout.decay_mask();
+        let adamw = AdamW {
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_epsilon,
+            weight_decay: cfg.weight_decay,
         };
-        let r = train(&mut model, &self.train, &self.eval, cfg, &NoProgress, &mut on_epoch).unwrap();
-        (r.epochs, model.params)
+        let mut params = BertModel::random_init(&config, 5).params;
+        let mut adam = AdamState::new(layout.len);
+        let plan = StepPlan::new(cfg, self.train.len());
+        let mut order = EpochOrder::new(self.train.len(), cfg.seed);
+        let (mut epochs, mut best, mut step) = (Vec::new(), None::<(f64, Vec<f32>)>, 0u64);
+        for epoch in 1..=cfg.epochs {
+            let (mut loss_sum, mut lr) = (0.0, cfg.learning_rate);
+            for batch_examples in order.next_epoch().to_vec().chunks(cfg.batch_size) {
+                let batch = self.train.packed_batch(batch_examples);
+                let rng = DropoutRng { seed: cfg.seed, stream: 0, step: step as u32 };
+                let fwd = bert::forward(
+                    &config,
+                    &layout,
+                    &params,
+                    &batch,
+                    Some(Dropout::from_config(&config, rng)),
+                );
+                let mut grads = vec![0.0f32; layout.len];
+                let scale = 1.0 / batch_examples.len() as f32;
+                bert::backward(&config, &layout, &params, &batch, &fwd, scale, &mut grads);
+                loss_sum += fwd.losses.iter().map(|l| *l as f64).sum::<f64>() / batch_examples.len() as f64;
+                clip_grad_norm(&mut grads, cfg.max_grad_norm);
+                lr = linear_schedule(cfg.learning_rate, step, plan.total_steps, plan.warmup);
+                adamw.step(&mut params, &grads, &decay, &mut adam, lr);
+                step += 1;
+            }
+            let (eval_loss, eval_accuracy) =
+                evaluate_params(&config, &layout, &params, &self.eval, cfg.eval_batch_size).unwrap();
+            let mut metrics = fake_trainer::epoch(epoch as u32, eval_accuracy, 0.0, eval_loss, 0.0);
+            metrics.train_loss = loss_sum / plan.steps_per_epoch as f64;
+            metrics.learning_rate = lr;
+            epochs.push(metrics);
+            let score = cfg.best_by.score(eval_loss, eval_accuracy);
+            if best.as_ref().is_none_or(|(b, _)| score > *b) {
+                best = Some((score, params.clone()));
+            }
+            if stop_after == Some(epoch) {
+                break;
+            }
+        }
+        (epochs, best.expect("at least one epoch").1)
     }
 }
 
@@ -100,10 +153,21 @@ fn cfg(lr: f64, batch_size: usize, epochs: usize) -> TrainConfig {
     TrainConfig { learning_rate: lr, batch_size, epochs, weight_decay: 0.01, ..TrainConfig::default() }
 }
 
+/// The trials of a test by number, handed to slots as they are.
+#[derive(Default)]
+struct TestTrials(BTreeMap<u64, ArrayTrial>);
+
+impl TrialBuilder for TestTrials {
+    fn build(&mut self, number: u64, _params: &ParamSet) -> Result<ArrayTrial> {
+        Ok(self.0[&number].clone())
+    }
+}
+
 /// Hands out queued trials, prunes where told, records everything.
 #[derive(Default)]
 struct TestHost {
-    queue: VecDeque<ArrayTrial>,
+    trials: TestTrials,
+    queue: VecDeque<u64>,
     /// key → prune after this epoch
     prune_after: BTreeMap<u64, usize>,
     epochs: BTreeMap<u64, Vec<EpochMetrics>>,
@@ -113,8 +177,9 @@ struct TestHost {
 }
 
 impl TestHost {
-    fn new(trials: Vec<ArrayTrial>) -> Self {
-        TestHost { queue: trials.into(), ..Default::default() }
+    fn new(trials: Vec<(u64, ArrayTrial)>) -> Self {
+        let queue = trials.iter().map(|(number, _)| *number).collect();
+        TestHost { trials: TestTrials(trials.into_iter().collect()), queue, ..Default::default() }
     }
 
     fn finished(&self, key: u64) -> (&[EpochMetrics], &[f32]) {
@@ -125,16 +190,16 @@ impl TestHost {
     }
 }
 
-impl ArrayHost for TestHost {
-    fn next_trials(&mut self, free_slots: usize, array_idle: bool) -> Result<Vec<ArrayTrial>> {
-        self.asks.push((free_slots, array_idle));
+impl TrialHost for TestHost {
+    fn next_trials(&mut self, free_slots: usize, idle: bool) -> Result<Vec<(u64, ParamSet)>> {
+        self.asks.push((free_slots, idle));
         let n = free_slots.min(self.queue.len());
-        Ok(self.queue.drain(..n).collect())
+        Ok(self.queue.drain(..n).map(|number| (number, ParamSet::new())).collect())
     }
 
     fn on_epoch(&mut self, key: u64, m: &EpochMetrics) -> Result<Verdict> {
         self.epochs.entry(key).or_default().push(m.clone());
-        Ok(if self.prune_after.get(&key) == Some(&m.epoch) { Verdict::Stop } else { Verdict::Continue })
+        Ok(if self.prune_after.get(&key) == Some(&m.epoch) { Verdict::Prune } else { Verdict::Continue })
     }
 
     fn on_end(&mut self, key: u64, end: TrialEnd) -> Result<()> {
@@ -233,9 +298,18 @@ impl ArrayBackend for Recording {
     }
 }
 
-fn run(backend: &mut dyn ArrayBackend, host: &mut TestHost, m: usize) {
-    run_array(backend, host, &ArrayOptions { micro_batch: m }).unwrap();
+fn run(
+    backend: &mut dyn ArrayBackend,
+    host: &mut TestHost,
+    micro_batch: MicroBatch,
+) -> hpo_gpu::trial_array::schedule::ArrayStats {
+    let mut trials = std::mem::take(&mut host.trials);
+    let stats = run_array(backend, &mut trials, host, &ArrayOptions { micro_batch }).unwrap();
+    host.trials = trials;
+    stats
 }
+
+const M2: MicroBatch = MicroBatch::Fixed(2);
 
 /// Relative error of f32 vectors.
 fn rel(a: &[f32], b: &[f32]) -> f64 {
@@ -268,11 +342,11 @@ fn assert_epochs_identical(got: &[EpochMetrics], want: &[EpochMetrics], what: &s
 fn one_slot_equals_train() {
     let fx = fixture();
     let c = cfg(2e-3, 8, 3);
-    // Micro-batch = batch size: the same forward passes, losses and dropout masks as train(), so
+    // Micro-batch = batch size: the same forward passes, losses and dropout masks as the plain Trainer loop, so
     // bit for bit equal, dropout on.
     let (want_epochs, want_params) = fx.train_alone(&c, true, None);
     let mut host = TestHost::new(vec![fx.trial(0, c.clone(), true)]);
-    run(&mut CpuArrayBackend::new(&fx.config, 1), &mut host, 8);
+    run(&mut CpuArrayBackend::new(&fx.config, 1), &mut host, MicroBatch::Fixed(8));
     let (epochs, params) = host.finished(0);
     assert_epochs_identical(epochs, &want_epochs, "m = b, dropout on");
     assert_eq!(params, &want_params[..]);
@@ -283,15 +357,15 @@ fn one_slot_equals_train() {
     // rounding only. Dropout off, since the masks are drawn per micro-batch.
     let (want_epochs, want_params) = fx.train_alone(&c, false, None);
     let mut host = TestHost::new(vec![fx.trial(0, c, false)]);
-    run(&mut CpuArrayBackend::new(&fx.config, 1), &mut host, 2);
+    run(&mut CpuArrayBackend::new(&fx.config, 1), &mut host, M2);
     let (epochs, params) = host.finished(0);
     assert_epochs_close(epochs, &want_epochs, 1e-5, "m = 2");
     let e = rel(params, &want_params);
-    assert!(e <= 1e-5, "final parameters differ from train(): rel err {e}");
+    assert!(e <= 1e-5, "final parameters differ from the Trainer loop: rel err {e}");
     assert!(epochs[2].learning_rate > 0.0 && epochs[0].train_loss > epochs[2].train_loss);
 }
 
-fn mixed_trials(fx: &Fixture, dropout: bool) -> Vec<ArrayTrial> {
+fn mixed_trials(fx: &Fixture, dropout: bool) -> Vec<(u64, ArrayTrial)> {
     [(1e-3, 2), (3e-3, 4), (2e-3, 8), (5e-3, 8)]
         .iter()
         .enumerate()
@@ -303,22 +377,21 @@ fn mixed_trials(fx: &Fixture, dropout: bool) -> Vec<ArrayTrial> {
 fn mixed_batch_sizes_train_as_if_alone() {
     let fx = fixture();
     let mut host = TestHost::new(mixed_trials(&fx, false));
-    run(&mut CpuArrayBackend::new(&fx.config, 4), &mut host, 2);
-    for t in mixed_trials(&fx, false) {
+    run(&mut CpuArrayBackend::new(&fx.config, 4), &mut host, M2);
+    for (key, t) in mixed_trials(&fx, false) {
         let (want_epochs, want_params) = fx.train_alone(&t.cfg, false, None);
-        let (epochs, params) = host.finished(t.key);
-        assert_epochs_close(epochs, &want_epochs, 1e-5, &format!("trial {}", t.key));
+        let (epochs, params) = host.finished(key);
+        assert_epochs_close(epochs, &want_epochs, 1e-5, &format!("trial {key}"));
         let e = rel(params, &want_params);
-        assert!(e <= 1e-5, "trial {}: final parameters rel err {e}", t.key);
+        assert!(e <= 1e-5, "trial {key}: final parameters rel err {e}");
     }
     // With dropout, each slot equals the same trial alone in a one-slot array, bit for bit: slots
     // share nothing.
     let mut together = TestHost::new(mixed_trials(&fx, true));
-    run(&mut CpuArrayBackend::new(&fx.config, 4), &mut together, 2);
-    for t in mixed_trials(&fx, true) {
-        let key = t.key;
-        let mut alone = TestHost::new(vec![t]);
-        run(&mut CpuArrayBackend::new(&fx.config, 1), &mut alone, 2);
+    run(&mut CpuArrayBackend::new(&fx.config, 4), &mut together, M2);
+    for (key, t) in mixed_trials(&fx, true) {
+        let mut alone = TestHost::new(vec![(key, t)]);
+        run(&mut CpuArrayBackend::new(&fx.config, 1), &mut alone, M2);
         let (e1, p1) = together.finished(key);
         let (e2, p2) = alone.finished(key);
         assert_epochs_identical(e1, e2, &format!("trial {key} with dropout"));
@@ -339,7 +412,7 @@ fn ticks_and_optimizer_steps_per_slot() {
     ];
     let mut host = TestHost::new(trials);
     let mut backend = Recording::new(&fx.config, 3);
-    run(&mut backend, &mut host, 2);
+    run(&mut backend, &mut host, M2);
 
     let per_epoch_sizes: Vec<usize> = std::iter::repeat_n(2, 30).chain([1]).collect();
     // Slot 0: trial 0 (ticks 1–31, a step every tick), then trial 3 (ticks 32–62, b = 8).
@@ -380,10 +453,10 @@ fn pruned_slot_takes_the_next_trial_at_once() {
     let mut host = TestHost::new(trials);
     host.prune_after.insert(1, 1);
     let mut backend = Recording::new(&fx.config, 2);
-    run(&mut backend, &mut host, 2);
+    run(&mut backend, &mut host, M2);
 
     let TrialEnd::Finished { result, .. } = &host.ends[&1] else { panic!("trial 1 did not finish") };
-    assert!(result.stopped_early && result.epochs.len() == 1);
+    assert!(result.pruned && result.epochs.len() == 1);
     // The eval that pruned trial 1 (slot 1) is followed by loading slot 1, before any forward.
     let first_eval = backend.calls.iter().position(|c| matches!(c, Call::Eval(_))).unwrap();
     assert_eq!(backend.calls[first_eval], Call::Eval(vec![0, 1]));
@@ -391,11 +464,11 @@ fn pruned_slot_takes_the_next_trial_at_once() {
     assert!(matches!(backend.calls[first_eval + 2], Call::Forward(ref w) if w.iter().any(|(s, _)| *s == 1)));
 
     // The new trial trains as if alone.
-    let (want_epochs, want_params) = fx.train_alone(&next.cfg, false, None);
+    let (want_epochs, want_params) = fx.train_alone(&next.1.cfg, false, None);
     let (epochs, params) = host.finished(9);
     assert_epochs_close(epochs, &want_epochs, 1e-5, "trial 9 after the pruned one");
     assert!(rel(params, &want_params) <= 1e-5);
-    // The pruned trial kept its epoch-1 weights, as train() stopped after epoch 1 keeps them.
+    // The pruned trial kept its epoch-1 weights, as the Trainer loop stopped after epoch 1 keeps them.
     let (want_epochs, want_params) = fx.train_alone(&cfg(3e-3, 4, 2), false, Some(1));
     let (epochs, params) = host.finished(1);
     assert_epochs_close(epochs, &want_epochs, 1e-5, "pruned trial 1");
@@ -406,7 +479,7 @@ fn pruned_slot_takes_the_next_trial_at_once() {
 /// a run without it (on the backend `make` builds).
 fn diverging_slot_fails_alone(make: &dyn Fn(&BertConfig, usize) -> Box<dyn ArrayBackend>) {
     let fx = fixture();
-    let others = |fx: &Fixture| -> Vec<ArrayTrial> {
+    let others = |fx: &Fixture| -> Vec<(u64, ArrayTrial)> {
         let mut t = mixed_trials(fx, true);
         t.truncate(2);
         t
@@ -414,7 +487,7 @@ fn diverging_slot_fails_alone(make: &dyn Fn(&BertConfig, usize) -> Box<dyn Array
     let mut with_bad = others(&fx);
     with_bad.push(fx.trial(7, cfg(1e3, 4, 2), true));
     let mut host = TestHost::new(with_bad);
-    run(&mut *make(&fx.config, 3), &mut host, 2);
+    run(&mut *make(&fx.config, 3), &mut host, M2);
     match &host.ends[&7] {
         TrialEnd::Failed { reason } => {
             assert!(reason.contains("diverged") || reason.contains("non-finite"), "{reason}")
@@ -422,7 +495,7 @@ fn diverging_slot_fails_alone(make: &dyn Fn(&BertConfig, usize) -> Box<dyn Array
         other => panic!("lr 1e3 should fail: {other:?}"),
     }
     let mut without = TestHost::new(others(&fx));
-    run(&mut *make(&fx.config, 3), &mut without, 2);
+    run(&mut *make(&fx.config, 3), &mut without, M2);
     for k in 0..2 {
         let (e1, p1) = host.finished(k);
         let (e2, p2) = without.finished(k);
@@ -447,7 +520,7 @@ fn out_of_memory_shrinks_the_array_and_evicts_the_last_slot() {
     let mut backend = Recording::new(&fx.config, 3);
     backend.oom_on_forward = Some(5);
     let mut host = TestHost::new(trials());
-    let stats = run_array(&mut backend, &mut host, &ArrayOptions { micro_batch: 2 }).unwrap();
+    let stats = run(&mut backend, &mut host, M2);
     assert_eq!(stats.slots, 2);
     assert_eq!(backend.slots(), 2);
     match &host.ends[&2] {
@@ -456,7 +529,7 @@ fn out_of_memory_shrinks_the_array_and_evicts_the_last_slot() {
     }
     // The retried tick changed nothing for the others.
     let mut reference = TestHost::new(trials());
-    run(&mut CpuArrayBackend::new(&fx.config, 3), &mut reference, 2);
+    run(&mut CpuArrayBackend::new(&fx.config, 3), &mut reference, M2);
     for k in 0..2 {
         let (e1, p1) = host.finished(k);
         let (e2, p2) = reference.finished(k);
@@ -470,7 +543,7 @@ fn unfit_trials_fail_with_a_reason() {
     let fx = fixture();
     let mut host =
         TestHost::new(vec![fx.trial(0, cfg(1e-3, 6, 1), false), fx.trial(1, cfg(1e-3, 4, 1), false)]);
-    run(&mut CpuArrayBackend::new(&fx.config, 1), &mut host, 4);
+    run(&mut CpuArrayBackend::new(&fx.config, 1), &mut host, MicroBatch::Fixed(4));
     match &host.ends[&0] {
         TrialEnd::Failed { reason } => {
             assert!(reason.contains("batch size 6") && reason.contains("micro-batch size 4"), "{reason}")
@@ -617,9 +690,8 @@ struct FakeArray {
     asks: Vec<usize>,
 }
 
-impl hpo_gpu::study::driver::ConcurrentTrialRunner for FakeArray {
-    fn run_trials(&mut self, host: &mut dyn hpo_gpu::study::driver::TrialHost) -> Result<()> {
-        use hpo_gpu::study::driver::{EpochReport, TrialOutcome, Verdict as V};
+impl TrialRunner for FakeArray {
+    fn run_trials(&mut self, host: &mut dyn TrialHost) -> Result<()> {
         let mut running: Vec<(u64, f64, u32)> = Vec::new();
         loop {
             let free = self.slots - running.len();
@@ -637,25 +709,25 @@ impl hpo_gpu::study::driver::ConcurrentTrialRunner for FakeArray {
             for (n, lr, e) in running.drain(..) {
                 let epoch = e + 1;
                 if n == self.evict && epoch == 1 {
-                    host.finish(n, TrialOutcome::Evicted("evicted: simulated out of memory".into()))?;
+                    let reason = "evicted: simulated out of memory".into();
+                    host.on_end(n, TrialEnd::Evicted { reason })?;
                     continue;
                 }
                 if lr > self.fail_above {
-                    host.finish(n, TrialOutcome::Failed("simulated divergence".into()))?;
+                    host.on_end(n, TrialEnd::Failed { reason: "simulated divergence".into() })?;
                     continue;
                 }
                 let value = f64::from(epoch) / 10.0;
-                let r = EpochReport {
-                    epoch,
-                    objective: value,
-                    train_loss: 1.0,
-                    eval_loss: 1.0,
-                    eval_accuracy: value,
-                    seconds: 0.0,
-                };
-                let pruned = host.report(n, &r)? == V::Prune;
+                let m = fake_trainer::epoch(epoch, value, 1.0, 1.0, 0.0);
+                let pruned = host.on_epoch(n, &m)? == Verdict::Prune;
                 if pruned || epoch == self.epochs {
-                    host.finish(n, TrialOutcome::Value(value))?;
+                    let result = hpo_gpu::trial::protocol::TrainResult {
+                        epochs: vec![m],
+                        best_epoch: epoch as usize,
+                        objective: value,
+                        pruned,
+                    };
+                    host.on_end(n, TrialEnd::Finished { result, params: Vec::new() })?;
                 } else {
                     still.push((n, lr, epoch));
                 }
@@ -670,7 +742,7 @@ fn study_driver_for_the_array_counts_requeues_and_fails() {
     use hpo_gpu::search::pruner::NopPruner;
     use hpo_gpu::search::sampler::RandomSampler;
     use hpo_gpu::search::space::SearchSpace;
-    use hpo_gpu::study::driver::{DriverOptions, NoProgress, StopReason, run_study_array};
+    use hpo_gpu::study::driver::{DriverOptions, NoProgress, StopReason, run_study};
     use hpo_gpu::study::storage::Storage;
     use hpo_gpu::study::{StudyDirection, TrialState};
 
@@ -684,7 +756,7 @@ fn study_driver_for_the_array_counts_requeues_and_fails() {
     let mut opts = DriverOptions::new(7);
     opts.seed = Some(3);
     opts.max_consecutive_failures = 100;
-    let out = run_study_array(
+    let out = run_study(
         &mut storage,
         &study,
         &space,
@@ -739,15 +811,15 @@ fn device_backend(config: &BertConfig, slots: usize) -> DeviceArrayBackend<CpuOp
 fn device_backend_on_host_ops_matches_the_cpu_backend() {
     let fx = fixture();
     let mut reference = TestHost::new(mixed_trials(&fx, true));
-    run(&mut CpuArrayBackend::new(&fx.config, 4), &mut reference, 2);
+    run(&mut CpuArrayBackend::new(&fx.config, 4), &mut reference, M2);
     let mut device = TestHost::new(mixed_trials(&fx, true));
-    run(&mut device_backend(&fx.config, 4), &mut device, 2);
-    for t in mixed_trials(&fx, true) {
-        let (e1, p1) = device.finished(t.key);
-        let (e2, p2) = reference.finished(t.key);
-        assert_epochs_close(e1, e2, 1e-5, &format!("trial {} on the device backend", t.key));
+    run(&mut device_backend(&fx.config, 4), &mut device, M2);
+    for (key, _) in mixed_trials(&fx, true) {
+        let (e1, p1) = device.finished(key);
+        let (e2, p2) = reference.finished(key);
+        assert_epochs_close(e1, e2, 1e-5, &format!("trial {key} on the device backend"));
         let e = rel(p1, p2);
-        assert!(e <= 1e-5, "trial {}: parameters rel err {e}", t.key);
+        assert!(e <= 1e-5, "trial {key}: parameters rel err {e}");
     }
 }
 
@@ -756,28 +828,22 @@ fn device_backend_fails_a_diverging_slot_alone() {
     diverging_slot_fails_alone(&|c, t| Box::new(device_backend(c, t)));
 }
 
-/// `hpo-gpu train --device cuda` trains through a one-slot array with micro-batch = batch size:
-/// on the CPU backend that is exactly `train()`, and the device code path (host ops) is within
-/// rounding of it.
+/// `hpo-gpu train` trains through a one-slot engine with whole batches: on the CPU backend that
+/// is exactly the Trainer's loop, and the device code path (host ops) is within rounding of it.
 #[test]
-fn train_one_is_train() {
+fn one_slot_of_whole_batches_is_the_trainer() {
     let fx = fixture();
     let c = cfg(3e-3, 8, 2);
     let (want_epochs, want_params) = fx.train_alone(&c, true, None);
-    let mut seen = Vec::new();
-    let mut on_epoch = |m: &EpochMetrics| -> Result<Verdict> {
-        seen.push(m.epoch);
-        Ok(Verdict::Continue)
-    };
-    let (result, params) =
-        train_one(&mut CpuArrayBackend::new(&fx.config, 1), fx.trial(0, c.clone(), true), 8, &mut on_epoch)
-            .unwrap();
-    assert_eq!(seen, [1, 2]);
-    assert_epochs_identical(&result.epochs, &want_epochs, "train_one on the CPU backend");
-    assert_eq!(params, want_params);
-    let mut quiet = |_: &EpochMetrics| -> Result<Verdict> { Ok(Verdict::Continue) };
-    let (result, params) =
-        train_one(&mut device_backend(&fx.config, 1), fx.trial(0, c, true), 8, &mut quiet).unwrap();
-    assert_epochs_close(&result.epochs, &want_epochs, 1e-5, "train_one on host ops");
-    assert!(rel(&params, &want_params) <= 1e-5);
+    let mut host = TestHost::new(vec![fx.trial(0, c.clone(), true)]);
+    run(&mut CpuArrayBackend::new(&fx.config, 1), &mut host, MicroBatch::WholeBatch);
+    let (epochs, params) = host.finished(0);
+    assert_eq!(host.epochs[&0].iter().map(|m| m.epoch).collect::<Vec<_>>(), [1, 2]);
+    assert_epochs_identical(epochs, &want_epochs, "whole batches on the CPU backend");
+    assert_eq!(params, &want_params[..]);
+    let mut host = TestHost::new(vec![fx.trial(0, c, true)]);
+    run(&mut device_backend(&fx.config, 1), &mut host, MicroBatch::WholeBatch);
+    let (epochs, params) = host.finished(0);
+    assert_epochs_close(epochs, &want_epochs, 1e-5, "whole batches on host ops");
+    assert!(rel(params, &want_params) <= 1e-5);
 }

@@ -24,7 +24,7 @@
 use rayon::prelude::*;
 
 use super::philox::DropoutRng;
-use super::real::{Mat, Real, gemm, gemm_serial_raw};
+use super::real::{Mat, Real, SendPtr, gemm, gemm_serial_raw};
 use crate::config::BertConfig;
 use crate::model::layout::{LayerParams, ParamLayout};
 
@@ -70,37 +70,152 @@ impl Batch {
     pub fn rows(&self) -> usize {
         self.input_ids.len()
     }
+
+    /// Splits the batch into runs of consecutive sequences whose attention probabilities (over
+    /// all `layers`, `heads` per layer) hold at most `budget` values — a sequence over the budget
+    /// alone is a run of its own — each with its dropout offsets in this batch. Running the runs
+    /// one after another gives the whole batch's results up to summation order, with the same
+    /// dropout masks. One run (the batch itself) when it fits.
+    pub fn split_by_attention(
+        &self,
+        heads: usize,
+        layers: usize,
+        budget: usize,
+    ) -> Vec<(Batch, DropoutOffset)> {
+        let cost = |s: &Sequence| heads * layers * s.len * s.valid;
+        if self.seqs.iter().map(cost).sum::<usize>() <= budget {
+            return vec![(self.clone(), DropoutOffset::default())];
+        }
+        let mut runs = Vec::new();
+        let (mut first, mut used) = (0, 0);
+        let mut offset = DropoutOffset::default();
+        let mut next = offset;
+        for (i, s) in self.seqs.iter().enumerate() {
+            if i > first && used + cost(s) > budget {
+                runs.push((self.select(first..i), offset));
+                (first, used, offset) = (i, 0, next);
+            }
+            used += cost(s);
+            next.rows = s.start + s.len;
+            next.seqs = i + 1;
+            next.attention += heads * s.len * s.valid;
+            next.cls_attention += heads * s.valid;
+        }
+        runs.push((self.select(first..self.seqs.len()), offset));
+        runs
+    }
+
+    /// The sequences `range` (consecutive in the packed rows) as a batch of their own.
+    fn select(&self, range: std::ops::Range<usize>) -> Batch {
+        let seqs = &self.seqs[range.clone()];
+        let (Some(first), Some(last)) = (seqs.first(), seqs.last()) else { return Batch::default() };
+        let rows = first.start..last.start + last.len;
+        Batch {
+            input_ids: self.input_ids[rows.clone()].to_vec(),
+            token_type_ids: self.token_type_ids[rows.clone()].to_vec(),
+            seqs: seqs.iter().map(|s| Sequence { start: s.start - rows.start, ..*s }).collect(),
+            labels: self.labels[range].to_vec(),
+        }
+    }
+}
+
+/// Dropout probabilities of one model (they may differ between the trials of an array; the
+/// architecture may not).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DropoutProbs {
+    pub hidden: f64,
+    pub attention: f64,
+    pub classifier: f64,
+}
+
+impl DropoutProbs {
+    pub fn from_config(c: &BertConfig) -> Self {
+        DropoutProbs {
+            hidden: c.hidden_dropout_prob,
+            attention: c.attention_probs_dropout_prob,
+            classifier: c.classifier_dropout_prob(),
+        }
+    }
+
+    /// The probabilities of a forward pass's dropout settings.
+    pub fn of(d: &Dropout) -> Self {
+        d.probs
+    }
+}
+
+/// Where a chunk of a micro-batch starts in each of dropout's element index spaces (token rows,
+/// sequences, attention cells of full layers and of the last, [CLS]-query layer), so that running
+/// a micro-batch in chunks draws exactly the masks of running it whole.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropoutOffset {
+    pub rows: usize,
+    pub seqs: usize,
+    pub attention: usize,
+    pub cls_attention: usize,
 }
 
 /// Dropout probabilities and the generator for one training forward pass. `None` = eval mode.
 #[derive(Clone, Copy, Debug)]
 pub struct Dropout {
     pub rng: DropoutRng,
-    pub hidden: f64,
-    pub attention: f64,
-    pub classifier: f64,
+    pub probs: DropoutProbs,
+    /// Zero unless this pass is a chunk of a larger micro-batch.
+    pub offset: DropoutOffset,
 }
 
 impl Dropout {
-    pub fn from_config(c: &BertConfig, rng: DropoutRng) -> Self {
-        Dropout {
-            rng,
-            hidden: c.hidden_dropout_prob,
-            attention: c.attention_probs_dropout_prob,
-            classifier: c.classifier_dropout_prob(),
-        }
+    pub fn new(probs: DropoutProbs, rng: DropoutRng) -> Self {
+        Dropout { rng, probs, offset: DropoutOffset::default() }
     }
+
+    pub fn from_config(c: &BertConfig, rng: DropoutRng) -> Self {
+        Dropout::new(DropoutProbs::from_config(c), rng)
+    }
+
+    /// Attention-probability dropout of layer `l` (`cls_only`: the last layer, whose queries are
+    /// the [CLS] rows).
+    fn attention(&self, l: usize, cls_only: bool) -> AttentionDropout<'_> {
+        let first = if cls_only { self.offset.cls_attention } else { self.offset.attention };
+        AttentionDropout { rng: &self.rng, p: self.probs.attention, site: site_attn_probs(l), first }
+    }
+}
+
+/// Dropout on attention probabilities: the generator, probability, site, and the index of the
+/// pass's first probability in its micro-batch.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionDropout<'a> {
+    pub rng: &'a DropoutRng,
+    pub p: f64,
+    pub site: u32,
+    pub first: usize,
+}
+
+/// The rows a hidden-width dropout site covers: every token row, or one [CLS] row per sequence.
+#[derive(Clone, Copy, Debug)]
+enum SiteRows {
+    Tokens,
+    Sequences,
+}
+
+/// The rows of an encoder layer's output: the last layer keeps only the [CLS] rows.
+fn layer_rows(last: bool) -> SiteRows {
+    if last { SiteRows::Sequences } else { SiteRows::Tokens }
 }
 
 fn apply_dropout<F: Real>(
     d: Option<&Dropout>,
-    p: impl Fn(&Dropout) -> f64,
+    p: impl Fn(&DropoutProbs) -> f64,
     site: u32,
-    base: usize,
+    rows: SiteRows,
+    width: usize,
     x: &mut [F],
 ) {
     if let Some(d) = d {
-        d.rng.apply(p(d), site, base, x);
+        let first_row = match rows {
+            SiteRows::Tokens => d.offset.rows,
+            SiteRows::Sequences => d.offset.seqs,
+        };
+        d.rng.apply(p(&d.probs), site, first_row * width, x);
     }
 }
 
@@ -321,16 +436,6 @@ pub fn attention_layout(seqs: &[Sequence], heads: usize, cls_only: bool) -> (Vec
     (out, p)
 }
 
-#[derive(Clone, Copy)]
-struct SyncPtr<F>(*mut F);
-unsafe impl<F> Send for SyncPtr<F> {}
-unsafe impl<F> Sync for SyncPtr<F> {}
-impl<F> SyncPtr<F> {
-    fn get(self) -> *mut F {
-        self.0
-    }
-}
-
 /// q and ctx are (Nq, H); k and v are (N, H); probs holds each sequence's `[A, q_len, k_len]`
 /// softmax(q·kᵀ/√D) block (before dropout). ctx = dropout(probs)·v per head.
 #[allow(clippy::too_many_arguments)]
@@ -343,11 +448,11 @@ pub fn attention_forward<F: Real>(
     h: usize,
     probs: &mut [F],
     ctx: &mut [F],
-    dropout: Option<(&DropoutRng, f64, u32)>,
+    dropout: Option<AttentionDropout<'_>>,
 ) {
     let d = h / heads;
     let scale = F::of(1.0 / (d as f64).sqrt());
-    let (pp, cp) = (SyncPtr(probs.as_mut_ptr()), SyncPtr(ctx.as_mut_ptr()));
+    let (pp, cp) = (SendPtr(probs.as_mut_ptr()), SendPtr(ctx.as_mut_ptr()));
     let (plen, clen) = (probs.len(), ctx.len());
     assert!(seqs.iter().all(|s| s.q_len > 0 && s.k_len > 0), "every sequence needs a query and a key");
     let work: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|s| (0..heads).map(move |a| (s, a))).collect();
@@ -374,9 +479,9 @@ pub fn attention_forward<F: Real>(
         }
         let mut pd;
         let pv: &[F] = match dropout {
-            Some((rng, prob, site)) if prob > 0.0 => {
+            Some(d) if d.p > 0.0 => {
                 pd = p.to_vec();
-                rng.apply(prob, site, off, &mut pd);
+                d.rng.apply(d.p, d.site, d.first + off, &mut pd);
                 &pd
             }
             _ => p,
@@ -410,7 +515,7 @@ pub fn attention_backward<F: Real>(
     dq: &mut [F],
     dk: &mut [F],
     dv: &mut [F],
-    dropout: Option<(&DropoutRng, f64, u32)>,
+    dropout: Option<AttentionDropout<'_>>,
 ) {
     let d = h / heads;
     let scale = F::of(1.0 / (d as f64).sqrt());
@@ -419,7 +524,7 @@ pub fn attention_backward<F: Real>(
     assert!(seqs.iter().all(|s| s.q_len > 0 && s.k_len > 0), "every sequence needs a query and a key");
     assert!(dk.len() == dv.len());
     let (nq_len, nk_len) = (dq.len(), dk.len());
-    let (qp, kp, vp) = (SyncPtr(dq.as_mut_ptr()), SyncPtr(dk.as_mut_ptr()), SyncPtr(dv.as_mut_ptr()));
+    let (qp, kp, vp) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
     let work: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|s| (0..heads).map(move |a| (s, a))).collect();
     work.into_par_iter().for_each(|(s, a)| {
         let sq = seqs[s];
@@ -428,9 +533,9 @@ pub fn attention_backward<F: Real>(
         let p = &probs[off..off + lq * lk];
         let mut pd;
         let pv: &[F] = match dropout {
-            Some((rng, prob, site)) if prob > 0.0 => {
+            Some(d) if d.p > 0.0 => {
                 pd = p.to_vec();
-                rng.apply(prob, site, off, &mut pd);
+                d.rng.apply(d.p, d.site, d.first + off, &mut pd);
                 &pd
             }
             _ => p,
@@ -454,8 +559,8 @@ pub fn attention_backward<F: Real>(
         let mut dp = vec![F::zero(); lq * lk];
         let vt = Mat { data: &v[sq.k_start * h + a * d..], rows: d, cols: lk, rs: 1, cs: h };
         gemm(F::one(), dc, vt, F::zero(), &mut dp, lk);
-        if let Some((rng, prob, site)) = dropout {
-            rng.apply(prob, site, off, &mut dp);
+        if let Some(d) = dropout {
+            d.rng.apply(d.p, d.site, d.first + off, &mut dp);
         }
         // softmax backward: ds = p ⊙ (dp − Σ dp⊙p), then the 1/√D scale
         for (dsr, pr) in dp.chunks_exact_mut(lk).zip(p.chunks_exact(lk)) {
@@ -614,7 +719,7 @@ pub fn forward<F: Real>(
     let e = &layout.embeddings;
     let (mut x, emb_xhat, emb_rstd) =
         layernorm_new(&emb, &p[e.ln_weight.clone()], &p[e.ln_bias.clone()], c.layer_norm_eps, h);
-    apply_dropout(dr, |d| d.hidden, site_embeddings(), 0, &mut x);
+    apply_dropout(dr, |p| p.hidden, site_embeddings(), SiteRows::Tokens, h, &mut x);
 
     let mut layer_inputs = Vec::new();
     let mut layers = Vec::new();
@@ -636,7 +741,14 @@ pub fn forward<F: Real>(
     linear_forward(&cls, &p[layout.pooler_w.clone()], &p[layout.pooler_b.clone()], b, h, h, &mut pooled);
     pooled.iter_mut().for_each(|v| *v = v.tanh());
     let mut pooled_dropped = pooled.clone();
-    apply_dropout(dr, |d| d.classifier, site_pooled(layout.layers.len()), 0, &mut pooled_dropped);
+    apply_dropout(
+        dr,
+        |p| p.classifier,
+        site_pooled(layout.layers.len()),
+        SiteRows::Sequences,
+        h,
+        &mut pooled_dropped,
+    );
     let mut logits = vec![F::zero(); b * nl];
     linear_forward(
         &pooled_dropped,
@@ -706,13 +818,13 @@ fn layer_forward<F: Real>(
     let (attn, nprobs) = attention_layout(&batch.seqs, heads, last);
     let mut probs = vec![F::zero(); nprobs];
     let mut ctx = vec![F::zero(); nq * h];
-    let attn_drop = dropout.map(|d| (&d.rng, d.attention, site_attn_probs(l)));
+    let attn_drop = dropout.map(|d| d.attention(l, last));
     attention_forward(&q, &k, &v, &attn, heads, h, &mut probs, &mut ctx, attn_drop);
 
     // Attention output: dense → dropout → + residual → LayerNorm
     let mut y = vec![F::zero(); nq * h];
     linear_forward(&ctx, &p[lp.attn_out_w.clone()], &p[lp.attn_out_b.clone()], nq, h, h, &mut y);
-    apply_dropout(dropout, |d| d.hidden, site_attn_out(l), 0, &mut y);
+    apply_dropout(dropout, |p| p.hidden, site_attn_out(l), layer_rows(last), h, &mut y);
     y.iter_mut().zip(&xq).for_each(|(a, b)| *a += *b);
     let (h1, ln1_xhat, ln1_rstd) =
         layernorm_new(&y, &p[lp.attn_ln_weight.clone()], &p[lp.attn_ln_bias.clone()], c.layer_norm_eps, h);
@@ -724,7 +836,7 @@ fn layer_forward<F: Real>(
     gelu_forward(&inter_pre, &mut inter_act);
     let mut z = vec![F::zero(); nq * h];
     linear_forward(&inter_act, &p[lp.out_w.clone()], &p[lp.out_b.clone()], nq, inter, h, &mut z);
-    apply_dropout(dropout, |d| d.hidden, site_ffn_out(l), 0, &mut z);
+    apply_dropout(dropout, |p| p.hidden, site_ffn_out(l), layer_rows(last), h, &mut z);
     z.iter_mut().zip(&h1).for_each(|(a, b)| *a += *b);
     let (out, ln2_xhat, ln2_rstd) =
         layernorm_new(&z, &p[lp.out_ln_weight.clone()], &p[lp.out_ln_bias.clone()], c.layer_norm_eps, h);
@@ -796,7 +908,14 @@ pub fn backward<F: Real>(
         Some((&mut dpooled, false)),
         grads,
     );
-    apply_dropout(dr, |d| d.classifier, site_pooled(layout.layers.len()), 0, &mut dpooled);
+    apply_dropout(
+        dr,
+        |p| p.classifier,
+        site_pooled(layout.layers.len()),
+        SiteRows::Sequences,
+        h,
+        &mut dpooled,
+    );
     dpooled.iter_mut().zip(&fwd.pooled).for_each(|(d, y)| *d *= F::one() - *y * *y);
     let cls = &fwd.layer_inputs[layout.layers.len()];
     let mut dx = vec![F::zero(); b * h];
@@ -820,7 +939,7 @@ pub fn backward<F: Real>(
     }
 
     // Embeddings: dropout → LayerNorm → scatter
-    apply_dropout(dr, |d| d.hidden, site_embeddings(), 0, &mut dx);
+    apply_dropout(dr, |p| p.hidden, site_embeddings(), SiteRows::Tokens, h, &mut dx);
     let e = &layout.embeddings;
     let mut demb = vec![F::zero(); n * h];
     {
@@ -901,7 +1020,7 @@ fn layer_backward<F: Real>(
     }
     // dz flows to the residual (h1) and, through dropout, into the FFN output dense.
     let mut dh1 = dz.clone();
-    apply_dropout(dropout, |d| d.hidden, site_ffn_out(l), 0, &mut dz);
+    apply_dropout(dropout, |p| p.hidden, site_ffn_out(l), layer_rows(last), h, &mut dz);
     let mut dact = vec![F::zero(); nq * inter];
     let dact_out = Some((&mut dact[..], false));
     linear_param_backward(&lc.inter_act, p, &lp.out_w, &lp.out_b, &dz, nq, inter, h, dact_out, grads);
@@ -936,7 +1055,7 @@ fn layer_backward<F: Real>(
         );
     }
     let mut dxq = dy.clone();
-    apply_dropout(dropout, |d| d.hidden, site_attn_out(l), 0, &mut dy);
+    apply_dropout(dropout, |p| p.hidden, site_attn_out(l), layer_rows(last), h, &mut dy);
     let mut dctx = vec![F::zero(); nq * h];
     linear_param_backward(
         &lc.ctx,
@@ -953,7 +1072,7 @@ fn layer_backward<F: Real>(
 
     // Attention
     let (mut dq, mut dk, mut dv) = (vec![F::zero(); nq * h], vec![F::zero(); n * h], vec![F::zero(); n * h]);
-    let attn_drop = dropout.map(|d| (&d.rng, d.attention, site_attn_probs(l)));
+    let attn_drop = dropout.map(|d| d.attention(l, last));
     attention_backward(
         &lc.q, &lc.k, &lc.v, &lc.probs, &dctx, &lc.attn, heads, h, &mut dq, &mut dk, &mut dv, attn_drop,
     );
@@ -972,4 +1091,63 @@ fn layer_backward<F: Real>(
         dx.iter_mut().zip(&dxq).for_each(|(a, b)| *a += *b);
     }
     dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A micro-batch run in chunks (`split_by_attention`) gives the whole batch's losses and
+    /// gradients up to summation order, with the same dropout masks.
+    #[test]
+    fn attention_chunks_train_like_the_whole_batch() {
+        let config = BertConfig::from_json_str(
+            r#"{"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "intermediate_size": 32, "max_position_embeddings": 64, "hidden_dropout_prob": 0.2,
+                "attention_probs_dropout_prob": 0.3}"#,
+        )
+        .unwrap();
+        let model = crate::model::BertModel::random_init(&config, 3);
+        let lens = [7usize, 12, 3, 9, 12, 5];
+        let seqs: Vec<Vec<u32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| ((i * 7 + j * 3) % 50) as u32).collect())
+            .collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
+        let labels: Vec<usize> = (0..lens.len()).map(|i| i % 2).collect();
+        let batch = Batch::packed(&refs, &labels);
+        let rng = DropoutRng { seed: 9, stream: 1, step: 4 };
+        let dropout = Dropout::from_config(&config, rng);
+        let run = |runs: Vec<(Batch, DropoutOffset)>| {
+            let mut grads = vec![0.0f32; model.layout.len];
+            let mut losses = Vec::new();
+            for (run, offset) in runs {
+                let d = Dropout { offset, ..dropout };
+                let fwd = forward(&config, &model.layout, &model.params, &run, Some(d));
+                backward(&config, &model.layout, &model.params, &run, &fwd, 0.25, &mut grads);
+                losses.extend(fwd.losses);
+            }
+            (losses, grads)
+        };
+        // 2 heads × 2 layers × len²: a budget of 800 splits the six sequences into three runs.
+        let runs = batch.split_by_attention(2, 2, 800);
+        let seqs_per_run: Vec<usize> = runs.iter().map(|(b, _)| b.seqs.len()).collect();
+        assert_eq!(seqs_per_run, [2, 2, 2]);
+        assert_eq!(
+            runs[1].1,
+            DropoutOffset { rows: 19, seqs: 2, attention: 2 * (49 + 144), cls_attention: 2 * 19 }
+        );
+        let (whole_losses, whole_grads) = run(batch.split_by_attention(2, 2, usize::MAX));
+        let (chunked_losses, chunked_grads) = run(runs);
+        assert_eq!(chunked_losses, whole_losses);
+        let max_grad = whole_grads.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+        for (a, b) in chunked_grads.iter().zip(&whole_grads) {
+            assert!((a - b).abs() <= 1e-5 * max_grad, "{a} vs {b}");
+        }
+        // Without the offsets the chunks would redraw the first chunk's masks.
+        let mut no_offsets = batch.split_by_attention(2, 2, 800);
+        no_offsets.iter_mut().for_each(|(_, o)| *o = DropoutOffset::default());
+        assert_ne!(run(no_offsets).0, whole_losses);
+    }
 }

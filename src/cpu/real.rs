@@ -202,12 +202,13 @@ pub unsafe fn gemm_serial_raw<F: Real>(alpha: F, a: Mat<F>, b: Mat<F>, beta: F, 
     unsafe { gemm_block(alpha, a, b, beta, c, ldc, 0..a.rows, 0..b.cols) }
 }
 
+/// A raw pointer that parallel work items share, each writing only elements no other touches.
 #[derive(Clone, Copy)]
-struct SendPtr<F>(*mut F);
+pub(crate) struct SendPtr<F>(pub(crate) *mut F);
 unsafe impl<F> Send for SendPtr<F> {}
 unsafe impl<F> Sync for SendPtr<F> {}
 impl<F> SendPtr<F> {
-    fn get(self) -> *mut F {
+    pub(crate) fn get(self) -> *mut F {
         self.0
     }
 }

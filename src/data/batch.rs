@@ -46,31 +46,3 @@ impl TokenizedSplit {
         b
     }
 }
-
-/// Splits `indices` (one optimizer batch) into consecutive chunks whose attention buffers stay
-/// under `budget` values, so a large batch of long sequences is processed as gradient-accumulated
-/// pieces instead of one huge activation set. Chunking changes only summation order.
-pub fn chunk_by_attention_budget(
-    split: &TokenizedSplit,
-    indices: &[usize],
-    heads: usize,
-    budget: usize,
-) -> Vec<Vec<usize>> {
-    let mut out: Vec<Vec<usize>> = Vec::new();
-    let mut cur = Vec::new();
-    let mut used = 0usize;
-    for &i in indices {
-        let l = split.ids[i].len();
-        let cost = heads * l * l;
-        if !cur.is_empty() && used + cost > budget {
-            out.push(std::mem::take(&mut cur));
-            used = 0;
-        }
-        cur.push(i);
-        used += cost;
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
-}

@@ -1,5 +1,6 @@
-//! The search driver: ask a trial, train it through a [`TrialRunner`], report every epoch, let the
-//! pruner decide, tell the result — until the study holds `n_trials` finished trials.
+//! The search driver: ask trials, have a [`TrialRunner`] train them (as many at once as it has
+//! slots), store every epoch, let the pruner decide, tell each result — until the study holds
+//! `n_trials` finished trials.
 //!
 //! What is stored per trial (readable by Optuna, its plots and optuna-dashboard):
 //! - parameters as Optuna stores them; the objective of each epoch as the intermediate value at
@@ -20,10 +21,9 @@
 //! re-queued trials run first. While other workers' live trials could still complete the study, a
 //! worker waits for them (and takes over their trials if they go stale).
 //!
-//! [`run_study_array`] is the same driver for a [`ConcurrentTrialRunner`] (the trial array): it
-//! asks as many trials at once as the runner has free slots (`ask_batch`, so constant liar sees
-//! the others as RUNNING), beats every running trial's heartbeat from one thread, and tells each
-//! trial as it ends. A trial the runner evicts (out of device memory) is FAILed and re-queued.
+//! The runner asks for as many trials at once as it has free slots (`ask_batch`, so constant liar
+//! sees the others as RUNNING); one thread beats every running trial's heartbeat, and each trial
+//! is told as it ends. A trial the runner evicts (out of device memory) is FAILed and re-queued.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, mpsc};
@@ -39,40 +39,7 @@ use crate::search::pruner::Pruner;
 use crate::search::pyjson::float_repr;
 use crate::search::sampler::{Sampler, StudyView, suggest_params};
 use crate::search::space::SearchSpace;
-
-/// What the runner reports after each epoch.
-#[derive(Clone, Debug, PartialEq)]
-pub struct EpochReport {
-    /// 1-based epoch number; the intermediate value's step.
-    pub epoch: u32,
-    /// The value being optimised (e.g. eval accuracy).
-    pub objective: f64,
-    pub train_loss: f64,
-    pub eval_loss: f64,
-    pub eval_accuracy: f64,
-    /// Wall time of this epoch.
-    pub seconds: f64,
-}
-
-/// The driver's answer to a report.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    Continue,
-    Prune,
-}
-
-/// Trains trials. The CPU trainer (and later the GPU trial array) implements this.
-pub trait TrialRunner {
-    /// Trains one trial with `params` (names as in the search space); calls `report` after every
-    /// epoch and stops early when it returns [`Verdict::Prune`] (or an error). Returns the final
-    /// objective value; an `Err` marks the trial FAIL with the error as its reason.
-    fn run_trial(
-        &mut self,
-        trial_number: u64,
-        params: &ParamSet,
-        report: &mut dyn FnMut(&EpochReport) -> Result<Verdict>,
-    ) -> Result<f64>;
-}
+use crate::trial::protocol::{EpochMetrics, TrialEnd, TrialHost, TrialRunner, Verdict};
 
 /// Driver settings.
 #[derive(Clone, Debug)]
@@ -126,7 +93,7 @@ pub enum StudyEvent<'a> {
     },
     Epoch {
         number: u64,
-        report: &'a EpochReport,
+        metrics: &'a EpochMetrics,
         prune: bool,
     },
     TrialFinished {
@@ -332,13 +299,13 @@ fn space_params(trial: &FrozenTrial, space: &SearchSpace) -> Result<ParamSet> {
     Ok(set)
 }
 
-fn epoch_attrs(r: &EpochReport) -> Vec<(String, String)> {
-    let n = r.epoch;
+fn epoch_attrs(m: &EpochMetrics) -> Vec<(String, String)> {
+    let n = m.epoch;
     vec![
-        (format!("epoch_{n}_train_loss"), float_repr(r.train_loss)),
-        (format!("epoch_{n}_eval_loss"), float_repr(r.eval_loss)),
-        (format!("epoch_{n}_eval_accuracy"), float_repr(r.eval_accuracy)),
-        (format!("epoch_{n}_runtime"), float_repr(r.seconds)),
+        (format!("epoch_{n}_train_loss"), float_repr(m.train_loss)),
+        (format!("epoch_{n}_eval_loss"), float_repr(m.eval_loss)),
+        (format!("epoch_{n}_eval_accuracy"), float_repr(m.eval_accuracy)),
+        (format!("epoch_{n}_runtime"), float_repr(m.seconds())),
     ]
 }
 
@@ -346,7 +313,7 @@ fn epoch_attrs(r: &EpochReport) -> Vec<(String, String)> {
 struct LiveTrial {
     trial: FrozenTrial,
     /// The last epoch reported.
-    last_step: Option<u32>,
+    last_step: Option<usize>,
     /// The pruner stopped it.
     pruned: bool,
 }
@@ -359,8 +326,8 @@ enum Asked {
     Stop(StopReason),
 }
 
-/// The study side shared by [`run_study`] and [`run_study_array`]: asking, reporting epochs,
-/// telling results, heartbeats and the failure streak.
+/// The study side of [`run_study`]: asking, reporting epochs, telling results, heartbeats and the
+/// failure streak.
 struct StudyContext<'a> {
     storage: &'a mut Storage,
     study: &'a StudyRef,
@@ -473,13 +440,13 @@ impl<'a> StudyContext<'a> {
     }
 
     /// Stores an epoch's report and asks the pruner.
-    fn report(&mut self, live: &mut LiveTrial, r: &EpochReport) -> Result<Verdict> {
-        if r.epoch == 0 || live.last_step.is_some_and(|s| r.epoch <= s) {
-            bail!("epoch {} reported after epoch {:?}: epochs must count up from 1", r.epoch, live.last_step);
+    fn report(&mut self, live: &mut LiveTrial, m: &EpochMetrics) -> Result<Verdict> {
+        if m.epoch == 0 || live.last_step.is_some_and(|s| m.epoch <= s) {
+            bail!("epoch {} reported after epoch {:?}: epochs must count up from 1", m.epoch, live.last_step);
         }
-        live.last_step = Some(r.epoch);
+        live.last_step = Some(m.epoch);
         let trial = &live.trial;
-        self.storage.report(trial.trial_id, i64::from(r.epoch), r.objective, &epoch_attrs(r))?;
+        self.storage.report(trial.trial_id, m.epoch as i64, m.objective(), &epoch_attrs(m))?;
         let decision = {
             let trials = self.storage.study_trials(self.study.study_id)?;
             let me = trials
@@ -492,7 +459,7 @@ impl<'a> StudyContext<'a> {
         for (key, value) in &decision.system_attrs {
             self.storage.set_trial_system_attr(trial.trial_id, key, &float_repr(*value))?;
         }
-        self.progress.event(&StudyEvent::Epoch { number: trial.number, report: r, prune: decision.prune });
+        self.progress.event(&StudyEvent::Epoch { number: trial.number, metrics: m, prune: decision.prune });
         if decision.prune {
             live.pruned = true;
             Ok(Verdict::Prune)
@@ -585,65 +552,6 @@ impl<'a> StudyContext<'a> {
     }
 }
 
-/// Runs the study until it holds `opts.n_trials` COMPLETE + PRUNED trials, or the timeout.
-/// Errors only for storage failures, a broken sampler, or `max_consecutive_failures` failed
-/// trials in a row; a single trial's failure is stored and the study goes on.
-#[allow(clippy::too_many_arguments)]
-pub fn run_study(
-    storage: &mut Storage,
-    study: &StudyRef,
-    space: &SearchSpace,
-    sampler: &mut dyn Sampler,
-    pruner: &mut dyn Pruner,
-    opts: &DriverOptions,
-    runner: &mut dyn TrialRunner,
-    progress: &mut dyn Progress,
-) -> Result<StudyOutcome> {
-    let mut cx = StudyContext::new(storage, study, space, sampler, pruner, opts, progress)?;
-    let stop = loop {
-        let (trial, params) = match cx.ask_trials(1, true)? {
-            Asked::Started(mut started) if !started.is_empty() => started.swap_remove(0),
-            Asked::Started(_) | Asked::Blocked => continue,
-            Asked::Stop(reason) => break reason,
-        };
-        let mut live = LiveTrial { trial, last_step: None, pruned: false };
-        let number = live.trial.number;
-        let result = runner.run_trial(number, &params, &mut |r| cx.report(&mut live, r));
-        cx.tell(&live, result)?;
-    };
-    cx.outcome(stop)
-}
-
-/// How a trial of a [`ConcurrentTrialRunner`] ended.
-#[derive(Clone, Debug, PartialEq)]
-pub enum TrialOutcome {
-    /// Trained (to the end, or until pruned) with this objective value.
-    Value(f64),
-    /// Failed; the reason is stored.
-    Failed(String),
-    /// Dropped by its worker (e.g. a trial array shrinking after out-of-memory): FAIL with the
-    /// reason, and its parameters are queued again.
-    Evicted(String),
-}
-
-/// The driver's side of a [`ConcurrentTrialRunner`].
-pub trait TrialHost {
-    /// Up to `k` trials to start now, as (trial number, parameters); empty when none should
-    /// start. With `idle` (the runner trains nothing), waits while other workers' trials may
-    /// still complete the study, as [`run_study`] does.
-    fn next_trials(&mut self, k: usize, idle: bool) -> Result<Vec<(u64, ParamSet)>>;
-    /// After each epoch of a trial; [`Verdict::Prune`] stops it.
-    fn report(&mut self, number: u64, report: &EpochReport) -> Result<Verdict>;
-    /// A trial ended. An error (storage, too many failures in a row) must stop the runner.
-    fn finish(&mut self, number: u64, outcome: TrialOutcome) -> Result<()>;
-}
-
-/// Trains many trials at once (the trial array): takes trials from the host whenever it has room.
-pub trait ConcurrentTrialRunner {
-    /// Runs until `host.next_trials` gives nothing while idle.
-    fn run_trials(&mut self, host: &mut dyn TrialHost) -> Result<()>;
-}
-
 /// [`TrialHost`] over a study.
 struct StudyHost<'a> {
     cx: StudyContext<'a>,
@@ -655,11 +563,13 @@ struct StudyHost<'a> {
 }
 
 impl TrialHost for StudyHost<'_> {
-    fn next_trials(&mut self, k: usize, idle: bool) -> Result<Vec<(u64, ParamSet)>> {
-        if self.stop.is_some() || k == 0 || (self.blocked && !idle) {
+    fn next_trials(&mut self, free_slots: usize, idle: bool) -> Result<Vec<(u64, ParamSet)>> {
+        if self.stop.is_some() || free_slots == 0 || (self.blocked && !idle) {
             return Ok(Vec::new());
         }
-        match self.cx.ask_trials(k, idle)? {
+        // An idle runner waits here for other workers' trials, as long as they may still
+        // complete the study.
+        match self.cx.ask_trials(free_slots, idle)? {
             Asked::Started(started) => {
                 self.blocked = false;
                 Ok(started
@@ -682,37 +592,39 @@ impl TrialHost for StudyHost<'_> {
         }
     }
 
-    fn report(&mut self, number: u64, report: &EpochReport) -> Result<Verdict> {
+    fn on_epoch(&mut self, number: u64, metrics: &EpochMetrics) -> Result<Verdict> {
         let live =
             self.live.get_mut(&number).with_context(|| format!("trial {number} is not running here"))?;
-        self.cx.report(live, report)
+        self.cx.report(live, metrics)
     }
 
-    fn finish(&mut self, number: u64, outcome: TrialOutcome) -> Result<()> {
+    fn on_end(&mut self, number: u64, end: TrialEnd) -> Result<()> {
         let live =
             self.live.remove(&number).with_context(|| format!("trial {number} is not running here"))?;
         self.blocked = false;
-        match outcome {
-            TrialOutcome::Value(v) => self.cx.tell(&live, Ok(v)),
-            TrialOutcome::Failed(reason) => self.cx.tell(&live, Err(anyhow::anyhow!(reason))),
-            TrialOutcome::Evicted(reason) => self.cx.tell_evicted(&live, &reason),
+        match end {
+            TrialEnd::Finished { result, .. } => self.cx.tell(&live, Ok(result.objective)),
+            TrialEnd::Failed { reason } => self.cx.tell(&live, Err(anyhow::anyhow!(reason))),
+            TrialEnd::Evicted { reason } => self.cx.tell_evicted(&live, &reason),
         }
     }
 }
 
-/// [`run_study`] for a runner that trains many trials at once: asks as many trials as it has
-/// room for in one batch (each sees the previous ones as RUNNING: constant liar), keeps every
-/// running trial's heartbeat, reports epochs to the pruner and tells results as trials end. The
-/// same storage, `n_trials` semantics and failure handling as `run_study`.
+/// Runs the study until it holds `opts.n_trials` COMPLETE + PRUNED trials, or the timeout: asks
+/// as many trials as the runner has room for in one batch (each sees the previous ones as
+/// RUNNING: constant liar), keeps every running trial's heartbeat, reports epochs to the pruner
+/// and tells results as trials end. Errors only for storage failures, a broken sampler, or
+/// `max_consecutive_failures` failed trials in a row; a single trial's failure is stored and the
+/// study goes on.
 #[allow(clippy::too_many_arguments)]
-pub fn run_study_array(
+pub fn run_study(
     storage: &mut Storage,
     study: &StudyRef,
     space: &SearchSpace,
     sampler: &mut dyn Sampler,
     pruner: &mut dyn Pruner,
     opts: &DriverOptions,
-    runner: &mut dyn ConcurrentTrialRunner,
+    runner: &mut dyn TrialRunner,
     progress: &mut dyn Progress,
 ) -> Result<StudyOutcome> {
     let cx = StudyContext::new(storage, study, space, sampler, pruner, opts, progress)?;
@@ -745,15 +657,15 @@ impl<W: std::io::Write> Progress for LineProgress<W> {
                 ),
                 None => writeln!(self.out, "trial {number} started: {}", params.to_py_json()),
             },
-            StudyEvent::Epoch { number, report, prune } => writeln!(
+            StudyEvent::Epoch { number, metrics, prune } => writeln!(
                 self.out,
                 "trial {number} epoch {}: objective {:.4} train_loss {:.4} eval_loss {:.4} eval_accuracy {:.4} ({:.1} s){}",
-                report.epoch,
-                report.objective,
-                report.train_loss,
-                report.eval_loss,
-                report.eval_accuracy,
-                report.seconds,
+                metrics.epoch,
+                metrics.objective(),
+                metrics.train_loss,
+                metrics.eval_loss,
+                metrics.eval_accuracy,
+                metrics.seconds(),
                 if *prune { " -> pruned" } else { "" }
             ),
             StudyEvent::TrialFinished { number, state, value, reason, counts, best } => {
@@ -794,15 +706,19 @@ mod tests {
         let mut params = ParamSet::new();
         params.insert("learning_rate", ParamValue::Float(2e-5));
         p.event(&StudyEvent::TrialStarted { number: 3, params: &params, retry_of: Some(1) });
-        let report = EpochReport {
+        let metrics = EpochMetrics {
             epoch: 2,
-            objective: 0.81,
             train_loss: 0.4,
             eval_loss: 0.45,
             eval_accuracy: 0.81,
-            seconds: 12.5,
+            learning_rate: 1e-5,
+            train_seconds: 10.0,
+            eval_seconds: 2.5,
+            train_examples_per_second: 250.0,
+            eval_examples_per_second: 400.0,
+            train_tokens_per_second: 60_000.0,
         };
-        p.event(&StudyEvent::Epoch { number: 3, report: &report, prune: true });
+        p.event(&StudyEvent::Epoch { number: 3, metrics: &metrics, prune: true });
         let counts = TrialCounts { running: 1, waiting: 0, complete: 2, pruned: 1, fail: 1 };
         p.event(&StudyEvent::TrialFinished {
             number: 3,

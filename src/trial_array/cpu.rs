@@ -1,16 +1,21 @@
 //! The trial array on the CPU reference: each slot is a plain parameter buffer with its own
 //! gradient and Adam state, and every op runs the slots one after another (each op is already
-//! parallel inside through rayon). Correctness first: this is the oracle the GPU backend's trial
-//! array is compared with, call for call.
+//! parallel inside through rayon). It trains every CPU run (`hpo-gpu train`, `search`), and it is
+//! the oracle the GPU backend's trial array is compared with, call for call.
 
 use anyhow::anyhow;
 
 use super::{ArrayBackend, ArrayError, ArrayResult, SlotEval, SlotMicroBatch, SlotOptimizerStep};
 use crate::config::BertConfig;
 use crate::cpu::adamw::{AdamState, clip_grad_norm};
-use crate::cpu::bert;
+use crate::cpu::bert::{self, Dropout};
 use crate::model::layout::ParamLayout;
 use crate::train::evaluate_params;
+
+/// Values of the attention-probability buffers one forward/backward pass may hold (128 MiB of
+/// f32 over all layers): a micro-batch over it runs in several passes (same results and dropout
+/// masks, up to summation order), so long sequences and large batches fit in memory.
+const ATTENTION_BUDGET_VALUES: usize = 1 << 25;
 
 struct CpuSlot {
     params: Vec<f32>,
@@ -91,11 +96,17 @@ impl ArrayBackend for CpuArrayBackend {
         for w in work {
             let (config, layout) = (&self.config, &self.layout);
             let s = slot_in(&mut self.slots, w.slot)?;
-            let fwd = bert::forward(config, layout, &s.params, w.batch, Some(w.dropout));
-            // Summed in f64 in example order, as train() sums a batch's losses.
-            let loss_sum = fwd.losses.iter().map(|l| *l as f64).sum::<f64>();
-            if loss_sum.is_finite() {
-                bert::backward(config, layout, &s.params, w.batch, &fwd, w.loss_scale, &mut s.grads);
+            let (heads, layers) = (config.num_attention_heads, config.num_hidden_layers);
+            // Summed in f64 in example order.
+            let mut loss_sum = 0.0f64;
+            for (run, offset) in w.batch.split_by_attention(heads, layers, ATTENTION_BUDGET_VALUES) {
+                let dropout = Dropout { offset, ..w.dropout };
+                let fwd = bert::forward(config, layout, &s.params, &run, Some(dropout));
+                loss_sum += fwd.losses.iter().map(|l| *l as f64).sum::<f64>();
+                if !loss_sum.is_finite() {
+                    break;
+                }
+                bert::backward(config, layout, &s.params, &run, &fwd, w.loss_scale, &mut s.grads);
             }
             out.push(loss_sum);
         }

@@ -28,6 +28,7 @@ pub mod model;
 pub mod ops;
 pub mod ops_cpu;
 pub mod schedule;
+pub mod setup;
 
 use crate::cpu::adamw::AdamW;
 use crate::cpu::bert::{Batch, Dropout};

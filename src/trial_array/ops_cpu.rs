@@ -52,12 +52,13 @@ fn view(data: &[f32], op: Operand, trial: usize) -> Mat<'_, f32> {
     if op.transposed { Mat::rm_t(d, op.rows, op.cols) } else { Mat::rm(d, op.rows, op.cols) }
 }
 
-fn attn_dropout(
-    lt: &TickLayout,
-    trial: usize,
-    site: u32,
-) -> Option<(&crate::cpu::philox::DropoutRng, f64, u32)> {
-    lt.dropout.filter(|d| d.attention > 0.0).map(|d| (&lt.rngs[trial], d.attention, site))
+fn attn_dropout(lt: &TickLayout, trial: usize, site: u32) -> Option<bert::AttentionDropout<'_>> {
+    lt.dropout.filter(|d| d.attention > 0.0).map(|d| bert::AttentionDropout {
+        rng: &lt.rngs[trial],
+        p: d.attention,
+        site,
+        first: 0,
+    })
 }
 
 fn blocks(lt: &TickLayout, trial: usize, cls: bool) -> &[AttnSeq] {

@@ -1,13 +1,14 @@
-//! The trial-array scheduler: T slots train T trials at once, one micro-batch per slot per tick.
+//! The training engine: T slots train T trials at once, one micro-batch per slot per tick. Every
+//! training run goes through here — `hpo-gpu train` is one slot, a search one or many — on any
+//! [`ArrayBackend`] (the CPU reference, the GPU).
 //!
-//! Each slot is an independent stream with `train()`'s semantics (see `src/train.rs`): its own
-//! seeded epoch order (the same shuffle as `train()`, so a slot reproduces `train()`'s example
-//! order), its own position, optimizer step counter and linear schedule. A trial with batch size
-//! b takes b/m micro-batches of m examples per optimizer step; the epoch's last, short batch of
-//! L < b examples takes ceil(L/m) micro-batches (the last possibly short) and every example of a
-//! batch is scaled by 1/(its batch's length), so the accumulated gradient is the batch-mean
-//! loss's, exactly as `train()` computes it. Only summation order differs from `train()`, which
-//! runs the whole batch in one pass: results agree to rounding, bitwise when m = b.
+//! Each slot is an independent stream with the Trainer's semantics (see `src/train.rs`): its own
+//! seeded epoch order, position, optimizer step counter and linear schedule. A trial with batch
+//! size b takes b/m micro-batches of m examples per optimizer step ([`MicroBatch::Fixed`]), or
+//! the whole batch at once ([`MicroBatch::WholeBatch`]); the epoch's last, short batch of L < b
+//! examples takes ceil(L/m) micro-batches (the last possibly short) and every example of a batch
+//! is scaled by 1/(its batch's length), so the accumulated gradient is the batch-mean loss's.
+//! Only summation order depends on m: results agree to rounding.
 //!
 //! After its last micro-batch of an epoch a slot is evaluated, its best epoch's weights kept (per
 //! `TrainConfig::best_by`) and the host asked whether to go on. A slot whose trial finished, was
@@ -23,79 +24,49 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 
 use super::{ArrayBackend, ArrayError, ArrayResult, SlotEval, SlotMicroBatch, SlotOptimizerStep};
-use crate::config::BertConfig;
 use crate::cpu::adamw::linear_schedule;
+pub use crate::cpu::bert::DropoutProbs;
 use crate::cpu::bert::{Batch, Dropout};
 use crate::cpu::philox::DropoutRng;
 use crate::data::batch::TokenizedSplit;
-use crate::train::{EpochMetrics, EpochOrder, StepPlan, TrainConfig, TrainResult, Verdict};
-
-/// Dropout probabilities of one trial (they may differ per slot; the architecture may not).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct DropoutProbs {
-    pub hidden: f64,
-    pub attention: f64,
-    pub classifier: f64,
-}
-
-impl DropoutProbs {
-    /// The probabilities of a forward pass's dropout settings.
-    pub fn of(d: &Dropout) -> Self {
-        DropoutProbs { hidden: d.hidden, attention: d.attention, classifier: d.classifier }
-    }
-
-    pub fn from_config(c: &BertConfig) -> Self {
-        DropoutProbs {
-            hidden: c.hidden_dropout_prob,
-            attention: c.attention_probs_dropout_prob,
-            classifier: c.classifier_dropout_prob(),
-        }
-    }
-}
+use crate::study::ParamSet;
+use crate::train::{EpochOrder, StepPlan, TrainConfig};
+use crate::trial::protocol::{
+    EpochMetrics, EpochProgress, TrainResult, TrialEnd, TrialHost, TrialRunner, Verdict,
+};
 
 /// A trial to train in a slot.
 #[derive(Clone, Debug)]
 pub struct ArrayTrial {
-    /// The host's name for the trial (e.g. the study's trial number).
-    pub key: u64,
     pub cfg: TrainConfig,
     /// Starting parameters (P values).
     pub initial_params: Vec<f32>,
     pub dropout: DropoutProbs,
-    /// Dropout generator stream (0 = `train()`'s).
+    /// Dropout generator stream (trials run alone or in a study use 0).
     pub dropout_stream: u32,
     pub train: Arc<TokenizedSplit>,
     pub eval: Arc<TokenizedSplit>,
 }
 
-/// How a trial left its slot.
-#[derive(Clone, Debug)]
-pub enum TrialEnd {
-    /// Trained to its last epoch, or stopped by the host (`result.stopped_early`); `params` are
-    /// the kept (best) epoch's weights, as `train()` leaves them.
-    Finished { result: TrainResult, params: Vec<f32> },
-    /// Diverged or could not start; the reason names the problem.
-    Failed { reason: String },
-    /// Removed because the array shrank after running out of device memory.
-    Evicted { reason: String },
+/// Turns a host's trial (number and parameters) into what a slot trains.
+pub trait TrialBuilder {
+    /// An error fails the trial with it as the reason.
+    fn build(&mut self, number: u64, params: &ParamSet) -> Result<ArrayTrial>;
 }
 
-/// Where trials come from and where their progress goes (a study driver, or a test).
-pub trait ArrayHost {
-    /// Up to `free_slots` trials to start now; empty when none should start. `array_idle` is true
-    /// when no slot is training (a host may then wait for trials elsewhere before answering).
-    fn next_trials(&mut self, free_slots: usize, array_idle: bool) -> Result<Vec<ArrayTrial>>;
-    /// After each epoch; `Verdict::Stop` prunes the trial. An error fails that trial.
-    fn on_epoch(&mut self, key: u64, metrics: &EpochMetrics) -> Result<Verdict>;
-    /// The trial left its slot. An error stops the whole array.
-    fn on_end(&mut self, key: u64, end: TrialEnd) -> Result<()>;
+/// Examples per slot per tick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MicroBatch {
+    /// m examples; m must divide every trial's batch size (a GPU array sizes its buffers by m).
+    Fixed(usize),
+    /// Each slot's whole optimizer batch in one pass (the CPU reference's fastest way).
+    WholeBatch,
 }
 
 /// Scheduler settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ArrayOptions {
-    /// Examples per slot per tick (m); must divide every trial's batch size.
-    pub micro_batch: usize,
+    pub micro_batch: MicroBatch,
 }
 
 /// What a run did.
@@ -109,6 +80,8 @@ pub struct ArrayStats {
 
 /// One slot's training stream.
 struct Slot {
+    /// The host's trial number.
+    number: u64,
     trial: ArrayTrial,
     plan: StepPlan,
     order: EpochOrder,
@@ -136,13 +109,14 @@ struct Slot {
 }
 
 impl Slot {
-    fn new(mut trial: ArrayTrial) -> Self {
+    fn new(number: u64, mut trial: ArrayTrial) -> Self {
         let plan = StepPlan::new(&trial.cfg, trial.train.len());
         let mut order = EpochOrder::new(trial.train.len(), trial.cfg.seed);
         let epoch_order = order.next_epoch().to_vec();
         trial.initial_params = Vec::new();
         let lr = trial.cfg.learning_rate;
         Slot {
+            number,
             trial,
             plan,
             order,
@@ -171,29 +145,34 @@ impl Slot {
     }
 
     /// The next micro-batch: packed examples, their loss scale and dropout.
-    fn micro_batch(&self, m: usize) -> (Batch, f32, Dropout) {
+    fn micro_batch(&self, micro_batch: MicroBatch) -> (Batch, f32, Dropout) {
+        let m = match micro_batch {
+            MicroBatch::Fixed(m) => m,
+            MicroBatch::WholeBatch => self.trial.cfg.batch_size,
+        };
         let end = (self.pos + m).min(self.batch_end());
         let batch = self.trial.train.packed_batch(&self.epoch_order[self.pos..end]);
         let scale = 1.0 / (self.batch_end() - self.batch_start) as f32;
-        let d = self.trial.dropout;
         let rng = DropoutRng {
             seed: self.trial.cfg.seed,
             stream: self.trial.dropout_stream,
             step: self.micro_batches,
         };
-        (batch, scale, Dropout { rng, hidden: d.hidden, attention: d.attention, classifier: d.classifier })
+        (batch, scale, Dropout::new(self.trial.dropout, rng))
     }
 }
 
 /// Why a trial cannot run in this array, if it cannot.
-fn unfit(trial: &ArrayTrial, m: usize, param_len: usize) -> Option<String> {
+fn unfit(trial: &ArrayTrial, micro_batch: MicroBatch, param_len: usize) -> Option<String> {
     if let Err(e) = trial.cfg.validate() {
         return Some(format!("{e:#}"));
     }
     if trial.train.is_empty() || trial.eval.is_empty() {
         return Some("training needs a non-empty train and eval split".to_string());
     }
-    if !trial.cfg.batch_size.is_multiple_of(m) {
+    if let MicroBatch::Fixed(m) = micro_batch
+        && !trial.cfg.batch_size.is_multiple_of(m)
+    {
         return Some(format!(
             "batch size {} is not a multiple of the trial array's micro-batch size {m}",
             trial.cfg.batch_size
@@ -229,13 +208,14 @@ impl SlotWork for SlotEval<'_> {
 }
 
 /// The scheduler's state besides the backend and host.
-struct Array {
+struct Array<'a> {
     slots: Vec<Option<Slot>>,
-    m: usize,
+    micro_batch: MicroBatch,
+    trials: &'a mut dyn TrialBuilder,
     stats: ArrayStats,
 }
 
-impl Array {
+impl Array<'_> {
     fn active(&self) -> Vec<usize> {
         (0..self.slots.len()).filter(|&i| self.slots[i].is_some()).collect()
     }
@@ -245,15 +225,15 @@ impl Array {
     }
 
     /// Frees slot `i` and tells the host how its trial ended.
-    fn end(&mut self, host: &mut dyn ArrayHost, i: usize, end: TrialEnd) -> Result<()> {
+    fn end(&mut self, host: &mut dyn TrialHost, i: usize, end: TrialEnd) -> Result<()> {
         if let Some(s) = self.slots[i].take() {
-            host.on_end(s.trial.key, end)?;
+            host.on_end(s.number, end)?;
         }
         Ok(())
     }
 
     /// Frees the last slot after an out-of-memory error (evicting its trial) and shrinks the backend.
-    fn shrink(&mut self, backend: &mut dyn ArrayBackend, host: &mut dyn ArrayHost, why: &str) -> Result<()> {
+    fn shrink(&mut self, backend: &mut dyn ArrayBackend, host: &mut dyn TrialHost, why: &str) -> Result<()> {
         let t = self.slots.len();
         if t <= 1 {
             bail!("{}: out of device memory with a single trial-array slot: {why}", backend.describe());
@@ -270,7 +250,7 @@ impl Array {
     fn call<W: SlotWork, T>(
         &mut self,
         backend: &mut dyn ArrayBackend,
-        host: &mut dyn ArrayHost,
+        host: &mut dyn TrialHost,
         mut work: Vec<W>,
         mut op: impl FnMut(&mut dyn ArrayBackend, &[W]) -> ArrayResult<Vec<T>>,
     ) -> Result<Vec<(usize, T)>> {
@@ -301,7 +281,7 @@ impl Array {
     }
 
     /// Puts the host's next trials into free slots, until they are full or the host has none.
-    fn fill(&mut self, backend: &mut dyn ArrayBackend, host: &mut dyn ArrayHost) -> Result<()> {
+    fn fill(&mut self, backend: &mut dyn ArrayBackend, host: &mut dyn TrialHost) -> Result<()> {
         loop {
             let free: Vec<usize> = (0..self.slots.len()).filter(|&i| self.slots[i].is_none()).collect();
             if free.is_empty() {
@@ -315,30 +295,37 @@ impl Array {
             if trials.len() > free.len() {
                 bail!("the host gave {} trials for {} free slots", trials.len(), free.len());
             }
-            for (trial, i) in trials.into_iter().zip(free) {
-                if let Some(reason) = unfit(&trial, self.m, backend.param_len()) {
-                    host.on_end(trial.key, TrialEnd::Failed { reason })?;
+            for ((number, params), i) in trials.into_iter().zip(free) {
+                let trial = match self.trials.build(number, &params) {
+                    Ok(trial) => trial,
+                    Err(e) => {
+                        host.on_end(number, TrialEnd::Failed { reason: format!("{e:#}") })?;
+                        continue;
+                    }
+                };
+                if let Some(reason) = unfit(&trial, self.micro_batch, backend.param_len()) {
+                    host.on_end(number, TrialEnd::Failed { reason })?;
                     continue;
                 }
                 if i >= self.slots.len() {
                     // The array shrank while placing this batch of trials.
                     let reason =
                         "evicted from the trial array before it started: out of device memory".into();
-                    host.on_end(trial.key, TrialEnd::Evicted { reason })?;
+                    host.on_end(number, TrialEnd::Evicted { reason })?;
                     continue;
                 }
                 match backend.load_slot(i, &trial.initial_params) {
                     Ok(()) => {
-                        self.slots[i] = Some(Slot::new(trial));
+                        self.slots[i] = Some(Slot::new(number, trial));
                         self.stats.trials_started += 1;
                     }
                     Err(ArrayError::OutOfMemory(why)) => {
                         let reason = format!("evicted from the trial array before it started: {why}");
-                        host.on_end(trial.key, TrialEnd::Evicted { reason })?;
+                        host.on_end(number, TrialEnd::Evicted { reason })?;
                         self.shrink(backend, host, &why)?;
                     }
                     Err(ArrayError::Other(e)) => {
-                        host.on_end(trial.key, TrialEnd::Failed { reason: format!("{e:#}") })?;
+                        host.on_end(number, TrialEnd::Failed { reason: format!("{e:#}") })?;
                     }
                 }
             }
@@ -346,14 +333,14 @@ impl Array {
     }
 
     /// One micro-batch for every active slot, then the optimizer steps and epoch ends it brings.
-    fn tick(&mut self, backend: &mut dyn ArrayBackend, host: &mut dyn ArrayHost) -> Result<()> {
+    fn tick(&mut self, backend: &mut dyn ArrayBackend, host: &mut dyn TrialHost) -> Result<()> {
         self.stats.ticks += 1;
-        let m = self.m;
+        let micro_batch = self.micro_batch;
         let active = self.active();
         let prepared: Vec<(usize, Batch, f32, Dropout)> = active
             .iter()
             .map(|&i| {
-                let (b, scale, d) = self.slots[i].as_ref().expect("active").micro_batch(m);
+                let (b, scale, d) = self.slots[i].as_ref().expect("active").micro_batch(micro_batch);
                 (i, b, scale, d)
             })
             .collect();
@@ -414,11 +401,20 @@ impl Array {
                 continue;
             }
             let len = s.pos - s.batch_start;
-            s.epoch_loss += s.batch_loss / len as f64;
+            let batch_loss = s.batch_loss / len as f64;
+            s.epoch_loss += batch_loss;
             s.batch_loss = 0.0;
             s.batch_start = s.pos;
             s.steps_done += 1;
             s.lr = lrs[i];
+            let progress = EpochProgress {
+                epoch: s.epoch,
+                epochs: s.trial.cfg.epochs,
+                done: s.pos,
+                examples: s.examples(),
+                loss: batch_loss,
+            };
+            host.on_progress(s.number, &progress);
         }
 
         // Epoch ends: evaluate every slot that finished its epoch in one call.
@@ -477,11 +473,11 @@ impl Array {
                 s.best_epoch = s.epoch;
             }
             s.epochs.push(metrics.clone());
-            let key = s.trial.key;
+            let number = s.number;
             if improved {
                 backend.keep_best(i).map_err(anyhow::Error::from)?;
             }
-            let verdict = match host.on_epoch(key, &metrics) {
+            let verdict = match host.on_epoch(number, &metrics) {
                 Ok(v) => v,
                 Err(e) => {
                     self.end(host, i, TrialEnd::Failed { reason: format!("{e:#}") })?;
@@ -489,7 +485,7 @@ impl Array {
                 }
             };
             let s = self.slot(i);
-            if verdict == Verdict::Stop || s.epoch == s.trial.cfg.epochs {
+            if verdict == Verdict::Prune || s.epoch == s.trial.cfg.epochs {
                 backend.restore_best(i).map_err(anyhow::Error::from)?;
                 let params = backend.read_params(i).map_err(anyhow::Error::from)?;
                 let s = self.slots[i].as_ref().expect("active");
@@ -497,7 +493,7 @@ impl Array {
                     epochs: s.epochs.clone(),
                     best_epoch: s.best_epoch,
                     objective: 0.0,
-                    stopped_early: verdict == Verdict::Stop,
+                    pruned: verdict == Verdict::Prune,
                 };
                 result.objective = s.trial.cfg.objective.value(&result.epochs, result.best_epoch);
                 self.end(host, i, TrialEnd::Finished { result, params })?;
@@ -514,13 +510,15 @@ impl Array {
     }
 }
 
-/// Trains the host's trials on `backend` until the host has no more and every slot is free.
+/// Trains the host's trials on `backend` until the host has no more and every slot is free;
+/// `trials` turns each into what a slot trains.
 pub fn run_array(
     backend: &mut dyn ArrayBackend,
-    host: &mut dyn ArrayHost,
+    trials: &mut dyn TrialBuilder,
+    host: &mut dyn TrialHost,
     opts: &ArrayOptions,
 ) -> Result<ArrayStats> {
-    if opts.micro_batch == 0 {
+    if opts.micro_batch == MicroBatch::Fixed(0) {
         bail!("the trial array's micro-batch size must be at least 1");
     }
     if backend.slots() == 0 {
@@ -528,7 +526,8 @@ pub fn run_array(
     }
     let mut array = Array {
         slots: (0..backend.slots()).map(|_| None).collect(),
-        m: opts.micro_batch,
+        micro_batch: opts.micro_batch,
+        trials,
         stats: ArrayStats::default(),
     };
     loop {
@@ -542,37 +541,17 @@ pub fn run_array(
     Ok(array.stats)
 }
 
-/// Trains one trial alone through `backend` (e.g. `hpo-gpu train --device cuda`): with
-/// `micro_batch` = the batch size this is `train()`'s computation. Returns the result and the
-/// kept (best) epoch's parameters; `on_epoch` sees every epoch (and may stop training).
-pub fn train_one(
-    backend: &mut dyn ArrayBackend,
-    trial: ArrayTrial,
-    micro_batch: usize,
-    on_epoch: &mut dyn FnMut(&EpochMetrics) -> Result<Verdict>,
-) -> Result<(TrainResult, Vec<f32>)> {
-    struct One<'a> {
-        trial: Option<ArrayTrial>,
-        on_epoch: &'a mut dyn FnMut(&EpochMetrics) -> Result<Verdict>,
-        end: Option<TrialEnd>,
-    }
-    impl ArrayHost for One<'_> {
-        fn next_trials(&mut self, _free: usize, _idle: bool) -> Result<Vec<ArrayTrial>> {
-            Ok(self.trial.take().into_iter().collect())
-        }
-        fn on_epoch(&mut self, _key: u64, m: &EpochMetrics) -> Result<Verdict> {
-            (self.on_epoch)(m)
-        }
-        fn on_end(&mut self, _key: u64, end: TrialEnd) -> Result<()> {
-            self.end = Some(end);
-            Ok(())
-        }
-    }
-    let mut host = One { trial: Some(trial), on_epoch, end: None };
-    run_array(backend, &mut host, &ArrayOptions { micro_batch })?;
-    match host.end {
-        Some(TrialEnd::Finished { result, params }) => Ok((result, params)),
-        Some(TrialEnd::Failed { reason }) | Some(TrialEnd::Evicted { reason }) => anyhow::bail!("{reason}"),
-        None => anyhow::bail!("the trial array ended without training the model"),
+/// The engine as a [`TrialRunner`]: a backend, what turns a host's trials into slot trials, and
+/// the scheduler's settings.
+pub struct Engine<'a> {
+    pub backend: Box<dyn ArrayBackend + 'a>,
+    pub trials: Box<dyn TrialBuilder + 'a>,
+    pub options: ArrayOptions,
+}
+
+impl TrialRunner for Engine<'_> {
+    fn run_trials(&mut self, host: &mut dyn TrialHost) -> Result<()> {
+        run_array(self.backend.as_mut(), self.trials.as_mut(), host, &self.options)?;
+        Ok(())
     }
 }

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use hpo_gpu::study::ParamSet;
-use hpo_gpu::study::driver::{EpochReport, TrialRunner, Verdict};
+use hpo_gpu::trial::protocol::{EpochMetrics, TrialHost, TrialRunner, Verdict};
+
+use crate::fake_trainer::{epoch as epoch_metrics, one_at_a_time};
 
 /// The fake objective: peaks at learning_rate 3e-5, batch 32, weight_decay 0.1.
 pub fn score(lr: f64, bs: i64, wd: f64) -> f64 {
@@ -44,11 +46,17 @@ impl FakeRunner {
 }
 
 impl TrialRunner for FakeRunner {
+    fn run_trials(&mut self, host: &mut dyn TrialHost) -> Result<()> {
+        one_at_a_time(host, |number, params, report| self.run_trial(number, params, report))
+    }
+}
+
+impl FakeRunner {
     fn run_trial(
         &mut self,
         trial_number: u64,
         params: &ParamSet,
-        report: &mut dyn FnMut(&EpochReport) -> Result<Verdict>,
+        report: &mut dyn FnMut(&EpochMetrics) -> Result<Verdict>,
     ) -> Result<f64> {
         self.params_seen.push((trial_number, params.clone()));
         let lr = params.get_f64("learning_rate")?.unwrap_or(3e-5);
@@ -67,14 +75,7 @@ impl TrialRunner for FakeRunner {
         for epoch in 1..=self.epochs {
             std::thread::sleep(self.sleep);
             last = s * (f64::from(epoch) / f64::from(self.epochs)).sqrt();
-            let r = EpochReport {
-                epoch,
-                objective: last,
-                train_loss: 1.0 - last,
-                eval_loss: 1.1 - last,
-                eval_accuracy: last,
-                seconds: 0.01 * f64::from(epoch),
-            };
+            let r = epoch_metrics(epoch, last, 1.0 - last, 1.1 - last, 0.01 * f64::from(epoch));
             if report(&r)? == Verdict::Prune {
                 self.runs.push((trial_number, epoch));
                 return Ok(last);

@@ -13,7 +13,10 @@ use hpo_gpu::search::pruner::MedianPruner;
 use hpo_gpu::search::sampler::TpeSampler;
 use hpo_gpu::search::sampler::tpe::TpeOptions;
 use hpo_gpu::search::space::SearchSpace;
-use hpo_gpu::study::driver::{DriverOptions, EpochReport, NoProgress, TrialRunner, Verdict, run_study};
+use hpo_gpu::study::driver::{DriverOptions, NoProgress, run_study};
+use hpo_gpu::trial::protocol::{EpochMetrics, TrialHost, TrialRunner, Verdict};
+
+use crate::fake_trainer::{epoch as epoch_metrics, one_at_a_time};
 use hpo_gpu::study::storage::{NewTrial, Storage};
 use hpo_gpu::study::{ParamSet, StudyDirection, StudyRef, TrialState, UtcDateTime};
 use rand::rngs::StdRng;
@@ -86,11 +89,17 @@ fn jitter(n: u64, salt: u64) -> f64 {
 }
 
 impl TrialRunner for DemoRunner {
+    fn run_trials(&mut self, host: &mut dyn TrialHost) -> Result<()> {
+        one_at_a_time(host, |number, params, report| self.run_trial(number, params, report))
+    }
+}
+
+impl DemoRunner {
     fn run_trial(
         &mut self,
         number: u64,
         params: &ParamSet,
-        report: &mut dyn FnMut(&EpochReport) -> Result<Verdict>,
+        report: &mut dyn FnMut(&EpochMetrics) -> Result<Verdict>,
     ) -> Result<f64> {
         let lr = params.get_f64("learning_rate")?.unwrap_or(3e-5);
         let bs = params.get_i64("per_device_train_batch_size")?.unwrap_or(32);
@@ -117,14 +126,13 @@ impl TrialRunner for DemoRunner {
         let mut acc = 0.0;
         for epoch in 1..=self.epochs {
             acc = final_acc - f64::from(self.epochs - epoch) * gap;
-            let r = EpochReport {
+            let r = epoch_metrics(
                 epoch,
-                objective: acc,
-                train_loss: (0.62 - 0.11 * f64::from(epoch) - (acc - 0.8) * 0.6).max(0.05),
-                eval_loss: 0.22 + 2.2 * (0.93 - acc),
-                eval_accuracy: acc,
-                seconds: epoch_seconds * (1.0 + 0.03 * jitter(number, 10 + u64::from(epoch))),
-            };
+                acc,
+                (0.62 - 0.11 * f64::from(epoch) - (acc - 0.8) * 0.6).max(0.05),
+                0.22 + 2.2 * (0.93 - acc),
+                epoch_seconds * (1.0 + 0.03 * jitter(number, 10 + u64::from(epoch))),
+            );
             if report(&r)? == Verdict::Prune {
                 return Ok(acc);
             }
