@@ -9,13 +9,13 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use hpo_gpu::search::distributions::ParamValue;
+use hpo_gpu::distributions::ParamValue;
 use hpo_gpu::search::sampler::tpe::TpeOptions;
 use hpo_gpu::search::sampler::{StudyView, TpeSampler, suggest_params};
 use hpo_gpu::search::space::SearchSpace;
 use hpo_gpu::study::driver::{AskOptions, ask};
 use hpo_gpu::study::storage::{NewTrial, StartOutcome, Storage};
-use hpo_gpu::study::{FrozenTrial, StudyDirection, TrialState};
+use hpo_gpu::trial::{FrozenTrial, StudyDirection, TrialState};
 
 fn frac(x: f64) -> f64 {
     x - x.floor()

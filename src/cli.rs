@@ -13,8 +13,8 @@ use crate::model::BertModel;
 use crate::model::export::export_model;
 use crate::model::files::ModelFiles;
 use crate::pipeline::{ModelDataArgs, initial_model, prepare};
-use crate::study::ParamSet;
 use crate::train::{BestBy, Objective, TrainConfig};
+use crate::trial::ParamSet;
 use crate::trial::protocol::{EpochMetrics, EpochProgress, TrainResult, TrialEnd, TrialHost, Verdict};
 use crate::trial_array::ArrayBackend;
 use crate::trial_array::cpu::CpuArrayBackend;
@@ -217,7 +217,7 @@ pub fn print_epoch(out: &mut dyn Write, m: &EpochMetrics) -> Result<()> {
 }
 
 /// The best COMPLETE trial of a stored study: its number and parameters.
-fn best_trial_params(storage_url: &str, study_name: &str) -> Result<(u64, f64, crate::study::ParamSet)> {
+fn best_trial_params(storage_url: &str, study_name: &str) -> Result<(u64, f64, crate::trial::ParamSet)> {
     let mut storage = crate::study::storage::Storage::open_existing(storage_url)?;
     let study = storage.load_study(study_name)?;
     let Some(best) = storage.best_trial(&study)? else {

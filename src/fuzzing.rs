@@ -14,11 +14,11 @@ use rand::rngs::StdRng;
 use crate::config::BertConfig;
 use crate::data::source::{ColumnSpec, read_bytes};
 use crate::data::tokenize::TextTokenizer;
+use crate::distributions::Distribution;
 use crate::model::layout::ParamLayout;
 use crate::model::safetensors_io::load_safetensors_bytes;
 use crate::model::tensor::{DType, RawTensor};
 use crate::model::torch_bin::load_torch_state_dict_bytes;
-use crate::search::distributions::Distribution;
 use crate::search::sampler::random::RandomSampler;
 use crate::search::space::SearchSpace;
 

@@ -9,12 +9,14 @@ pub mod cpu;
 pub mod cuda;
 pub mod data;
 pub mod device;
+pub mod distributions;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hub;
 pub mod model;
 pub mod pipeline;
 pub mod push;
+pub mod pyjson;
 pub mod report;
 pub mod search;
 pub mod search_cmd;

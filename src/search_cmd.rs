@@ -9,8 +9,8 @@ use anyhow::{Result, bail};
 
 use crate::cli::HyperArgs;
 use crate::device::{Device, checked_device, resolve_device};
+use crate::distributions::Distribution;
 use crate::pipeline::{ModelDataArgs, initial_model, prepare};
-use crate::search::distributions::Distribution;
 use crate::search::space::SearchSpace;
 use crate::study::cli::SearchStudyArgs;
 use crate::study::driver::{LineProgress, run_study};

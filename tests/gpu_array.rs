@@ -21,8 +21,8 @@ use std::sync::Arc;
 
 use hpo_gpu::cuda::array_ops::cuda_array_backend;
 use hpo_gpu::data::batch::TokenizedSplit;
-use hpo_gpu::study::ParamSet;
 use hpo_gpu::train::TrainConfig;
+use hpo_gpu::trial::ParamSet;
 use hpo_gpu::trial::protocol::{EpochMetrics, TrialEnd, TrialHost, Verdict};
 use hpo_gpu::trial_array::ArrayBackend;
 use hpo_gpu::trial_array::cpu::CpuArrayBackend;

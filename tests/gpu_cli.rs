@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use hpo_gpu::study::storage::Storage;
-use hpo_gpu::study::{FrozenTrial, TrialState};
+use hpo_gpu::trial::{FrozenTrial, TrialState};
 
 use common::running::{stop_after_start, with_default_signals};
 

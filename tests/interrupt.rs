@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::running::{Running, stop_after_start, with_default_signals};
 
-use hpo_gpu::study::TrialState;
 use hpo_gpu::study::storage::Storage;
+use hpo_gpu::trial::TrialState;
 
 /// `search` on the tiny model and data, with trials long enough (many epochs) to be stopped in.
 fn search(dir: &Path, epochs: &str, slots: &str) -> Command {
@@ -30,7 +30,7 @@ fn search(dir: &Path, epochs: &str, slots: &str) -> Command {
     cmd
 }
 
-fn trials(dir: &Path) -> Vec<hpo_gpu::study::FrozenTrial> {
+fn trials(dir: &Path) -> Vec<hpo_gpu::trial::FrozenTrial> {
     let mut storage = Storage::open(&format!("sqlite:///{}", dir.join("study.db").display())).unwrap();
     let study = storage.load_study("s").unwrap();
     storage.trials(study.study_id, None).unwrap()

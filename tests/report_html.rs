@@ -9,15 +9,15 @@ mod report_common;
 
 use std::path::Path;
 
+use hpo_gpu::distributions::{CategoricalDistribution, Distribution, FloatDistribution, ParamValue};
 use hpo_gpu::report::cli::{
     ImportanceArgs, PlotArgs, ReportArgs, StudySelect, run_importance, run_plot, run_report,
 };
 use hpo_gpu::report::html::{self, epoch_metrics};
 use hpo_gpu::report::plots::{self, PlotKind};
 use hpo_gpu::report::{Importances, StudySnapshot};
-use hpo_gpu::search::distributions::{CategoricalDistribution, Distribution, FloatDistribution, ParamValue};
 use hpo_gpu::study::storage::{NewTrial, Storage};
-use hpo_gpu::study::{StudyDirection, TrialState, UtcDateTime};
+use hpo_gpu::trial::{StudyDirection, TrialState, UtcDateTime};
 use report_common::{temp_db, write_demo_study};
 
 fn select(url: &str, name: &str) -> StudySelect {
@@ -252,7 +252,7 @@ fn regenerate_docs() {
 /// plots stay bounded (24 parameters shown, with a note) and nothing overflows.
 #[test]
 fn wide_and_extreme_studies_render() {
-    use hpo_gpu::search::distributions::IntDistribution;
+    use hpo_gpu::distributions::IntDistribution;
     let (dir, url) = temp_db();
     let mut storage = Storage::open(&url).unwrap();
     let study = storage.create_study("wide", StudyDirection::Minimize, false).unwrap();

@@ -6,7 +6,7 @@ use hpo_gpu::study::cli::{
     run_best, run_tell, run_trials,
 };
 use hpo_gpu::study::storage::Storage;
-use hpo_gpu::study::{StudyDirection, TrialState};
+use hpo_gpu::trial::{StudyDirection, TrialState};
 use serde_json::Value;
 
 const SPACE: &str = r#"{"x": {"name": "FloatDistribution", "attributes": {"low": 0, "high": 1}},

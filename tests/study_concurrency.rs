@@ -17,7 +17,7 @@ use hpo_gpu::search::sampler::tpe::TpeOptions;
 use hpo_gpu::search::space::SearchSpace;
 use hpo_gpu::study::driver::{AskOptions, DriverOptions, NoProgress, ask_batch, run_study};
 use hpo_gpu::study::storage::Storage;
-use hpo_gpu::study::{StudyDirection, TrialState};
+use hpo_gpu::trial::{StudyDirection, TrialState};
 
 const WORKER_URL: &str = "HPO_GPU_TEST_WORKER_URL";
 const WORKER_SEED: &str = "HPO_GPU_TEST_WORKER_SEED";

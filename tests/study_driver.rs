@@ -8,14 +8,14 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common_study::{FakeRunner, score};
-use hpo_gpu::search::distributions::{Distribution, FloatDistribution, ParamValue};
+use hpo_gpu::distributions::{Distribution, FloatDistribution, ParamValue};
 use hpo_gpu::search::pruner::{MedianPruner, NopPruner, Pruner};
 use hpo_gpu::search::sampler::tpe::TpeOptions;
 use hpo_gpu::search::sampler::{RandomSampler, Sampler, TpeSampler};
 use hpo_gpu::search::space::SearchSpace;
 use hpo_gpu::study::driver::{AskOptions, DriverOptions, NoProgress, StopReason, ask_batch, run_study};
 use hpo_gpu::study::storage::{NewTrial, StartOutcome, Storage};
-use hpo_gpu::study::{FrozenTrial, StudyDirection, TrialState};
+use hpo_gpu::trial::{FrozenTrial, StudyDirection, TrialState};
 
 fn temp_db() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();

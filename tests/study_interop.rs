@@ -19,7 +19,7 @@ use hpo_gpu::search::sampler::tpe::TpeOptions;
 use hpo_gpu::search::space::SearchSpace;
 use hpo_gpu::study::driver::{DriverOptions, NoProgress, run_study};
 use hpo_gpu::study::storage::Storage;
-use hpo_gpu::study::{FrozenTrial, StudyDirection, TrialState};
+use hpo_gpu::trial::{FrozenTrial, StudyDirection, TrialState};
 use serde_json::Value;
 
 fn options(n: u64) -> DriverOptions {

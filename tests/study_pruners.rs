@@ -15,8 +15,8 @@ use hpo_gpu::search::sampler::RandomSampler;
 use hpo_gpu::search::space::SearchSpace;
 use hpo_gpu::study::driver::{DriverOptions, NoProgress, run_study};
 use hpo_gpu::study::storage::Storage;
-use hpo_gpu::study::{ParamSet, StudyDirection, TrialState};
 use hpo_gpu::trial::protocol::{EpochMetrics, TrialHost, TrialRunner, Verdict};
+use hpo_gpu::trial::{ParamSet, StudyDirection, TrialState};
 
 const T: u64 = 24;
 const N: u32 = 9;

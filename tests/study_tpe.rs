@@ -3,12 +3,12 @@
 //! trials, constant liar) and the two fitted Parzen estimators' densities.
 //! Expected numbers: tests/interop/tpe_reference.py.
 
-use hpo_gpu::search::distributions::ParamValue;
+use hpo_gpu::distributions::ParamValue;
 use hpo_gpu::search::sampler::tpe::TpeOptions;
 use hpo_gpu::search::sampler::{StudyView, TpeSampler, intersection_search_space};
 use hpo_gpu::search::space::SearchSpace;
 use hpo_gpu::study::storage::{NewTrial, StartOutcome, Storage};
-use hpo_gpu::study::{StudyDirection, TrialState};
+use hpo_gpu::trial::{StudyDirection, TrialState};
 
 fn frac(x: f64) -> f64 {
     x - x.floor()

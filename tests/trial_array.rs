@@ -17,8 +17,8 @@ use hpo_gpu::data::batch::TokenizedSplit;
 use hpo_gpu::model::BertModel;
 use hpo_gpu::model::layout::ParamLayout;
 use hpo_gpu::pipeline::{ModelDataArgs, prepare};
-use hpo_gpu::study::ParamSet;
 use hpo_gpu::train::{EpochOrder, StepPlan, TrainConfig, evaluate_params};
+use hpo_gpu::trial::ParamSet;
 use hpo_gpu::trial::protocol::{EpochMetrics, TrialEnd, TrialHost, TrialRunner, Verdict};
 use hpo_gpu::trial_array::cpu::CpuArrayBackend;
 use hpo_gpu::trial_array::device::DeviceArrayBackend;
@@ -744,7 +744,7 @@ fn study_driver_for_the_array_counts_requeues_and_fails() {
     use hpo_gpu::search::space::SearchSpace;
     use hpo_gpu::study::driver::{DriverOptions, NoProgress, StopReason, run_study};
     use hpo_gpu::study::storage::Storage;
-    use hpo_gpu::study::{StudyDirection, TrialState};
+    use hpo_gpu::trial::{StudyDirection, TrialState};
 
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite:///{}", dir.path().join("s.db").display());

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use hpo_gpu::study::storage::Storage;
-use hpo_gpu::study::{FrozenTrial, TrialState};
+use hpo_gpu::trial::{FrozenTrial, TrialState};
 
 /// (learning rate, batch size) of each enqueued trial. A learning rate of 1e10 drives the tiny
 /// model's loss to NaN in its second optimizer step (10 or 1000 only make the loss large).

@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow};
 use serde_json::{Map, Value};
 
-use crate::search::pyjson::float_repr;
+use crate::pyjson::float_repr;
 
 /// The hyperparameters shown in the card, in this order, when the metrics name them.
 const HYPERPARAMETERS: &[(&str, &[&str])] = &[

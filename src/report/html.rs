@@ -14,8 +14,8 @@ use serde_json::Value;
 
 use super::plots::{self, fmt_num};
 use super::{ImportanceResult, Importances, StudySnapshot};
-use crate::search::distributions::ParamValue;
-use crate::study::{FrozenTrial, TrialState, UtcDateTime};
+use crate::distributions::ParamValue;
+use crate::trial::{FrozenTrial, TrialState, UtcDateTime};
 
 /// Escapes text for HTML element content and attribute values.
 pub fn escape(text: &str) -> String {

@@ -25,9 +25,9 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 
-use crate::search::distributions::{Distribution, FloatDistribution, IntDistribution};
+use crate::distributions::{Distribution, FloatDistribution, IntDistribution};
 use crate::search::sampler::truncnorm::log_gauss_mass;
-use crate::study::{FrozenTrial, StudyDirection, TrialState};
+use crate::trial::{FrozenTrial, StudyDirection, TrialState};
 
 /// One parameter's importance.
 #[derive(Clone, Debug, PartialEq)]
@@ -742,8 +742,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::search::distributions::{CategoricalDistribution, ParamValue};
-    use crate::study::TrialParam;
+    use crate::distributions::{CategoricalDistribution, ParamValue};
+    use crate::trial::TrialParam;
 
     fn trial(number: u64, value: f64, params: &[(&str, f64, &Distribution)]) -> FrozenTrial {
         FrozenTrial {

@@ -11,8 +11,9 @@ pub mod plots;
 
 use anyhow::{Context, Result};
 
+use crate::study::StudyRef;
 use crate::study::storage::{Storage, best_of};
-use crate::study::{FrozenTrial, StudyDirection, StudyRef, TrialState, UtcDateTime};
+use crate::trial::{FrozenTrial, StudyDirection, TrialState, UtcDateTime};
 
 use importance::{Evaluator, FanovaOptions, ParamImportance, PedAnovaOptions, param_importances};
 

@@ -21,8 +21,8 @@ use plotters::style::{FontStyle, register_font};
 
 use super::importance::ParamImportance;
 use super::{ImportanceResult, Importances, StudySnapshot};
-use crate::search::distributions::Distribution;
-use crate::study::{FrozenTrial, StudyDirection, TrialState};
+use crate::distributions::Distribution;
+use crate::trial::{FrozenTrial, StudyDirection, TrialState};
 
 const FONT: &str = "sans-serif";
 const BLACK: RGBColor = RGBColor(30, 30, 30);

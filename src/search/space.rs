@@ -23,7 +23,7 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Map, Value};
 
-use super::distributions::{CategoricalDistribution, Distribution, FloatDistribution, ParamValue};
+use crate::distributions::{CategoricalDistribution, Distribution, FloatDistribution, ParamValue};
 
 /// The hyperparameters the trainer understands (Hugging Face `TrainingArguments` / model config
 /// names), with whether each takes integer values.
@@ -210,7 +210,7 @@ impl SearchSpace {
         let items: Vec<String> = self
             .params
             .iter()
-            .map(|(n, d)| format!("{}: {}", super::pyjson::string_literal(n), d.to_json()))
+            .map(|(n, d)| format!("{}: {}", crate::pyjson::string_literal(n), d.to_json()))
             .collect();
         format!("{{{}}}", items.join(", "))
     }
@@ -273,7 +273,7 @@ fn check_kind_and_domain(name: &str, kind: ValueKind, dist: &Distribution) -> Re
         _ => (f64::NEG_INFINITY, f64::INFINITY, ""),
     };
     if let Some(bad) = values.iter().find(|v| !(**v >= lo && **v <= hi)) {
-        bail!("{name} must be {what}, but the space reaches {}", super::pyjson::float_repr(*bad));
+        bail!("{name} must be {what}, but the space reaches {}", crate::pyjson::float_repr(*bad));
     }
     Ok(())
 }
@@ -313,7 +313,7 @@ fn toml_error_line(text: &str, e: &toml::de::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::search::distributions::IntDistribution;
+    use crate::distributions::IntDistribution;
 
     #[test]
     fn recipe_default_is_the_recipes_space() {

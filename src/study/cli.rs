@@ -10,16 +10,17 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use serde_json::{Map, Value, json};
 
+use super::StudyRef;
 use super::driver::{AskOptions, DriverOptions, ask_batch};
 use super::storage::{Storage, best_of};
-use super::{FrozenTrial, StudyDirection, StudyRef, TrialState};
+use crate::pyjson;
 use crate::search::pruner::{
     HyperbandPruner, MedianPruner, NopPruner, PercentilePruner, Pruner, SuccessiveHalvingPruner,
 };
-use crate::search::pyjson;
 use crate::search::sampler::tpe::TpeOptions;
 use crate::search::sampler::{RandomSampler, Sampler, TpeSampler};
 use crate::search::space::SearchSpace;
+use crate::trial::{FrozenTrial, StudyDirection, TrialState};
 
 /// The recipe's storage URL.
 pub const DEFAULT_STORAGE: &str = "sqlite:///optuna_trials.db";

@@ -32,14 +32,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use super::StudyRef;
 use super::interrupt;
 use super::storage::{StartOutcome, Storage, StorageLocation, TrialCounts, best_of};
-use super::{FrozenTrial, ParamSet, StudyDirection, StudyRef, TrialParam, TrialState};
+use crate::pyjson::float_repr;
 use crate::search::pruner::Pruner;
-use crate::search::pyjson::float_repr;
 use crate::search::sampler::{Sampler, StudyView, suggest_params};
 use crate::search::space::SearchSpace;
 use crate::trial::protocol::{EpochMetrics, TrialEnd, TrialHost, TrialRunner, Verdict};
+use crate::trial::{FrozenTrial, ParamSet, StudyDirection, TrialParam, TrialState};
 
 /// Driver settings.
 #[derive(Clone, Debug)]
@@ -517,10 +518,8 @@ impl<'a> StudyContext<'a> {
         reason: Option<&str>,
     ) -> Result<()> {
         let trial = &live.trial;
-        let attrs: Vec<(String, String)> = reason
-            .iter()
-            .map(|r| ("fail_reason".to_string(), crate::search::pyjson::string_literal(r)))
-            .collect();
+        let attrs: Vec<(String, String)> =
+            reason.iter().map(|r| ("fail_reason".to_string(), crate::pyjson::string_literal(r))).collect();
         let vals = values.map(|v| vec![v]);
         if let Err(e) = self.storage.set_trial_state(trial.trial_id, state, vals.as_deref(), &attrs) {
             self.progress.event(&StudyEvent::TellFailed { number: trial.number, error: &format!("{e:#}") });
@@ -698,7 +697,7 @@ impl<W: std::io::Write> Progress for LineProgress<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::search::distributions::ParamValue;
+    use crate::distributions::ParamValue;
 
     #[test]
     fn line_progress_prints_one_line_per_event() {

@@ -10,7 +10,7 @@
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::study::ParamSet;
+use crate::trial::ParamSet;
 
 /// One epoch's numbers, as stored in `training_metrics.json` and reported to a study.
 #[derive(Clone, Debug, PartialEq, Serialize)]

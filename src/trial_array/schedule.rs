@@ -29,8 +29,8 @@ pub use crate::cpu::bert::DropoutProbs;
 use crate::cpu::bert::{Batch, Dropout};
 use crate::cpu::philox::DropoutRng;
 use crate::data::batch::TokenizedSplit;
-use crate::study::ParamSet;
 use crate::train::{EpochOrder, StepPlan, TrainConfig};
+use crate::trial::ParamSet;
 use crate::trial::protocol::{
     EpochMetrics, EpochProgress, TrainResult, TrialEnd, TrialHost, TrialRunner, Verdict,
 };

@@ -12,8 +12,8 @@ use super::schedule::{ArrayTrial, DropoutProbs, TrialBuilder};
 use crate::config::BertConfig;
 use crate::data::batch::TokenizedSplit;
 use crate::model::BertModel;
-use crate::study::ParamSet;
 use crate::train::TrainConfig;
+use crate::trial::ParamSet;
 
 /// A trial's training settings after its parameters were applied.
 #[derive(Clone, Debug)]

@@ -187,7 +187,7 @@ pub fn parquet_with_stalling_footer(maps: usize) -> Vec<u8> {
 /// admits them (up to 1e12: a diverging trial included). Returns (space file, storage URL).
 pub fn enqueued_study(dir: &Path, name: &str, trials: &[(f64, i64)]) -> (PathBuf, String) {
     use hpo_gpu::study::storage::{NewTrial, Storage};
-    use hpo_gpu::study::{StudyDirection, TrialState};
+    use hpo_gpu::trial::{StudyDirection, TrialState};
     std::fs::create_dir_all(dir).unwrap();
     let space = dir.join("space.toml");
     std::fs::write(

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use hpo_gpu::study::ParamSet;
+use hpo_gpu::trial::ParamSet;
 use hpo_gpu::trial::protocol::{EpochMetrics, TrialHost, TrialRunner, Verdict};
 
 use crate::fake_trainer::{epoch as epoch_metrics, one_at_a_time};

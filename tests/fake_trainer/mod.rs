@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use anyhow::Result;
-use hpo_gpu::study::ParamSet;
+use hpo_gpu::trial::ParamSet;
 use hpo_gpu::trial::protocol::{EpochMetrics, TrainResult, TrialEnd, TrialHost, Verdict};
 
 /// An epoch whose objective (the eval accuracy) is `objective`, taking `seconds`.

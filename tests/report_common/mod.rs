@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use hpo_gpu::search::distributions::{
+use hpo_gpu::distributions::{
     CategoricalDistribution, Distribution, FloatDistribution, IntDistribution, ParamValue,
 };
 use hpo_gpu::search::pruner::MedianPruner;
@@ -17,8 +17,9 @@ use hpo_gpu::study::driver::{DriverOptions, NoProgress, run_study};
 use hpo_gpu::trial::protocol::{EpochMetrics, TrialHost, TrialRunner, Verdict};
 
 use crate::fake_trainer::{epoch as epoch_metrics, one_at_a_time};
+use hpo_gpu::study::StudyRef;
 use hpo_gpu::study::storage::{NewTrial, Storage};
-use hpo_gpu::study::{ParamSet, StudyDirection, StudyRef, TrialState, UtcDateTime};
+use hpo_gpu::trial::{ParamSet, StudyDirection, TrialState, UtcDateTime};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 

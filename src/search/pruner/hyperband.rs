@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 
 use super::{PruneDecision, Pruner, SuccessiveHalvingPruner};
 use crate::search::sampler::StudyView;
-use crate::study::{FrozenTrial, TrialState};
+use crate::trial::{FrozenTrial, TrialState};
 
 #[derive(Clone, Debug)]
 pub struct HyperbandPruner {

@@ -4,7 +4,7 @@ use anyhow::Result;
 
 use super::{PercentilePruner, PruneDecision, Pruner};
 use crate::search::sampler::StudyView;
-use crate::study::FrozenTrial;
+use crate::trial::FrozenTrial;
 
 /// Prunes a trial whose best intermediate value so far is worse than the median of the
 /// completed trials' values at the same step. Defaults: 5 start-up trials, no warm-up steps,

@@ -12,7 +12,7 @@ pub mod successive_halving;
 use anyhow::Result;
 
 use crate::search::sampler::StudyView;
-use crate::study::FrozenTrial;
+use crate::trial::FrozenTrial;
 
 pub use hyperband::HyperbandPruner;
 pub use median::MedianPruner;

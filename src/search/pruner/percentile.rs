@@ -5,7 +5,7 @@ use anyhow::{Result, bail};
 
 use super::{PruneDecision, Pruner};
 use crate::search::sampler::StudyView;
-use crate::study::{FrozenTrial, StudyDirection, TrialState};
+use crate::trial::{FrozenTrial, StudyDirection, TrialState};
 
 #[derive(Clone, Debug)]
 pub struct PercentilePruner {

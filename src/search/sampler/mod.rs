@@ -13,9 +13,9 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, Result, bail};
 
-use super::distributions::{Distribution, ParamValue};
 use super::space::SearchSpace;
-use crate::study::{FrozenTrial, StudyDirection, TrialState};
+use crate::distributions::{Distribution, ParamValue};
+use crate::trial::{FrozenTrial, StudyDirection, TrialState};
 
 pub use random::RandomSampler;
 pub use tpe::TpeSampler;

@@ -11,7 +11,7 @@ use rand::RngExt;
 use rand::rngs::StdRng;
 
 use super::truncnorm;
-use crate::search::distributions::Distribution;
+use crate::distributions::Distribution;
 
 const EPS: f64 = 1e-12;
 
@@ -400,9 +400,7 @@ fn numerical_column(
 #[allow(clippy::approx_constant)]
 mod tests {
     use super::*;
-    use crate::search::distributions::{
-        CategoricalDistribution, FloatDistribution, IntDistribution, ParamValue,
-    };
+    use crate::distributions::{CategoricalDistribution, FloatDistribution, IntDistribution, ParamValue};
 
     fn close_all(got: &[f64], want: &[f64], rtol: f64, what: &str) {
         assert_eq!(got.len(), want.len(), "{what}: length");

@@ -6,8 +6,8 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use super::{Sampler, StudyView};
-use crate::search::distributions::Distribution;
-use crate::study::FrozenTrial;
+use crate::distributions::Distribution;
+use crate::trial::FrozenTrial;
 
 /// Optuna's RandomSampler with a seeded ChaCha generator (`StdRng`).
 pub struct RandomSampler {
@@ -100,9 +100,7 @@ impl Sampler for RandomSampler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::search::distributions::{
-        CategoricalDistribution, FloatDistribution, IntDistribution, ParamValue,
-    };
+    use crate::distributions::{CategoricalDistribution, FloatDistribution, IntDistribution, ParamValue};
 
     #[test]
     fn draws_cover_the_range_and_respect_steps() {

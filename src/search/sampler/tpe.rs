@@ -23,8 +23,8 @@ use serde_json::Value;
 use super::parzen::{ParzenEstimator, ParzenParams};
 use super::random::RandomSampler;
 use super::{Sampler, StudyView, intersection_search_space};
-use crate::search::distributions::{Distribution, ParamValue};
-use crate::study::{FrozenTrial, StudyDirection, TrialState};
+use crate::distributions::{Distribution, ParamValue};
+use crate::trial::{FrozenTrial, StudyDirection, TrialState};
 
 /// The system-attribute prefix under which Optuna shares relative params of RUNNING trials.
 const RELATIVE_PARAMS_KEY: &str = "tpe:relative_params";
@@ -363,7 +363,7 @@ pub fn split_trials<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::study::UtcDateTime;
+    use crate::trial::UtcDateTime;
 
     fn trial(number: u64, state: TrialState, value: Option<f64>, last: Option<(i64, f64)>) -> FrozenTrial {
         FrozenTrial {

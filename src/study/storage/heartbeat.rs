@@ -10,8 +10,8 @@ use rusqlite::{Transaction, params};
 use super::Storage;
 use super::database::{exec, row};
 use super::trials::{insert_trial, retry_template, upsert_attr};
-use crate::search::pyjson;
-use crate::study::UtcDateTime;
+use crate::pyjson;
+use crate::trial::UtcDateTime;
 
 impl Storage {
     /// Records a heartbeat for a RUNNING trial (Optuna's `record_heartbeat`).
@@ -129,7 +129,7 @@ mod tests {
     use super::*;
     use crate::study::storage::StartOutcome;
     use crate::study::storage::tests::lr;
-    use crate::study::{StudyDirection, TrialState};
+    use crate::trial::{StudyDirection, TrialState};
 
     #[test]
     fn stale_trials_fail_and_requeue_like_optuna() {

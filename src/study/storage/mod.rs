@@ -39,9 +39,10 @@ use anyhow::{Result, anyhow, bail};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
-use super::{FrozenTrial, StudyDirection, StudyRef, TrialState, UtcDateTime};
-use crate::search::distributions::Distribution;
-use crate::search::pyjson;
+use super::StudyRef;
+use crate::distributions::Distribution;
+use crate::pyjson;
+use crate::trial::{FrozenTrial, StudyDirection, TrialState, UtcDateTime};
 use database::{exec, row};
 use rows::{TrialFilter, attrs_of, load_trials, study_directions};
 
@@ -351,7 +352,7 @@ pub fn best_of(trials: &[FrozenTrial], direction: StudyDirection) -> Option<&Fro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::search::distributions::{CategoricalDistribution, FloatDistribution, ParamValue};
+    use crate::distributions::{CategoricalDistribution, FloatDistribution, ParamValue};
 
     // Distributions shared by the tests of the submodules.
     pub(super) fn lr() -> Distribution {

@@ -8,9 +8,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use rusqlite::Transaction;
 use serde_json::Value;
 
-use crate::search::distributions::Distribution;
-use crate::search::pyjson;
-use crate::study::{FrozenTrial, StudyDirection, TrialParam, TrialState, UtcDateTime};
+use crate::distributions::Distribution;
+use crate::pyjson;
+use crate::trial::{FrozenTrial, StudyDirection, TrialParam, TrialState, UtcDateTime};
 
 pub(super) fn value_to_stored(v: f64) -> (Option<f64>, &'static str) {
     if v.is_nan() {

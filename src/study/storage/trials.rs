@@ -12,9 +12,9 @@ use super::database::{exec, row};
 use super::heartbeat::upsert_heartbeat;
 use super::rows::value_to_stored;
 use super::{NewTrial, StartOutcome, Storage};
-use crate::search::distributions::Distribution;
-use crate::search::pyjson;
-use crate::study::{FrozenTrial, TrialState, UtcDateTime};
+use crate::distributions::Distribution;
+use crate::pyjson;
+use crate::trial::{FrozenTrial, TrialState, UtcDateTime};
 
 /// Optuna's `check_distribution_compatibility`.
 pub fn check_distribution_compatibility(name: &str, old: &Distribution, new: &Distribution) -> Result<()> {
@@ -380,9 +380,9 @@ fn upsert_intermediate(tx: &Transaction, trial_id: i64, step: i64, value: f64) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::search::distributions::{CategoricalDistribution, ParamValue};
-    use crate::study::StudyDirection;
+    use crate::distributions::{CategoricalDistribution, ParamValue};
     use crate::study::storage::tests::{batch, lr};
+    use crate::trial::StudyDirection;
 
     #[test]
     fn trial_lifecycle_and_encodings() {
