@@ -518,6 +518,36 @@ fn adjust_discrete_uniform_high(low: f64, high: f64, step: f64) -> f64 {
     }
 }
 
+/// Optuna's `check_distribution_compatibility`: whether a parameter stored with `old` may be
+/// sampled from `new` in the same study.
+pub fn check_distribution_compatibility(name: &str, old: &Distribution, new: &Distribution) -> Result<()> {
+    match (old, new) {
+        (Distribution::Float(a), Distribution::Float(b)) if a.log != b.log => {}
+        (Distribution::Int(a), Distribution::Int(b)) if a.log != b.log => {}
+        (Distribution::Float(_), Distribution::Float(_)) | (Distribution::Int(_), Distribution::Int(_)) => {
+            return Ok(());
+        }
+        (Distribution::Categorical(a), Distribution::Categorical(b)) => {
+            if a.choices.len() == b.choices.len() && a.choices.iter().zip(&b.choices).all(|(x, y)| x.py_eq(y))
+            {
+                return Ok(());
+            }
+            bail!(
+                "parameter {name:?}: the study already uses choices {} and cannot change them to {} \
+                 (CategoricalDistribution does not support a dynamic value space)",
+                old.to_json(),
+                new.to_json()
+            );
+        }
+        _ => bail!(
+            "parameter {name:?}: the study already uses a {} and cannot switch to a {}",
+            old.class_name(),
+            new.class_name()
+        ),
+    }
+    bail!("parameter {name:?}: the study already uses {} and cannot change its log setting", old.to_json())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -110,7 +110,7 @@ pub fn suggest_params(
     let mut out = Vec::with_capacity(space.len());
     for (name, dist) in space.iter() {
         if let Some(p) = trial.param(name) {
-            crate::study::storage::check_distribution_compatibility(name, &p.distribution, dist)?;
+            crate::distributions::check_distribution_compatibility(name, &p.distribution, dist)?;
             out.push((name.to_string(), p.internal, p.distribution.clone()));
             continue;
         }

@@ -50,7 +50,6 @@ pub use database::{
     ALEMBIC_VERSION, BUSY_TIMEOUT, LIBRARY_VERSION, SCHEMA_VERSION, StorageLocation,
     check_database_directory, parse_storage_url,
 };
-pub use trials::check_distribution_compatibility;
 
 /// What a new trial starts with (Optuna's "template trial" of `create_new_trial`).
 #[derive(Clone, Debug)]

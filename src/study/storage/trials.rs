@@ -16,35 +16,6 @@ use crate::distributions::Distribution;
 use crate::pyjson;
 use crate::trial::{FrozenTrial, TrialState, UtcDateTime};
 
-/// Optuna's `check_distribution_compatibility`.
-pub fn check_distribution_compatibility(name: &str, old: &Distribution, new: &Distribution) -> Result<()> {
-    match (old, new) {
-        (Distribution::Float(a), Distribution::Float(b)) if a.log != b.log => {}
-        (Distribution::Int(a), Distribution::Int(b)) if a.log != b.log => {}
-        (Distribution::Float(_), Distribution::Float(_)) | (Distribution::Int(_), Distribution::Int(_)) => {
-            return Ok(());
-        }
-        (Distribution::Categorical(a), Distribution::Categorical(b)) => {
-            if a.choices.len() == b.choices.len() && a.choices.iter().zip(&b.choices).all(|(x, y)| x.py_eq(y))
-            {
-                return Ok(());
-            }
-            bail!(
-                "parameter {name:?}: the study already uses choices {} and cannot change them to {} \
-                 (CategoricalDistribution does not support a dynamic value space)",
-                old.to_json(),
-                new.to_json()
-            );
-        }
-        _ => bail!(
-            "parameter {name:?}: the study already uses a {} and cannot switch to a {}",
-            old.class_name(),
-            new.class_name()
-        ),
-    }
-    bail!("parameter {name:?}: the study already uses {} and cannot change its log setting", old.to_json())
-}
-
 impl Storage {
     /// Creates a trial from a template in one transaction (Optuna's `create_new_trial`) and
     /// returns it as stored.
@@ -343,7 +314,7 @@ fn insert_param(
     if let Some(prev) = previous {
         let prev =
             Distribution::from_json(&prev).with_context(|| format!("stored distribution of {name:?}"))?;
-        check_distribution_compatibility(name, &prev, dist)?;
+        crate::distributions::check_distribution_compatibility(name, &prev, dist)?;
     }
     exec(tx,
         "INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json) VALUES (?1, ?2, ?3, ?4)",
