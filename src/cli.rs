@@ -9,8 +9,8 @@ use anyhow::{Context, Result, bail};
 use serde_json::json;
 
 use crate::device::{Device, checked_device, resolve_device};
+use crate::export::export_model;
 use crate::model::BertModel;
-use crate::model::export::export_model;
 use crate::model::files::ModelFiles;
 use crate::pipeline::{ModelDataArgs, initial_model, prepare};
 use crate::train::{BestBy, Objective, TrainConfig};

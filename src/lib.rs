@@ -10,6 +10,7 @@ pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod distributions;
+pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hub;

@@ -1,7 +1,6 @@
 //! BERT parameters: the named-tensor layout shared by both backends, initialisation, loading from
 //! Hugging Face checkpoints, and export in the Hugging Face format.
 
-pub mod export;
 pub mod files;
 pub mod layout;
 mod pickle;

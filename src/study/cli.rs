@@ -260,9 +260,10 @@ fn check_space_matches_study(
     let trials = storage.trials(study.study_id, None)?;
     for (name, dist) in space.iter() {
         if let Some(stored) = trials.iter().find_map(|t| t.param(name)) {
-            crate::distributions::check_distribution_compatibility(name, &stored.distribution, dist).with_context(
-                || format!("{source} does not match study {:?} in {}", study.name, storage.url()),
-            )?;
+            crate::distributions::check_distribution_compatibility(name, &stored.distribution, dist)
+                .with_context(|| {
+                    format!("{source} does not match study {:?} in {}", study.name, storage.url())
+                })?;
         }
     }
     Ok(())

@@ -8,10 +8,10 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use super::BertModel;
-use super::files::ModelFiles;
-use super::safetensors_io::save_safetensors;
 use crate::data::tokenize::TextTokenizer;
+use crate::model::BertModel;
+use crate::model::files::ModelFiles;
+use crate::model::safetensors_io::save_safetensors;
 
 /// Exports `model` to `out`, replacing an earlier export there. `extra` files (name, JSON) are
 /// written alongside (e.g. training_metrics.json).
