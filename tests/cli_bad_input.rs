@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use hpo_gpu::cli::study::{AskArgs, DirectionArg, SamplerKind, StudyArgs, TellArgs, run_ask, run_tell};
 use hpo_gpu::config::BertConfig;
 use hpo_gpu::model::BertModel;
 use hpo_gpu::model::safetensors_io::save_safetensors;
-use hpo_gpu::study::cli::{AskArgs, DirectionArg, SamplerKind, StudyArgs, TellArgs, run_ask, run_tell};
 
 /// One bad input. `args` start with the subcommand; `<tmp>` is the case's temporary directory,
 /// and the tokens `@train`, `@train-data` and `@search` stand for [`TRAIN_BASE`], [`TRAIN_DATA`]
@@ -175,7 +175,7 @@ fn fixture(t: &Path) {
         study: study("empty"),
         trial_number: 0,
         values: vec![],
-        state: Some(hpo_gpu::study::cli::TellState::Fail),
+        state: Some(hpo_gpu::cli::study::TellState::Fail),
         skip_if_finished: false,
     };
     run_tell(&args, &mut Vec::new()).unwrap();

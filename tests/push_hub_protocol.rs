@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use hpo_gpu::push::cli::{PushArgs, run_push};
+use hpo_gpu::cli::push::{PushArgs, run_push};
 use hpo_gpu::push::{PushOptions, push, push_with};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -622,7 +622,7 @@ fn regenerate_model_card_example() {
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/report/example_model_card.md");
     std::fs::write(docs, &report.model_card).unwrap();
     let mut out = Vec::new();
-    hpo_gpu::push::cli::print_report(&report, &mut out).unwrap();
+    hpo_gpu::cli::push::print_report(&report, &mut out).unwrap();
     let text = String::from_utf8(out).unwrap();
     println!("{}", text.split("--- README.md ---").next().unwrap());
 }

@@ -9,10 +9,10 @@ mod report_common;
 
 use std::path::Path;
 
-use hpo_gpu::distributions::{CategoricalDistribution, Distribution, FloatDistribution, ParamValue};
-use hpo_gpu::report::cli::{
+use hpo_gpu::cli::report::{
     ImportanceArgs, PlotArgs, ReportArgs, StudySelect, run_importance, run_plot, run_report,
 };
+use hpo_gpu::distributions::{CategoricalDistribution, Distribution, FloatDistribution, ParamValue};
 use hpo_gpu::report::html::{self, epoch_metrics};
 use hpo_gpu::report::plots::{self, PlotKind};
 use hpo_gpu::report::{Importances, StudySnapshot};
@@ -108,7 +108,7 @@ fn plot_command_writes_png_and_svg_for_every_plot() {
     let mut json = Vec::new();
     let args = ImportanceArgs {
         study: select(&url, "demo"),
-        evaluator: hpo_gpu::report::cli::EvaluatorArg::PedAnova,
+        evaluator: hpo_gpu::cli::report::EvaluatorArg::PedAnova,
         seed: 0,
         json: true,
     };

@@ -1,7 +1,7 @@
 //! `ask`, `tell`, `trials` and `best` as library functions writing to a buffer.
 
 use clap::Parser;
-use hpo_gpu::study::cli::{
+use hpo_gpu::cli::study::{
     AskArgs, BestArgs, DirectionArg, SamplerKind, StudyArgs, TellArgs, TellState, TrialsArgs, run_ask,
     run_best, run_tell, run_trials,
 };
@@ -185,7 +185,7 @@ fn bad_flags_give_clear_errors() {
 
 #[test]
 fn search_study_flags_prepare_the_recipe_study() {
-    use hpo_gpu::study::cli::{PrunerKind, SearchStudyArgs};
+    use hpo_gpu::cli::study::{PrunerKind, SearchStudyArgs};
     #[derive(Parser)]
     struct Search {
         #[command(flatten)]

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use anyhow::Result;
+use hpo_gpu::cli::pipeline::{ModelDataArgs, prepare};
 use hpo_gpu::config::BertConfig;
 use hpo_gpu::cpu::adamw::{AdamState, AdamW, clip_grad_norm, linear_schedule};
 use hpo_gpu::cpu::bert::{self, Dropout};
@@ -16,7 +17,6 @@ use hpo_gpu::cpu::philox::DropoutRng;
 use hpo_gpu::data::batch::TokenizedSplit;
 use hpo_gpu::model::BertModel;
 use hpo_gpu::model::layout::ParamLayout;
-use hpo_gpu::pipeline::{ModelDataArgs, prepare};
 use hpo_gpu::train::{EpochOrder, StepPlan, TrainConfig, evaluate_params};
 use hpo_gpu::trial::ParamSet;
 use hpo_gpu::trial::protocol::{EpochMetrics, TrialEnd, TrialHost, TrialRunner, Verdict};

@@ -26,7 +26,6 @@
 //! huggingface_hub's code do not show.
 
 pub mod card;
-pub mod cli;
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};

@@ -4,7 +4,6 @@
 //! Everything reads a [`StudySnapshot`]: one consistent read of a study from any Optuna-schema
 //! SQLite storage (written by `hpo-gpu search` or by Optuna itself).
 
-pub mod cli;
 pub mod html;
 pub mod importance;
 pub mod plots;

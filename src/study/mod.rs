@@ -4,7 +4,6 @@
 //! A trial's record ([`crate::trial::FrozenTrial`]) lives below this module, in `trial`, as
 //! Optuna keeps `optuna/trial/`: samplers and pruners read it without depending on studies.
 
-pub mod cli;
 pub mod driver;
 pub mod interrupt;
 pub mod storage;

@@ -7,12 +7,12 @@ use std::io::Write;
 
 use anyhow::{Result, bail};
 
-use crate::cli::HyperArgs;
+use crate::cli::pipeline::{ModelDataArgs, initial_model, prepare};
+use crate::cli::study::SearchStudyArgs;
+use crate::cli::train::HyperArgs;
 use crate::device::{Device, checked_device, resolve_device};
 use crate::distributions::Distribution;
-use crate::pipeline::{ModelDataArgs, initial_model, prepare};
 use crate::search::space::SearchSpace;
-use crate::study::cli::SearchStudyArgs;
 use crate::study::driver::{LineProgress, run_study};
 use crate::train::TrainConfig;
 use crate::trial_array::cpu::CpuArrayBackend;

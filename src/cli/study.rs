@@ -10,9 +10,6 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use serde_json::{Map, Value, json};
 
-use super::StudyRef;
-use super::driver::{AskOptions, DriverOptions, ask_batch};
-use super::storage::{Storage, best_of};
 use crate::pyjson;
 use crate::search::pruner::{
     HyperbandPruner, MedianPruner, NopPruner, PercentilePruner, Pruner, SuccessiveHalvingPruner,
@@ -20,6 +17,9 @@ use crate::search::pruner::{
 use crate::search::sampler::tpe::TpeOptions;
 use crate::search::sampler::{RandomSampler, Sampler, TpeSampler};
 use crate::search::space::SearchSpace;
+use crate::study::StudyRef;
+use crate::study::driver::{AskOptions, DriverOptions, ask_batch};
+use crate::study::storage::{Storage, best_of};
 use crate::trial::{FrozenTrial, StudyDirection, TrialState};
 
 /// The recipe's storage URL.
@@ -240,9 +240,10 @@ impl SearchStudyArgs {
             PercentilePruner::new(self.pruner_percentile, 5, 0, 1, 1).context("--pruner-percentile")?;
         }
         self.heartbeat_settings()?;
-        if let super::storage::StorageLocation::File(path) = super::storage::parse_storage_url(&self.storage)?
+        if let crate::study::storage::StorageLocation::File(path) =
+            crate::study::storage::parse_storage_url(&self.storage)?
         {
-            super::storage::check_database_directory(&self.storage, &path)?;
+            crate::study::storage::check_database_directory(&self.storage, &path)?;
         }
         Ok(())
     }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use super::{DEFAULT_ENDPOINT, PushOptions, PushReport, find_token, push_with};
+use crate::push::{DEFAULT_ENDPOINT, PushOptions, PushReport, find_token, push_with};
 
 /// Upload a trained model folder to the Hugging Face Hub with a generated model card.
 #[derive(Args, Clone, Debug)]

@@ -8,9 +8,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use super::importance::{Evaluator, FanovaOptions, PedAnovaOptions, param_importances};
-use super::{Importances, StudySnapshot, html, plots};
-use crate::study::cli::DEFAULT_STORAGE;
+use crate::cli::study::DEFAULT_STORAGE;
+use crate::report::importance::{Evaluator, FanovaOptions, PedAnovaOptions, param_importances};
+use crate::report::{Importances, StudySnapshot, html, plots};
 
 /// The recipe's study name.
 pub const DEFAULT_STUDY_NAME: &str = "transformers_optuna_study";
