@@ -25,7 +25,7 @@ use hpo_gpu::train::TrainConfig;
 use hpo_gpu::trial::ParamSet;
 use hpo_gpu::trial::protocol::{EpochMetrics, TrialEnd, TrialHost, Verdict};
 use hpo_gpu::trial_array::ArrayBackend;
-use hpo_gpu::trial_array::cpu::CpuArrayBackend;
+use hpo_gpu::trial_array::reference_backend::ReferenceBackend;
 use hpo_gpu::trial_array::schedule::{
     ArrayOptions, ArrayTrial, DropoutProbs, MicroBatch, TrialBuilder, run_array,
 };
@@ -203,7 +203,7 @@ fn gpu_trial_array_trains_like_the_cpu_reference() {
     };
     let options = ArrayOptions { micro_batch: MicroBatch::Fixed(2) };
     let mut on_cpu = QueueHost { next: 0, count: 4, ends: Default::default() };
-    run_array(&mut CpuArrayBackend::new(&c, 4), &mut Trials(trials()), &mut on_cpu, &options).unwrap();
+    run_array(&mut ReferenceBackend::new(&c, 4), &mut Trials(trials()), &mut on_cpu, &options).unwrap();
     let mut backend = cuda_array_backend(&c, 2, 90, 4).unwrap();
     assert_eq!(backend.slots(), 4);
     let mut on_gpu = QueueHost { next: 0, count: 4, ends: Default::default() };

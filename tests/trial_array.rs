@@ -20,9 +20,9 @@ use hpo_gpu::model::layout::ParamLayout;
 use hpo_gpu::train::{EpochOrder, StepPlan, TrainConfig, evaluate_params};
 use hpo_gpu::trial::ParamSet;
 use hpo_gpu::trial::protocol::{EpochMetrics, TrialEnd, TrialHost, TrialRunner, Verdict};
-use hpo_gpu::trial_array::cpu::CpuArrayBackend;
 use hpo_gpu::trial_array::device::DeviceArrayBackend;
 use hpo_gpu::trial_array::ops_cpu::CpuOps;
+use hpo_gpu::trial_array::reference_backend::ReferenceBackend;
 use hpo_gpu::trial_array::schedule::{
     ArrayOptions, ArrayTrial, DropoutProbs, MicroBatch, TrialBuilder, run_array,
 };
@@ -220,7 +220,7 @@ enum Call {
 
 /// Records every call; can fail one forward call with out-of-memory.
 struct Recording {
-    inner: CpuArrayBackend,
+    inner: ReferenceBackend,
     calls: Vec<Call>,
     oom_on_forward: Option<usize>,
     forwards: usize,
@@ -229,7 +229,7 @@ struct Recording {
 impl Recording {
     fn new(config: &BertConfig, slots: usize) -> Self {
         Recording {
-            inner: CpuArrayBackend::new(config, slots),
+            inner: ReferenceBackend::new(config, slots),
             calls: Vec::new(),
             oom_on_forward: None,
             forwards: 0,
@@ -339,14 +339,14 @@ fn assert_epochs_identical(got: &[EpochMetrics], want: &[EpochMetrics], what: &s
 }
 
 #[test]
-fn one_slot_equals_train() {
+fn one_slot_equals_the_trainer_loop() {
     let fx = fixture();
     let c = cfg(2e-3, 8, 3);
     // Micro-batch = batch size: the same forward passes, losses and dropout masks as the plain Trainer loop, so
     // bit for bit equal, dropout on.
     let (want_epochs, want_params) = fx.train_alone(&c, true, None);
     let mut host = TestHost::new(vec![fx.trial(0, c.clone(), true)]);
-    run(&mut CpuArrayBackend::new(&fx.config, 1), &mut host, MicroBatch::Fixed(8));
+    run(&mut ReferenceBackend::new(&fx.config, 1), &mut host, MicroBatch::Fixed(8));
     let (epochs, params) = host.finished(0);
     assert_epochs_identical(epochs, &want_epochs, "m = b, dropout on");
     assert_eq!(params, &want_params[..]);
@@ -357,7 +357,7 @@ fn one_slot_equals_train() {
     // rounding only. Dropout off, since the masks are drawn per micro-batch.
     let (want_epochs, want_params) = fx.train_alone(&c, false, None);
     let mut host = TestHost::new(vec![fx.trial(0, c, false)]);
-    run(&mut CpuArrayBackend::new(&fx.config, 1), &mut host, M2);
+    run(&mut ReferenceBackend::new(&fx.config, 1), &mut host, M2);
     let (epochs, params) = host.finished(0);
     assert_epochs_close(epochs, &want_epochs, 1e-5, "m = 2");
     let e = rel(params, &want_params);
@@ -377,7 +377,7 @@ fn mixed_trials(fx: &Fixture, dropout: bool) -> Vec<(u64, ArrayTrial)> {
 fn mixed_batch_sizes_train_as_if_alone() {
     let fx = fixture();
     let mut host = TestHost::new(mixed_trials(&fx, false));
-    run(&mut CpuArrayBackend::new(&fx.config, 4), &mut host, M2);
+    run(&mut ReferenceBackend::new(&fx.config, 4), &mut host, M2);
     for (key, t) in mixed_trials(&fx, false) {
         let (want_epochs, want_params) = fx.train_alone(&t.cfg, false, None);
         let (epochs, params) = host.finished(key);
@@ -388,10 +388,10 @@ fn mixed_batch_sizes_train_as_if_alone() {
     // With dropout, each slot equals the same trial alone in a one-slot array, bit for bit: slots
     // share nothing.
     let mut together = TestHost::new(mixed_trials(&fx, true));
-    run(&mut CpuArrayBackend::new(&fx.config, 4), &mut together, M2);
+    run(&mut ReferenceBackend::new(&fx.config, 4), &mut together, M2);
     for (key, t) in mixed_trials(&fx, true) {
         let mut alone = TestHost::new(vec![(key, t)]);
-        run(&mut CpuArrayBackend::new(&fx.config, 1), &mut alone, M2);
+        run(&mut ReferenceBackend::new(&fx.config, 1), &mut alone, M2);
         let (e1, p1) = together.finished(key);
         let (e2, p2) = alone.finished(key);
         assert_epochs_identical(e1, e2, &format!("trial {key} with dropout"));
@@ -506,7 +506,7 @@ fn diverging_slot_fails_alone(make: &dyn Fn(&BertConfig, usize) -> Box<dyn Array
 
 #[test]
 fn a_diverging_slot_fails_alone() {
-    diverging_slot_fails_alone(&|c, t| Box::new(CpuArrayBackend::new(c, t)));
+    diverging_slot_fails_alone(&|c, t| Box::new(ReferenceBackend::new(c, t)));
 }
 
 #[test]
@@ -529,7 +529,7 @@ fn out_of_memory_shrinks_the_array_and_evicts_the_last_slot() {
     }
     // The retried tick changed nothing for the others.
     let mut reference = TestHost::new(trials());
-    run(&mut CpuArrayBackend::new(&fx.config, 3), &mut reference, M2);
+    run(&mut ReferenceBackend::new(&fx.config, 3), &mut reference, M2);
     for k in 0..2 {
         let (e1, p1) = host.finished(k);
         let (e2, p2) = reference.finished(k);
@@ -543,7 +543,7 @@ fn unfit_trials_fail_with_a_reason() {
     let fx = fixture();
     let mut host =
         TestHost::new(vec![fx.trial(0, cfg(1e-3, 6, 1), false), fx.trial(1, cfg(1e-3, 4, 1), false)]);
-    run(&mut CpuArrayBackend::new(&fx.config, 1), &mut host, MicroBatch::Fixed(4));
+    run(&mut ReferenceBackend::new(&fx.config, 1), &mut host, MicroBatch::Fixed(4));
     match &host.ends[&0] {
         TrialEnd::Failed { reason } => {
             assert!(reason.contains("batch size 6") && reason.contains("micro-batch size 4"), "{reason}")
@@ -622,7 +622,7 @@ fn search_with_slots_matches_one_at_a_time() {
     let tmp = tempfile::tempdir().unwrap();
     // The random sampler reseeded per trial number proposes the same parameters either way, so
     // the two studies train the same trials; dropout is off because the array draws masks per
-    // micro-batch (16 here), train() per batch.
+    // micro-batch (16 here), one slot alone per whole batch.
     let sequential = search_trials(tmp.path(), "one.db", &[]);
     let array = search_trials(tmp.path(), "array.db", &["--slots", "4"]);
     assert_eq!(array.len(), 6, "n_trials reached: {array:?}");
@@ -811,7 +811,7 @@ fn device_backend(config: &BertConfig, slots: usize) -> DeviceArrayBackend<CpuOp
 fn device_backend_on_host_ops_matches_the_cpu_backend() {
     let fx = fixture();
     let mut reference = TestHost::new(mixed_trials(&fx, true));
-    run(&mut CpuArrayBackend::new(&fx.config, 4), &mut reference, M2);
+    run(&mut ReferenceBackend::new(&fx.config, 4), &mut reference, M2);
     let mut device = TestHost::new(mixed_trials(&fx, true));
     run(&mut device_backend(&fx.config, 4), &mut device, M2);
     for (key, _) in mixed_trials(&fx, true) {
@@ -836,7 +836,7 @@ fn one_slot_of_whole_batches_is_the_trainer() {
     let c = cfg(3e-3, 8, 2);
     let (want_epochs, want_params) = fx.train_alone(&c, true, None);
     let mut host = TestHost::new(vec![fx.trial(0, c.clone(), true)]);
-    run(&mut CpuArrayBackend::new(&fx.config, 1), &mut host, MicroBatch::WholeBatch);
+    run(&mut ReferenceBackend::new(&fx.config, 1), &mut host, MicroBatch::WholeBatch);
     let (epochs, params) = host.finished(0);
     assert_eq!(host.epochs[&0].iter().map(|m| m.epoch).collect::<Vec<_>>(), [1, 2]);
     assert_epochs_identical(epochs, &want_epochs, "whole batches on the CPU backend");

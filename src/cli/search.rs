@@ -15,7 +15,7 @@ use crate::distributions::Distribution;
 use crate::search::space::SearchSpace;
 use crate::study::driver::{LineProgress, run_study};
 use crate::train::TrainConfig;
-use crate::trial_array::cpu::CpuArrayBackend;
+use crate::trial_array::reference_backend::ReferenceBackend;
 use crate::trial_array::schedule::{ArrayOptions, Engine, MicroBatch};
 use crate::trial_array::setup::TrialSetup;
 use crate::trial_array::{ArrayBackend, micro_batch_size};
@@ -122,7 +122,7 @@ pub fn run_search(args: &SearchArgs, out: &mut dyn Write) -> Result<()> {
             let max_len = prepared.tokenizer.max_length;
             Box::new(crate::cuda::array_ops::cuda_array_backend(&initial.config, m, max_len, wanted)?)
         }
-        _ => Box::new(CpuArrayBackend::new(&initial.config, args.slots)),
+        _ => Box::new(ReferenceBackend::new(&initial.config, args.slots)),
     };
     let per_tick = match micro_batch {
         MicroBatch::Fixed(m) => format!("micro-batch {m}"),

@@ -15,7 +15,7 @@ use crate::train::{BestBy, Objective, TrainConfig};
 use crate::trial::ParamSet;
 use crate::trial::protocol::{EpochMetrics, EpochProgress, TrainResult, TrialEnd, TrialHost, Verdict};
 use crate::trial_array::ArrayBackend;
-use crate::trial_array::cpu::CpuArrayBackend;
+use crate::trial_array::reference_backend::ReferenceBackend;
 use crate::trial_array::schedule::{ArrayOptions, MicroBatch, run_array};
 use crate::trial_array::setup::TrialSetup;
 
@@ -280,7 +280,7 @@ pub fn run_train(args: &TrainArgs, out: &mut dyn Write) -> Result<()> {
         Device::Cuda => {
             Box::new(crate::cuda::array_ops::cuda_array_backend(config, cfg.batch_size, max_length, 1)?)
         }
-        _ => Box::new(CpuArrayBackend::new(config, 1)),
+        _ => Box::new(ReferenceBackend::new(config, 1)),
     };
     let mut host = TrainHost {
         params: Some(params),

@@ -4,7 +4,7 @@
 //! - [`ArrayBackend`] is what the scheduler needs from a device: load a slot, forward+backward one
 //!   micro-batch for every active slot, clip + AdamW per slot, evaluate, keep/restore the best
 //!   epoch's weights, read parameters out, shrink on out-of-memory.
-//! - [`cpu::CpuArrayBackend`] implements it with the CPU reference (`cpu::bert`, `cpu::adamw`);
+//! - [`reference_backend::ReferenceBackend`] implements it with the CPU reference (`cpu::bert`, `cpu::adamw`);
 //!   the GPU backend (`src/cuda`) implements the same trait.
 //! - [`schedule::run_array`] is the scheduler: micro-batch ticks, per-slot epoch streams,
 //!   optimizer steps every b/m ticks, per-epoch evaluation, pruning, failures, refilling slots.
@@ -19,14 +19,16 @@
 //! **Dropout indexing.** A slot's micro-batch `k` (counted from 0 since its trial was loaded, over
 //! all epochs) uses `DropoutRng { seed: trial seed, stream: trial's dropout stream, step: k }`,
 //! with element indices over the micro-batch's packed rows as in `cpu::bert`. The GPU backend must
-//! use the same indexing. With micro-batch = batch size this is exactly `train()`'s generator
-//! (stream 0, step = forward pass), so a trial gives the same masks in the array as alone.
+//! use the same indexing. A trial draws the same masks in any slot, alone or beside others; with
+//! whole batches (`MicroBatch::WholeBatch`, as `hpo-gpu train` runs) micro-batch k is optimizer
+//! batch k. A CPU backend that runs a micro-batch in several passes offsets each pass's indices
+//! (`cpu::bert::DropoutOffset`), so the masks do not depend on how it splits the work.
 
-pub mod cpu;
 pub mod device;
 pub mod model;
 pub mod ops;
 pub mod ops_cpu;
+pub mod reference_backend;
 pub mod schedule;
 pub mod setup;
 

@@ -25,20 +25,20 @@ struct CpuSlot {
 }
 
 /// [`ArrayBackend`] on the CPU reference. Slots are allocated when first loaded.
-pub struct CpuArrayBackend {
+pub struct ReferenceBackend {
     config: BertConfig,
     layout: ParamLayout,
     decay: Vec<bool>,
     slots: Vec<Option<CpuSlot>>,
 }
 
-impl CpuArrayBackend {
+impl ReferenceBackend {
     /// An array of `slots` slots for models of `config`'s architecture. Dropout probabilities
     /// come with each micro-batch, not from `config`.
     pub fn new(config: &BertConfig, slots: usize) -> Self {
         let layout = ParamLayout::new(config);
         let decay = layout.decay_mask();
-        CpuArrayBackend { config: config.clone(), layout, decay, slots: (0..slots).map(|_| None).collect() }
+        ReferenceBackend { config: config.clone(), layout, decay, slots: (0..slots).map(|_| None).collect() }
     }
 
     fn slot(&mut self, slot: usize) -> ArrayResult<&mut CpuSlot> {
@@ -55,7 +55,7 @@ fn slot_in(slots: &mut [Option<CpuSlot>], slot: usize) -> ArrayResult<&mut CpuSl
         .ok_or_else(|| ArrayError::Other(anyhow!("trial-array slot {slot} of {n} holds no trial")))
 }
 
-impl ArrayBackend for CpuArrayBackend {
+impl ArrayBackend for ReferenceBackend {
     fn describe(&self) -> String {
         "cpu".to_string()
     }
