@@ -1,12 +1,10 @@
 //! The `hpo-gpu` command line: parse, call the library, print. Errors become one line on stderr
 //! and a non-zero exit code; nothing panics across this boundary.
 
-use clap::FromArgMatches;
-
-use hpo_gpu::cli::{Cli, command, run};
+use hpo_gpu::cli::{parse_args, run};
 
 fn main() {
-    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
+    let cli = parse_args(std::env::args_os().collect()).unwrap_or_else(|e| e.exit());
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli)));
     match result {
         Ok(Ok(())) => {}

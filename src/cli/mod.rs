@@ -14,7 +14,7 @@ pub mod search;
 pub mod study;
 pub mod train;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -94,4 +94,134 @@ pub fn command() -> clap::Command {
             .mut_subcommands(allow_negative)
     }
     allow_negative(Cli::command())
+}
+
+/// Parses the command line as a user types it: a negative number in any float notation
+/// (`-1.084750655768679e-05` as Python's `repr` prints it, `-.5`, `-5E+3`, `-inf`) is a value
+/// of the option before it, not a flag. clap takes `-1`, `-0.5` and `-1.5e10` as values by
+/// itself (`allow_negative_numbers`) but not an exponent with a sign or a leading dot, so such a
+/// value is rewritten before clap sees it: to its plain decimal spelling when finite (the same
+/// f64), or joined to its option (`--flag=-inf`) when it is the option's first value.
+pub fn parse_args(args: Vec<std::ffi::OsString>) -> Result<Cli, clap::Error> {
+    let mut cmd = command();
+    cmd.build();
+    let args = spell_negative_numbers(&cmd, args);
+    Cli::from_arg_matches(&cmd.try_get_matches_from(args)?)
+}
+
+/// See [`parse_args`]. Only tokens in a value position (after an option that takes values) are
+/// touched: a positional text such as `predict … -1e5` stays as typed.
+fn spell_negative_numbers(root: &clap::Command, args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut command = root;
+    // The option whose values follow (its index in `out`), how many it has had, and how many it
+    // takes at most.
+    let mut pending: Option<(usize, usize, usize)> = None;
+    let mut tokens = args.into_iter();
+    if let Some(program) = tokens.next() {
+        out.push(program);
+    }
+    for token in tokens.by_ref() {
+        let Some(text) = token.to_str() else {
+            pending = None;
+            out.push(token);
+            continue;
+        };
+        if text == "--" {
+            out.push(token);
+            break;
+        }
+        let negative = text.strip_prefix('-').is_some_and(|rest| rest.parse::<f64>().is_ok());
+        if let Some((option, values, most)) = pending.filter(|(_, values, most)| values < most) {
+            if negative {
+                let value: f64 = text.parse().unwrap_or(f64::NAN);
+                if value.is_finite() {
+                    out.push(format!("{value}").into());
+                } else if values == 0 {
+                    let joined = format!("{}={text}", out[option].to_string_lossy());
+                    out[option] = joined.into();
+                } else {
+                    out.push(token);
+                }
+                pending = Some((option, values + 1, most));
+                continue;
+            }
+            if !text.starts_with('-') {
+                out.push(token);
+                pending = Some((option, values + 1, most));
+                continue;
+            }
+        }
+        pending = None;
+        if let Some(long) = text.strip_prefix("--") {
+            let option =
+                command.get_arguments().chain(root.get_arguments()).find(|a| a.get_long() == Some(long));
+            if let Some(option) = option.filter(|a| a.get_action().takes_values()) {
+                let most = option.get_num_args().map_or(1, |n| n.max_values());
+                pending = Some((out.len(), 0, most));
+            }
+        } else if !text.starts_with('-')
+            && let Some(sub) = command.find_subcommand(text)
+        {
+            command = sub;
+        }
+        out.push(token);
+    }
+    out.extend(tokens);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spelled(args: &[&str]) -> Vec<String> {
+        let mut cmd = command();
+        cmd.build();
+        let args = args.iter().map(std::ffi::OsString::from).collect();
+        spell_negative_numbers(&cmd, args).into_iter().map(|a| a.into_string().unwrap()).collect()
+    }
+
+    #[test]
+    fn negative_numbers_in_any_notation_are_values() {
+        assert_eq!(
+            spelled(&[
+                "hpo-gpu",
+                "tell",
+                "--values",
+                "-1.084750655768679e-05",
+                "-.5",
+                "-5E+3",
+                "--trial-number",
+                "1"
+            ]),
+            [
+                "hpo-gpu",
+                "tell",
+                "--values",
+                "-0.00001084750655768679",
+                "-0.5",
+                "-5000",
+                "--trial-number",
+                "1"
+            ]
+        );
+        // The exact f64 survives the respelling.
+        assert_eq!("-0.00001084750655768679".parse::<f64>().unwrap(), -1.084750655768679e-05);
+        assert_eq!(
+            spelled(&["hpo-gpu", "--threads", "2", "train", "--learning-rate", "-inf", "--seed", "3"]),
+            ["hpo-gpu", "--threads", "2", "train", "--learning-rate=-inf", "--seed", "3"]
+        );
+        // Not in a value position: a positional text stays as typed, so does what follows `--`.
+        assert_eq!(
+            spelled(&["hpo-gpu", "predict", "--model", "m", "-1e5", "--", "-2e-3"]),
+            ["hpo-gpu", "predict", "--model", "m", "-1e5", "--", "-2e-3"]
+        );
+        let cli = parse_args(
+            ["hpo-gpu", "train", "--weight-decay", "-2.5e-1"].iter().map(std::ffi::OsString::from).collect(),
+        )
+        .unwrap();
+        let Command::Train(args) = cli.command else { panic!("not train") };
+        assert_eq!(args.hyper.weight_decay, -0.25);
+    }
 }
