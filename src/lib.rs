@@ -13,6 +13,7 @@ pub mod device;
 pub mod fuzzing;
 pub mod hub;
 pub mod model;
+pub mod ops;
 pub mod pipeline;
 pub mod push;
 pub mod report;

@@ -11,11 +11,11 @@ use anyhow::Result;
 use hpo_gpu::config::BertConfig;
 use hpo_gpu::data::batch::TokenizedSplit;
 use hpo_gpu::model::BertModel;
+use hpo_gpu::ops::cpu::CpuOps;
 use hpo_gpu::pipeline::{ModelDataArgs, prepare};
 use hpo_gpu::train::{EpochMetrics, NoProgress, TrainConfig, Verdict, train};
 use hpo_gpu::trial_array::cpu::CpuArrayBackend;
 use hpo_gpu::trial_array::device::DeviceArrayBackend;
-use hpo_gpu::trial_array::ops_cpu::CpuOps;
 use hpo_gpu::trial_array::schedule::{
     ArrayHost, ArrayOptions, ArrayTrial, DropoutProbs, TrialEnd, run_array, train_one,
 };
