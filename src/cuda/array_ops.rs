@@ -53,7 +53,7 @@ pub struct CudaTick {
     loss_scale: CudaSlice<f32>,
 }
 
-fn dev<E: std::fmt::Debug>(what: &'static str) -> impl Fn(E) -> anyhow::Error {
+fn device_error<E: std::fmt::Debug>(what: &'static str) -> impl Fn(E) -> anyhow::Error {
     move |e| anyhow!("{what}: {e:?}")
 }
 
@@ -89,7 +89,7 @@ fn cls_rows<'a>(tick: &'a Tick<'_, CudaTick>, hidden: usize) -> RowSelection<'a>
 impl CudaOps {
     pub fn new(gpu: Gpu, config: &crate::config::BertConfig, layout: &ParamLayout) -> Result<Self> {
         let decay: Vec<u8> = layout.decay_mask().iter().map(|d| *d as u8).collect();
-        let decay = gpu.stream.clone_htod(&decay).map_err(dev("uploading the decay mask"))?;
+        let decay = gpu.stream.clone_htod(&decay).map_err(device_error("uploading the decay mask"))?;
         Ok(CudaOps {
             tables: EmbeddingTables::from_layout(layout, config.hidden_size),
             pad_token_id: Some(config.pad_token_id),
@@ -106,19 +106,22 @@ impl ArrayOps for CudaOps {
     type DeviceTick = CudaTick;
 
     fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.gpu.stream.alloc_zeros::<f32>(n.max(1)).map_err(dev("allocating device memory"))
+        self.gpu.stream.alloc_zeros::<f32>(n.max(1)).map_err(device_error("allocating device memory"))
     }
     fn upload(&self, data: &[f32]) -> Result<CudaSlice<f32>> {
-        self.gpu.stream.clone_htod(data).map_err(dev("copying to the device"))
+        self.gpu.stream.clone_htod(data).map_err(device_error("copying to the device"))
     }
     fn write(&self, dst: &mut CudaSlice<f32>, offset: usize, data: &[f32]) -> Result<()> {
         ensure!(offset + data.len() <= dst.len(), "write past the end of a device buffer");
         let mut view = dst.slice_mut(offset..offset + data.len());
-        self.gpu.stream.memcpy_htod(data, &mut view).map_err(dev("copying to the device"))
+        self.gpu.stream.memcpy_htod(data, &mut view).map_err(device_error("copying to the device"))
     }
     fn read(&self, src: &CudaSlice<f32>, offset: usize, n: usize) -> Result<Vec<f32>> {
         ensure!(offset + n <= src.len(), "read past the end of a device buffer");
-        self.gpu.stream.clone_dtoh(&src.slice(offset..offset + n)).map_err(dev("copying from the device"))
+        self.gpu
+            .stream
+            .clone_dtoh(&src.slice(offset..offset + n))
+            .map_err(device_error("copying from the device"))
     }
     fn copy(
         &self,
@@ -134,18 +137,18 @@ impl ArrayOps for CudaOps {
         );
         let mut view = dst.slice_mut(dst_offset..dst_offset + n);
         let source = src.slice(src_offset..src_offset + n);
-        self.gpu.stream.memcpy_dtod(&source, &mut view).map_err(dev("device-to-device copy"))
+        self.gpu.stream.memcpy_dtod(&source, &mut view).map_err(device_error("device-to-device copy"))
     }
     fn fill_zero(&self, buf: &mut CudaSlice<f32>, offset: usize, n: usize) -> Result<()> {
         ensure!(offset + n <= buf.len(), "clearing past the end of a device buffer");
         let mut view = buf.slice_mut(offset..offset + n);
-        self.gpu.stream.memset_zeros(&mut view).map_err(dev("clearing device memory"))
+        self.gpu.stream.memset_zeros(&mut view).map_err(device_error("clearing device memory"))
     }
 
     fn tick<'a>(&self, layout: &'a TickLayout) -> Result<Tick<'a, CudaTick>> {
         let gpu = &self.gpu;
         let heads = layout.heads;
-        let upload_u32 = |v: &[u32]| gpu.stream.clone_htod(v).map_err(dev("uploading a tick"));
+        let upload_u32 = |v: &[u32]| gpu.stream.clone_htod(v).map_err(device_error("uploading a tick"));
         let real_seqs: Vec<u32> = layout.real_seqs.iter().map(|n| *n as u32).collect();
         let (ids, types, positions) = (&layout.ids, &layout.types, &layout.positions);
         let device = CudaTick {
@@ -156,7 +159,10 @@ impl ArrayOps for CudaOps {
             rng: DeviceRng::upload(gpu, &layout.rngs)?,
             cls_rows: upload_u32(&layout.cls_rows)?,
             real_seqs: upload_u32(&real_seqs)?,
-            loss_scale: gpu.stream.clone_htod(&layout.loss_scale).map_err(dev("uploading loss scales"))?,
+            loss_scale: gpu
+                .stream
+                .clone_htod(&layout.loss_scale)
+                .map_err(device_error("uploading loss scales"))?,
         };
         Ok(Tick { layout, device })
     }
@@ -372,7 +378,7 @@ impl ArrayOps for CudaOps {
         // Norms of every slot without clipping (a slot mid-accumulation must not be clipped).
         let mut norm = GradNorm::new(&self.gpu, trials)?;
         norm.run(&self.gpu, grads, p, p, None)?;
-        let norms = self.gpu.stream.clone_dtoh(&norm.norm).map_err(dev("reading gradient norms"))?;
+        let norms = self.gpu.stream.clone_dtoh(&norm.norm).map_err(device_error("reading gradient norms"))?;
         // Per-slot clip coefficients (1 for slots that do not step), then one clip launch.
         let mut coefficients = vec![1.0f32; trials];
         let mut out = Vec::with_capacity(steps.len());
@@ -387,7 +393,7 @@ impl ArrayOps for CudaOps {
         self.gpu
             .stream
             .memcpy_htod(&coefficients, &mut norm.clip_coef)
-            .map_err(dev("uploading clip coefficients"))?;
+            .map_err(device_error("uploading clip coefficients"))?;
         clip_grads(&self.gpu, grads, &norm.clip_coef, p, p)?;
         // AdamW: one launch per distinct (β1, β2, ε); slots that do not step (or diverged) get
         // update number 0, which the kernel skips.

@@ -64,12 +64,12 @@ impl DeviceTokens {
                 anyhow::bail!("token rows: {what} {v} at row {i} is outside its table of {limit} rows");
             }
         }
-        let up =
+        let upload =
             |v: &[u32]| gpu.stream.clone_htod(v).map_err(|e| anyhow::anyhow!("uploading token rows: {e:?}"));
         Ok(DeviceTokens {
-            ids: up(ids)?,
-            types: up(types)?,
-            positions: up(positions)?,
+            ids: upload(ids)?,
+            types: upload(types)?,
+            positions: upload(positions)?,
             rows,
             stride: if ids.len() == rows { 0 } else { rows },
             tables,

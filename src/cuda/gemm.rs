@@ -74,7 +74,7 @@ where
         b_operand.rows * b_operand.cols,
     )?;
     check_len("gemm C", c.len(), c_offset, trials, c_stride, m * n)?;
-    let i = |name: &str, v: usize| {
+    let cublas_int = |name: &str, v: usize| {
         i32::try_from(v).map_err(|_| anyhow!("gemm: {name} = {v} exceeds cuBLAS's int"))
     };
     let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
@@ -83,16 +83,16 @@ where
             // cuBLAS's A is our B and its B is our A; leading dimensions are the stored row widths.
             transa: op(b_operand.transposed),
             transb: op(a_operand.transposed),
-            m: i("n", n)?,
-            n: i("m", m)?,
-            k: i("k", k)?,
+            m: cublas_int("n", n)?,
+            n: cublas_int("m", m)?,
+            k: cublas_int("k", k)?,
             alpha,
-            lda: i("B columns", b_operand.cols)?,
-            ldb: i("A columns", a_operand.cols)?,
+            lda: cublas_int("B columns", b_operand.cols)?,
+            ldb: cublas_int("A columns", a_operand.cols)?,
             beta,
-            ldc: i("n", n)?,
+            ldc: cublas_int("n", n)?,
         },
-        batch_size: i("trials", trials)?,
+        batch_size: cublas_int("trials", trials)?,
         stride_a: b_operand.stride as i64,
         stride_b: a_operand.stride as i64,
         stride_c: c_stride as i64,

@@ -25,13 +25,13 @@ pub struct GradNorm {
 
 impl GradNorm {
     pub fn new(gpu: &Gpu, trials: usize) -> Result<Self> {
-        let s = &gpu.stream;
-        let e = |e| anyhow!("allocating the gradient-norm scratch: {e:?}");
+        let stream = &gpu.stream;
+        let failed = |e| anyhow!("allocating the gradient-norm scratch: {e:?}");
         Ok(GradNorm {
             trials,
-            partial: s.alloc_zeros::<f64>(trials * NORM_BLOCKS).map_err(e)?,
-            norm: s.alloc_zeros::<f64>(trials).map_err(e)?,
-            clip_coef: s.alloc_zeros::<f32>(trials).map_err(e)?,
+            partial: stream.alloc_zeros::<f64>(trials * NORM_BLOCKS).map_err(failed)?,
+            norm: stream.alloc_zeros::<f64>(trials).map_err(failed)?,
+            clip_coef: stream.alloc_zeros::<f32>(trials).map_err(failed)?,
         })
     }
 

@@ -51,6 +51,17 @@ fn blocks(layout: &TickLayout, trial: usize, cls: bool) -> &[AttnSeq] {
     if cls { &layout.attn_cls[trial] } else { &layout.attn_full[trial] }
 }
 
+/// Every trial's [CLS] rows: (offset in the `[T, rows, H]` activation, offset in the
+/// `[T, seqs, H]` one of the [CLS] rows alone).
+fn cls_offsets(layout: &TickLayout, h: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+    (0..layout.trials).flat_map(move |t| {
+        (0..layout.seqs).map(move |i| {
+            let row = layout.cls_rows[t * layout.seqs + i] as usize;
+            ((t * layout.rows + row) * h, (t * layout.seqs + i) * h)
+        })
+    })
+}
+
 fn prob_count(seqs: &[AttnSeq], heads: usize) -> usize {
     seqs.iter().map(|s| heads * s.q_len * s.k_len).sum()
 }
@@ -384,29 +395,15 @@ impl ArrayOps for CpuOps {
     }
 
     fn gather_cls(&self, tick: &Tick<'_, ()>, h: usize, x: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
-        let layout = tick.layout;
-        for t in 0..layout.trials {
-            for i in 0..layout.seqs {
-                let row = layout.cls_rows[t * layout.seqs + i] as usize;
-                let src = (t * layout.rows + row) * h;
-                let dst = (t * layout.seqs + i) * h;
-                out[dst..dst + h].copy_from_slice(&x[src..src + h]);
-            }
+        for (full, selected) in cls_offsets(tick.layout, h) {
+            out[selected..selected + h].copy_from_slice(&x[full..full + h]);
         }
         Ok(())
     }
 
     fn scatter_add_cls(&self, tick: &Tick<'_, ()>, h: usize, d: &Vec<f32>, dx: &mut Vec<f32>) -> Result<()> {
-        let layout = tick.layout;
-        for t in 0..layout.trials {
-            for i in 0..layout.seqs {
-                let row = layout.cls_rows[t * layout.seqs + i] as usize;
-                let dst = (t * layout.rows + row) * h;
-                let src = (t * layout.seqs + i) * h;
-                for j in 0..h {
-                    dx[dst + j] += d[src + j];
-                }
-            }
+        for (full, selected) in cls_offsets(tick.layout, h) {
+            dx[full..full + h].iter_mut().zip(&d[selected..selected + h]).for_each(|(dx, d)| *dx += *d);
         }
         Ok(())
     }
