@@ -3,6 +3,8 @@
 //! without a GPU, so its orchestration (offsets, strides, padding, accumulation) is tested against
 //! `cpu::bert`.
 
+use std::ops::Range;
+
 use anyhow::{Result, ensure};
 
 use super::{
@@ -64,6 +66,31 @@ fn cls_offsets(layout: &TickLayout, h: usize) -> impl Iterator<Item = (usize, us
 
 fn prob_count(seqs: &[AttnSeq], heads: usize) -> usize {
     seqs.iter().map(|s| heads * s.q_len * s.k_len).sum()
+}
+
+/// Trial `t`'s query rows (`[seqs, H]` with `cls`, else `[rows, H]`) and key rows `[rows, H]`.
+fn attention_rows(layout: &TickLayout, cls: bool, h: usize, t: usize) -> (Range<usize>, Range<usize>) {
+    let q_rows = if cls { layout.seqs } else { layout.rows };
+    (t * q_rows * h..(t + 1) * q_rows * h, t * layout.rows * h..(t + 1) * layout.rows * h)
+}
+
+/// `cpu::bert::attention_forward` over trial `t`'s rows of q, k and v, its context written to
+/// `ctx` (the trial's query rows); returns the attention probabilities.
+fn trial_attention(
+    layout: &TickLayout,
+    cls: bool,
+    h: usize,
+    t: usize,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    ctx: &mut [f32],
+    dropout: Option<(&DropoutRng, f64, u32)>,
+) -> Vec<f32> {
+    let seqs = blocks(layout, t, cls);
+    let (queries, keys) = attention_rows(layout, cls, h, t);
+    let mut probs = vec![0.0f32; prob_count(seqs, layout.heads)];
+    let (q, k, v) = (&q[queries], &k[keys.clone()], &v[keys]);
+    bert::attention_forward(q, k, v, seqs, layout.heads, h, &mut probs, ctx, dropout);
+    probs
 }
 
 impl ArrayOps for CpuOps {
@@ -320,22 +347,10 @@ impl ArrayOps for CpuOps {
         site: u32,
     ) -> Result<()> {
         let layout = tick.layout;
-        let q_rows = if cls { layout.seqs } else { layout.rows };
-        let n = layout.rows;
         for t in 0..layout.trials {
-            let seqs = blocks(layout, t, cls);
-            let mut probs = vec![0.0f32; prob_count(seqs, layout.heads)];
-            bert::attention_forward(
-                &q[t * q_rows * h..(t + 1) * q_rows * h],
-                &k[t * n * h..(t + 1) * n * h],
-                &v[t * n * h..(t + 1) * n * h],
-                seqs,
-                layout.heads,
-                h,
-                &mut probs,
-                &mut ctx[t * q_rows * h..(t + 1) * q_rows * h],
-                attn_dropout(layout, t, site),
-            );
+            let (queries, _) = attention_rows(layout, cls, h, t);
+            let dropout = attn_dropout(layout, t, site);
+            trial_attention(layout, cls, h, t, (q, k, v), &mut ctx[queries], dropout);
         }
         Ok(())
     }
@@ -357,32 +372,18 @@ impl ArrayOps for CpuOps {
         site: u32,
     ) -> Result<()> {
         let layout = tick.layout;
-        let q_rows = if cls { layout.seqs } else { layout.rows };
-        let n = layout.rows;
         for t in 0..layout.trials {
-            let seqs = blocks(layout, t, cls);
-            let (queries, keys) = (t * q_rows * h..(t + 1) * q_rows * h, t * n * h..(t + 1) * n * h);
+            let (queries, keys) = attention_rows(layout, cls, h, t);
             // Recompute the probabilities, as the GPU does from lse.
-            let mut probs = vec![0.0f32; prob_count(seqs, layout.heads)];
-            let mut scratch = vec![0.0f32; q_rows * h];
-            bert::attention_forward(
-                &q[queries.clone()],
-                &k[keys.clone()],
-                &v[keys.clone()],
-                seqs,
-                layout.heads,
-                h,
-                &mut probs,
-                &mut scratch,
-                None,
-            );
+            let mut scratch = vec![0.0f32; queries.len()];
+            let probs = trial_attention(layout, cls, h, t, (q, k, v), &mut scratch, None);
             bert::attention_backward(
                 &q[queries.clone()],
                 &k[keys.clone()],
                 &v[keys.clone()],
                 &probs,
                 &dctx[queries.clone()],
-                seqs,
+                blocks(layout, t, cls),
                 layout.heads,
                 h,
                 &mut dq[queries],
