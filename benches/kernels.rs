@@ -19,11 +19,12 @@ use hpo_gpu::cuda::bias::BiasShape;
 use hpo_gpu::cuda::context::Gpu;
 use hpo_gpu::cuda::cross_entropy::{DeviceLabels, softmax_cross_entropy};
 use hpo_gpu::cuda::dropout::{DeviceRng, DropoutShape, dropout};
-use hpo_gpu::cuda::embedding::{self, DeviceTokens, EmbeddingTables, positions_of};
+use hpo_gpu::cuda::embedding::{self, DeviceTokens, positions_of};
 use hpo_gpu::cuda::gelu;
-use hpo_gpu::cuda::gemm::{Fp32Math, Operand, gemm_trials, set_fp32_math};
+use hpo_gpu::cuda::gemm::{Fp32Math, gemm_trials, set_fp32_math};
 use hpo_gpu::cuda::layernorm::{self, LayerNormShape};
 use hpo_gpu::cuda::optimizer::{GradNorm, TrialSteps, adamw};
+use hpo_gpu::ops::{EmbeddingTables, Operand, Out};
 
 const TRIALS: usize = 8;
 const LENS: [usize; 16] = [512, 180, 240, 512, 131, 300, 98, 512, 220, 160, 512, 75, 260, 190, 512, 200];
@@ -110,7 +111,8 @@ fn main() {
     {
         set_fp32_math(&g, math).expect("math mode");
         bench_one(&mut c, &g, "baseline", label, Throughput::Elements(2 * (nn * nn * nn) as u64), || {
-            gemm_trials(&g, 1, 1.0f32, (&a, sq), (&b, sq), 0.0, &mut cc, 0, 0).expect("gemm")
+            gemm_trials(&g, 1, 1.0f32, (&a, sq), (&b, sq), 0.0, (&mut cc, Out { offset: 0, stride: 0 }))
+                .expect("gemm")
         });
     }
     set_fp32_math(&g, Fp32Math::Exact).expect("math mode");
@@ -244,7 +246,18 @@ fn main() {
         "kernels",
         "sgemm_over_trials ffn_up (FLOP)",
         Throughput::Elements((2 * n * H * INTER * TRIALS) as u64),
-        || gemm_trials(&g, TRIALS, 1.0f32, (&x, xs), (&w, ws), 0.0, &mut pre, 0, inter).expect("gemm"),
+        || {
+            gemm_trials(
+                &g,
+                TRIALS,
+                1.0f32,
+                (&x, xs),
+                (&w, ws),
+                0.0,
+                (&mut pre, Out { offset: 0, stride: inter }),
+            )
+            .expect("gemm")
+        },
     );
 
     // Loss and accuracy heads (tiny: 16 rows × 2 labels per trial).

@@ -14,8 +14,8 @@ use hpo_gpu::cuda::array_ops::CudaOps;
 use hpo_gpu::cuda::context::Gpu;
 use hpo_gpu::model::BertModel;
 use hpo_gpu::model::layout::ParamLayout;
+use hpo_gpu::ops::{ArrayOps, SlotInput, SlotOptimizerStep, TickLayout};
 use hpo_gpu::trial_array::model::ArrayModel;
-use hpo_gpu::trial_array::ops::{ArrayOps, SlotInput, SlotStep, TickLayout};
 
 const LENS: [usize; 16] = [512, 180, 240, 512, 131, 300, 98, 512, 220, 160, 512, 75, 260, 190, 512, 200];
 
@@ -90,7 +90,6 @@ fn main() {
         let lt =
             TickLayout::new(&slots, config.num_attention_heads, config.pad_token_id as u32).expect("tick");
         let tick = model.ops.tick(&lt).expect("tick upload");
-        let mut step = 0u64;
         let tokens = (trials * tokens_per_slot) as u64;
         println!(
             "T = {trials}: {tokens} real tokens per tick, {:.1} GFLOP per tick (model FLOPs of real tokens)",
@@ -101,15 +100,13 @@ fn main() {
         g.throughput(Throughput::Elements(tokens));
         g.bench_function(format!("T{trials}"), |b| {
             b.iter(|| {
-                model.forward_backward(&tick, &lt).expect("forward/backward");
-                step += 1;
-                let steps: Vec<SlotStep> = (0..trials)
-                    .map(|slot| SlotStep {
+                model.forward_backward(&tick).expect("forward/backward");
+                let steps: Vec<SlotOptimizerStep> = (0..trials)
+                    .map(|slot| SlotOptimizerStep {
                         slot,
                         lr: 1e-5,
                         adamw: AdamW::default(),
                         max_grad_norm: 1.0,
-                        step,
                     })
                     .collect();
                 model.optimizer_step(&steps).expect("optimizer");

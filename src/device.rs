@@ -35,7 +35,7 @@ pub fn resolve_device(requested: Device) -> Result<Device> {
     }
 }
 
-/// Runs the GPU self-check (`crate::cuda::self_check::tick_matches_host`) when `device` is the GPU: a mismatch
+/// Runs the GPU self-check (`crate::trial_array::device::gpu::tick_matches_host`) when `device` is the GPU: a mismatch
 /// stops `--device cuda` with the reason, and sends `--device auto` to the CPU with one line
 /// saying why. `head_dim` is the model's attention head size.
 pub fn checked_device(requested: Device, device: Device, head_dim: usize) -> Result<Device> {
@@ -43,7 +43,7 @@ pub fn checked_device(requested: Device, device: Device, head_dim: usize) -> Res
         return Ok(device);
     }
     let check = crate::cuda::context::Gpu::new()
-        .and_then(|gpu| crate::cuda::self_check::tick_matches_host(gpu, head_dim));
+        .and_then(|gpu| crate::trial_array::device::gpu::tick_matches_host(gpu, head_dim));
     match (check, requested) {
         (Ok(()), _) => Ok(Device::Cuda),
         (Err(why), Device::Cuda) => bail!("--device cuda: {why:#}"),

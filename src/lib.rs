@@ -15,6 +15,7 @@ pub mod export;
 pub mod fuzzing;
 pub mod hub;
 pub mod model;
+pub mod ops;
 pub mod push;
 pub mod pyjson;
 pub mod report;

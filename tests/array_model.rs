@@ -1,12 +1,9 @@
 //! The trial-array model (`trial_array::model`, written in device ops) run on the host ops
-//! (`CpuOps`) against the CPU reference `cpu::bert`, slot by slot: several slots with different
+//! (`ops::cpu::CpuOps`) against the CPU reference `cpu::bert`, slot by slot: several slots with different
 //! micro-batches (different sequence and row counts, so the tick pads), dropout on, an idle slot;
 //! losses, gradients, eval logits and optimizer steps must match. This checks the orchestration
 //! the GPU backend runs (offsets, strides, padding, dummy sequences, accumulation); each kernel
 //! is checked against its CPU twin separately (tests/gpu_kernels.rs, on a GPU).
-
-// The host ops' tick is `()`; the test keeps the calls every device needs.
-#![allow(clippy::let_unit_value)]
 
 mod common;
 
@@ -15,9 +12,9 @@ use hpo_gpu::cpu::adamw::{AdamState, AdamW, clip_grad_norm};
 use hpo_gpu::cpu::bert::{self, Batch, Dropout};
 use hpo_gpu::cpu::philox::DropoutRng;
 use hpo_gpu::model::BertModel;
+use hpo_gpu::ops::cpu::CpuOps;
+use hpo_gpu::ops::{ArrayOps, SlotInput, SlotOptimizerStep, TickLayout};
 use hpo_gpu::trial_array::model::ArrayModel;
-use hpo_gpu::trial_array::ops::{ArrayOps, SlotInput, SlotStep, TickLayout};
-use hpo_gpu::trial_array::ops_cpu::CpuOps;
 use rand::SeedableRng;
 
 fn config() -> BertConfig {
@@ -69,7 +66,7 @@ fn padded_multi_slot_ticks_match_the_cpu_reference() {
         let lt = TickLayout::new(&slots, c.num_attention_heads, c.pad_token_id as u32).unwrap();
         assert!(lt.rows >= 12 && lt.seqs == 4, "padded to {} rows, {} sequences", lt.rows, lt.seqs);
         let tick = array.ops.tick(&lt).unwrap();
-        let sums = array.forward_backward(&tick, &lt).unwrap();
+        let sums = array.forward_backward(&tick).unwrap();
         for (i, b) in batches.iter().enumerate() {
             let Some(b) = b else {
                 assert_eq!(sums[i], 0.0, "an idle slot has no loss");
@@ -97,7 +94,7 @@ fn padded_multi_slot_ticks_match_the_cpu_reference() {
         (0..4).map(|_| Some(SlotInput { batch: &eval, loss_scale: 1.0, dropout: None })).collect();
     let lt = TickLayout::new(&slots, c.num_attention_heads, c.pad_token_id as u32).unwrap();
     let tick = array.ops.tick(&lt).unwrap();
-    let (logits, sums) = array.eval_logits(&tick, &lt).unwrap();
+    let (logits, sums) = array.eval_logits(&tick).unwrap();
     for (i, m) in models.iter().enumerate() {
         let fwd = bert::forward(&c, &m.layout, &m.params, &eval, None);
         let e = rel(&logits[i * 3 * 3..(i + 1) * 3 * 3], &fwd.logits);
@@ -108,19 +105,17 @@ fn padded_multi_slot_ticks_match_the_cpu_reference() {
 
     // One optimizer step for slots 0 and 3 with their own settings; slot 1 keeps its gradient.
     let steps = [
-        SlotStep {
+        SlotOptimizerStep {
             slot: 0,
             lr: 1e-3,
             adamw: AdamW { weight_decay: 0.1, ..AdamW::default() },
             max_grad_norm: 1.0,
-            step: 1,
         },
-        SlotStep {
+        SlotOptimizerStep {
             slot: 3,
             lr: 5e-4,
             adamw: AdamW { weight_decay: 0.0, ..AdamW::default() },
             max_grad_norm: 0.01,
-            step: 1,
         },
     ];
     let g1_before = array.ops.read(&array.grads, p, p).unwrap();

@@ -9,26 +9,25 @@ mod common;
 
 use hpo_gpu::config::BertConfig;
 use hpo_gpu::cpu::adamw::AdamW;
+use hpo_gpu::cpu::bert::DropoutProbs;
 use hpo_gpu::cpu::bert::{Batch, Dropout};
 use hpo_gpu::cpu::philox::DropoutRng;
 use hpo_gpu::cuda::array_ops::CudaOps;
 use hpo_gpu::model::BertModel;
 use hpo_gpu::model::layout::ParamLayout;
+use hpo_gpu::ops::cpu::CpuOps;
+use hpo_gpu::ops::{ArrayOps, SlotInput, SlotOptimizerStep, TickLayout};
 use hpo_gpu::trial_array::model::ArrayModel;
-use hpo_gpu::trial_array::ops::{ArrayOps, SlotInput, SlotStep, TickLayout};
-use hpo_gpu::trial_array::ops_cpu::CpuOps;
 use std::sync::Arc;
 
-use hpo_gpu::cuda::array_ops::cuda_array_backend;
 use hpo_gpu::data::batch::TokenizedSplit;
 use hpo_gpu::train::TrainConfig;
 use hpo_gpu::trial::ParamSet;
 use hpo_gpu::trial::protocol::{EpochMetrics, TrialEnd, TrialHost, Verdict};
 use hpo_gpu::trial_array::ArrayBackend;
+use hpo_gpu::trial_array::device::gpu::cuda_array_backend;
 use hpo_gpu::trial_array::reference_backend::ReferenceBackend;
-use hpo_gpu::trial_array::schedule::{
-    ArrayOptions, ArrayTrial, DropoutProbs, MicroBatch, TrialBuilder, run_array,
-};
+use hpo_gpu::trial_array::schedule::{ArrayOptions, ArrayTrial, MicroBatch, TrialBuilder, run_array};
 use rand::{RngExt, SeedableRng};
 
 fn config(hidden: usize, heads: usize) -> BertConfig {
@@ -83,7 +82,7 @@ fn run(hidden: usize, heads: usize) {
             .collect();
         let lt = TickLayout::new(&slots, heads, c.pad_token_id as u32).unwrap();
         let (ht, dt) = (host.ops.tick(&lt).unwrap(), dev.ops.tick(&lt).unwrap());
-        let (hl, dl) = (host.forward_backward(&ht, &lt).unwrap(), dev.forward_backward(&dt, &lt).unwrap());
+        let (hl, dl) = (host.forward_backward(&ht).unwrap(), dev.forward_backward(&dt).unwrap());
         for i in 0..4 {
             assert!(
                 (hl[i] - dl[i]).abs() <= 1e-4 * hl[i].abs(),
@@ -92,16 +91,16 @@ fn run(hidden: usize, heads: usize) {
                 hl[i]
             );
         }
-        let steps: Vec<SlotStep> = (0..4)
+        // Each model counts its slots' updates: the `steps_done[i]`-th for slot i here.
+        let steps: Vec<SlotOptimizerStep> = (0..4)
             .filter(|i| (tick_no as usize + 1).is_multiple_of(accumulate[*i]))
             .map(|i| {
                 steps_done[i] += 1;
-                SlotStep {
+                SlotOptimizerStep {
                     slot: i,
                     lr: 1e-3 * (i + 1) as f64,
                     adamw: AdamW { weight_decay: 0.01 * i as f64, ..AdamW::default() },
                     max_grad_norm: 1.0,
-                    step: steps_done[i],
                 }
             })
             .collect();

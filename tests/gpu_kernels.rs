@@ -23,13 +23,14 @@ use hpo_gpu::cuda::bias::{self, BiasShape};
 use hpo_gpu::cuda::context::Gpu;
 use hpo_gpu::cuda::cross_entropy::{DeviceLabels, softmax_cross_entropy};
 use hpo_gpu::cuda::dropout::{DeviceRng, DropoutShape, dropout};
-use hpo_gpu::cuda::embedding::{self, DeviceTokens, EmbeddingTables, positions_of};
+use hpo_gpu::cuda::embedding::{self, DeviceTokens, positions_of};
 use hpo_gpu::cuda::gelu;
-use hpo_gpu::cuda::gemm::{Fp32Math, Operand, gemm_trials, set_fp32_math};
+use hpo_gpu::cuda::gemm::{Fp32Math, gemm_trials, set_fp32_math};
 use hpo_gpu::cuda::launch::Act;
 use hpo_gpu::cuda::layernorm::{self, LayerNormShape};
 use hpo_gpu::cuda::optimizer::{GradNorm, TrialSteps, adamw};
 use hpo_gpu::model::layout::ParamLayout;
+use hpo_gpu::ops::{EmbeddingTables, Operand, Out};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 const FP32_TOL: f64 = 1e-5;
@@ -881,14 +882,40 @@ fn gemm_case<T: Act>(
     let dys = |transposed| Operand { rows: n, cols: m, offset: 0, stride: n * m, transposed };
 
     let mut y = poisoned::<T>(g, trials * n * m);
-    gemm_trials(g, trials, one, (&dx_in, xs), (&dw_in, ws(true)), zero, &mut y, 0, n * m).expect("gemm");
+    gemm_trials(
+        g,
+        trials,
+        one,
+        (&dx_in, xs),
+        (&dw_in, ws(true)),
+        zero,
+        (&mut y, Out { offset: 0, stride: n * m }),
+    )
+    .expect("gemm");
     assert_close(&format!("{tag} y = x·Wᵀ T={trials} n={n} k={k} m={m}"), &down_act(g, &y), &y_cpu, tol);
     let mut dw = poisoned::<T>(g, trials * m * k);
-    gemm_trials(g, trials, one, (&ddy, dys(true)), (&dx_in, xs), zero, &mut dw, 0, m * k).expect("gemm");
+    gemm_trials(
+        g,
+        trials,
+        one,
+        (&ddy, dys(true)),
+        (&dx_in, xs),
+        zero,
+        (&mut dw, Out { offset: 0, stride: m * k }),
+    )
+    .expect("gemm");
     assert_close(&format!("{tag} dW = dyᵀ·x T={trials} n={n} k={k} m={m}"), &down_act(g, &dw), &dw_cpu, tol);
     let mut dx = poisoned::<T>(g, trials * n * k);
-    gemm_trials(g, trials, one, (&ddy, dys(false)), (&dw_in, ws(false)), zero, &mut dx, 0, n * k)
-        .expect("gemm");
+    gemm_trials(
+        g,
+        trials,
+        one,
+        (&ddy, dys(false)),
+        (&dw_in, ws(false)),
+        zero,
+        (&mut dx, Out { offset: 0, stride: n * k }),
+    )
+    .expect("gemm");
     assert_close(&format!("{tag} dx = dy·W T={trials} n={n} k={k} m={m}"), &down_act(g, &dx), &dx_cpu, tol);
 }
 

@@ -12,20 +12,18 @@ use anyhow::Result;
 use hpo_gpu::cli::pipeline::{ModelDataArgs, prepare};
 use hpo_gpu::config::BertConfig;
 use hpo_gpu::cpu::adamw::{AdamState, AdamW, clip_grad_norm, linear_schedule};
-use hpo_gpu::cpu::bert::{self, Dropout};
+use hpo_gpu::cpu::bert::{self, Dropout, DropoutProbs};
 use hpo_gpu::cpu::philox::DropoutRng;
 use hpo_gpu::data::batch::TokenizedSplit;
 use hpo_gpu::model::BertModel;
 use hpo_gpu::model::layout::ParamLayout;
+use hpo_gpu::ops::cpu::CpuOps;
 use hpo_gpu::train::{EpochOrder, StepPlan, TrainConfig, evaluate_params};
 use hpo_gpu::trial::ParamSet;
 use hpo_gpu::trial::protocol::{EpochMetrics, TrialEnd, TrialHost, TrialRunner, Verdict};
 use hpo_gpu::trial_array::device::DeviceArrayBackend;
-use hpo_gpu::trial_array::ops_cpu::CpuOps;
 use hpo_gpu::trial_array::reference_backend::ReferenceBackend;
-use hpo_gpu::trial_array::schedule::{
-    ArrayOptions, ArrayTrial, DropoutProbs, MicroBatch, TrialBuilder, run_array,
-};
+use hpo_gpu::trial_array::schedule::{ArrayOptions, ArrayTrial, MicroBatch, TrialBuilder, run_array};
 use hpo_gpu::trial_array::{
     ArrayBackend, ArrayError, ArrayResult, SlotEval, SlotMicroBatch, SlotOptimizerStep,
 };

@@ -120,7 +120,12 @@ pub fn run_search(args: &SearchArgs, out: &mut dyn Write) -> Result<()> {
             // T from free device memory: --slots, or enough for the whole study.
             let wanted = if args.slots > 1 { args.slots } else { args.study.n_trials.min(256) as usize };
             let max_len = prepared.tokenizer.max_length;
-            Box::new(crate::cuda::array_ops::cuda_array_backend(&initial.config, m, max_len, wanted)?)
+            Box::new(crate::trial_array::device::gpu::cuda_array_backend(
+                &initial.config,
+                m,
+                max_len,
+                wanted,
+            )?)
         }
         _ => Box::new(ReferenceBackend::new(&initial.config, args.slots)),
     };

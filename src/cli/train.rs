@@ -277,9 +277,12 @@ pub fn run_train(args: &TrainArgs, out: &mut dyn Write) -> Result<()> {
     let cfg = settings.cfg;
     let config = &settings.config;
     let mut backend: Box<dyn ArrayBackend> = match device {
-        Device::Cuda => {
-            Box::new(crate::cuda::array_ops::cuda_array_backend(config, cfg.batch_size, max_length, 1)?)
-        }
+        Device::Cuda => Box::new(crate::trial_array::device::gpu::cuda_array_backend(
+            config,
+            cfg.batch_size,
+            max_length,
+            1,
+        )?),
         _ => Box::new(ReferenceBackend::new(config, 1)),
     };
     let mut host = TrainHost {

@@ -136,11 +136,6 @@ impl DropoutProbs {
             classifier: c.classifier_dropout_prob(),
         }
     }
-
-    /// The probabilities of a forward pass's dropout settings.
-    pub fn of(d: &Dropout) -> Self {
-        d.probs
-    }
 }
 
 /// Where a chunk of a micro-batch starts in each of dropout's element index spaces (token rows,

@@ -8,7 +8,8 @@ use cudarc::driver::CudaSlice;
 
 use super::context::Gpu;
 use super::cross_entropy::DeviceLabels;
-use super::launch::{KernelArgs, addr, blocks, check_len, config, int, launched};
+use super::kernel::ARGMAX_ACCURACY;
+use super::launch::{Launch, Span, blocks, config};
 
 /// Writes each row's argmax into `preds` `[T, rows]` (when given) and the count of rows whose
 /// argmax equals the label into `correct` `[T]` (zeroed first).
@@ -21,30 +22,14 @@ pub fn argmax_accuracy(
     preds: Option<&mut CudaSlice<u32>>,
     correct: &mut CudaSlice<u32>,
 ) -> Result<()> {
-    let (b, c) = (labels.rows, labels.classes);
+    let (rows, classes) = (labels.rows, labels.classes);
     ensure!(labels.covers(trials), "argmax_accuracy: the labels cover fewer than {trials} trials");
-    check_len("argmax_accuracy logits", logits.len(), 0, trials, logit_stride, b * c)?;
-    check_len("argmax_accuracy correct", correct.len(), 0, trials, 1, 1)?;
-    if let Some(p) = preds.as_ref() {
-        check_len("argmax_accuracy preds", p.len(), 0, trials, b, b)?;
-    }
-    let s = &gpu.stream;
-    s.memset_zeros(correct).map_err(|e| anyhow!("argmax_accuracy: clearing the counts: {e:?}"))?;
-    let f = gpu.function("accuracy", "argmax_accuracy_f32")?;
-    let (pp, _gp) = match preds.as_deref() {
-        Some(p) => {
-            let (a, g) = addr(p, 0, s);
-            (a, Some(g))
-        }
-        None => (0u64, None),
-    };
-    let (pc, _g0) = addr(correct, 0, s);
-    let (px, _g1) = addr(logits, 0, s);
-    let (py, _g2) = addr(&labels.buf, 0, s);
-    let (bi, ci) = (int("rows", b)?, int("classes", c)?);
-    let (ls, ys, ps) = (logit_stride as u64, labels.stride as u64, b as u64);
-    let cfg = config(blocks(b, 128), trials, 1, 128, 0)?;
-    let mut bld = KernelArgs::new(&f);
-    bld.arg(&pp).arg(&pc).arg(&px).arg(&py).arg(&bi).arg(&ci).arg(&ls).arg(&ys).arg(&ps);
-    launched("argmax_accuracy_f32", unsafe { bld.launch(s, cfg) })
+    gpu.stream.memset_zeros(correct).map_err(|e| anyhow!("argmax_accuracy: clearing the counts: {e:?}"))?;
+    let mut launch = Launch::new(gpu, ARGMAX_ACCURACY, "")?;
+    launch.optional("preds", preds.as_deref(), Span::trials(trials, rows, rows))?;
+    launch.buffer("correct", correct, Span::trials(trials, 1, 1))?;
+    launch.buffer("logits", logits, Span::trials(trials, logit_stride, rows * classes))?.table(&labels.buf);
+    launch.int("rows", rows)?.int("classes", classes)?;
+    launch.arg(logit_stride as u64).arg(labels.stride as u64).arg(rows as u64);
+    launch.run(config(blocks(rows, 128), trials, 1, 128, 0)?)
 }

@@ -11,7 +11,8 @@ use cudarc::driver::{CudaSlice, DeviceRepr};
 
 use super::context::Gpu;
 use super::dropout::{DeviceRng, threshold_and_scale};
-use super::launch::{Act, KernelArgs, addr, check_len, config, int, launched};
+use super::kernel::{ATTENTION_DKDV, ATTENTION_DQ, ATTENTION_FORWARD};
+use super::launch::{Act, Launch, Span, config, int};
 use crate::cpu::bert::AttnSeq;
 
 /// Query rows per block (4 warps × 4 rows) and key rows per block in the dk/dv kernel.
@@ -115,62 +116,61 @@ struct DropoutArg {
 }
 unsafe impl DeviceRepr for DropoutArg {}
 
+/// What every attention launch shares: the kernel variant, its scalar arguments and the spans
+/// of its buffers.
 struct Common {
-    suffix: String,
+    variant: String,
     heads: i32,
     scale: f32,
     drop: DropoutArg,
     strides: [u64; 4],
+    /// q, ctx, dctx, dq; k, v, dk, dv; lse, delta.
+    queries: Span,
+    keys: Span,
+    rows: Span,
+}
+
+impl Common {
+    /// The arguments after the buffers, the same in all three kernels.
+    fn tail(&self, launch: &mut Launch<'_>) {
+        launch.arg(self.heads).arg(self.scale).arg(self.drop);
+        for stride in self.strides {
+            launch.arg(stride);
+        }
+    }
 }
 
 fn common<A: Act>(
-    sh: &AttnShape,
+    shape: &AttnShape,
     seqs: &DeviceAttnSeqs,
     rng: &DeviceRng,
     dropout: Option<AttnDropout>,
 ) -> Result<Common> {
     ensure!(
-        sh.head_dim == 32 || sh.head_dim == 64,
+        shape.head_dim == 32 || shape.head_dim == 64,
         "attention kernels exist for head sizes 32 and 64, not {}",
-        sh.head_dim
+        shape.head_dim
     );
     if let Some(t) = seqs.trials {
-        ensure!(t >= sh.trials, "attention: the blocks cover {t} trials, the launch {}", sh.trials);
+        ensure!(t >= shape.trials, "attention: the blocks cover {t} trials, the launch {}", shape.trials);
     }
-    ensure!(rng.trials >= sh.trials, "attention: {} generators for {} trials", rng.trials, sh.trials);
+    ensure!(rng.trials >= shape.trials, "attention: {} generators for {} trials", rng.trials, shape.trials);
     let (threshold, scale) = match dropout {
         Some(d) => threshold_and_scale(d.p)?,
         None => (0.0, 1.0),
     };
+    let hidden = seqs.heads * shape.head_dim;
     Ok(Common {
-        suffix: format!("d{}_{}", sh.head_dim, A::SUFFIX),
+        variant: format!("d{}_{}", shape.head_dim, A::SUFFIX),
         heads: int("heads", seqs.heads)?,
         // The CPU scales the scores by (1/√D) computed in f64, then cast.
-        scale: (1.0 / (sh.head_dim as f64).sqrt()) as f32,
+        scale: (1.0 / (shape.head_dim as f64).sqrt()) as f32,
         drop: DropoutArg { threshold, scale, site: dropout.map_or(0, |d| d.site) },
-        strides: [sh.q_stride as u64, sh.kv_stride as u64, sh.lse_stride as u64, seqs.stride as u64],
+        strides: [shape.q_stride as u64, shape.kv_stride as u64, shape.lse_stride as u64, seqs.stride as u64],
+        queries: Span::trials(shape.trials, shape.q_stride, seqs.q_rows * hidden),
+        keys: Span::trials(shape.trials, shape.kv_stride, seqs.k_rows * hidden),
+        rows: Span::trials(shape.trials, shape.lse_stride, seqs.q_rows * seqs.heads),
     })
-}
-
-fn check_buffers(
-    what: &str,
-    sh: &AttnShape,
-    seqs: &DeviceAttnSeqs,
-    qs: &[(&str, usize)],
-    ks: &[(&str, usize)],
-    ls: &[(&str, usize)],
-) -> Result<()> {
-    let h = seqs.heads * sh.head_dim;
-    for (name, len) in qs {
-        check_len(&format!("{what} {name}"), *len, 0, sh.trials, sh.q_stride, seqs.q_rows * h)?;
-    }
-    for (name, len) in ks {
-        check_len(&format!("{what} {name}"), *len, 0, sh.trials, sh.kv_stride, seqs.k_rows * h)?;
-    }
-    for (name, len) in ls {
-        check_len(&format!("{what} {name}"), *len, 0, sh.trials, sh.lse_stride, seqs.q_rows * seqs.heads)?;
-    }
-    Ok(())
 }
 
 /// ctx = dropout(softmax(q·kᵀ/√D))·v per (trial, sequence, head); lse gets each query row's
@@ -178,7 +178,7 @@ fn check_buffers(
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward<A: Act>(
     gpu: &Gpu,
-    sh: &AttnShape,
+    shape: &AttnShape,
     seqs: &DeviceAttnSeqs,
     q: &CudaSlice<A>,
     k: &CudaSlice<A>,
@@ -188,30 +188,19 @@ pub fn attention_forward<A: Act>(
     ctx: &mut CudaSlice<A>,
     lse: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    let c = common::<A>(sh, seqs, rng, dropout)?;
-    check_buffers(
-        "attention_forward",
-        sh,
-        seqs,
-        &[("q", q.len()), ("ctx", ctx.len())],
-        &[("k", k.len()), ("v", v.len())],
-        &[("lse", lse.len())],
-    )?;
-    let name = format!("attention_forward_{}", c.suffix);
-    let f = gpu.function("attention", &name)?;
-    let s = &gpu.stream;
-    let (pc, _g0) = addr(ctx, 0, s);
-    let (pl, _g1) = addr(lse, 0, s);
-    let (pq, _g2) = addr(q, 0, s);
-    let (pk, _g3) = addr(k, 0, s);
-    let (pv, _g4) = addr(v, 0, s);
-    let (ps, _g5) = addr(&seqs.buf, 0, s);
-    let (pr, _g6) = addr(&rng.buf, 0, s);
-    let cfg = config((seqs.max_q.div_ceil(BLOCK_ROWS)) as u64, seqs.count * seqs.heads, sh.trials, 128, 0)?;
-    let mut b = KernelArgs::new(&f);
-    b.arg(&pc).arg(&pl).arg(&pq).arg(&pk).arg(&pv).arg(&ps).arg(&pr).arg(&c.heads).arg(&c.scale).arg(&c.drop);
-    b.arg(&c.strides[0]).arg(&c.strides[1]).arg(&c.strides[2]).arg(&c.strides[3]);
-    launched(&name, unsafe { b.launch(s, cfg) })
+    let common = common::<A>(shape, seqs, rng, dropout)?;
+    let mut launch = Launch::new(gpu, ATTENTION_FORWARD, &common.variant)?;
+    launch.buffer("ctx", ctx, common.queries)?.buffer("lse", lse, common.rows)?;
+    launch.buffer("q", q, common.queries)?.buffer("k", k, common.keys)?.buffer("v", v, common.keys)?;
+    launch.table(&seqs.buf).table(&rng.buf);
+    common.tail(&mut launch);
+    launch.run(config(
+        (seqs.max_q.div_ceil(BLOCK_ROWS)) as u64,
+        seqs.count * seqs.heads,
+        shape.trials,
+        128,
+        0,
+    )?)
 }
 
 /// Gradients of `attention_forward`: dq (overwritten), dk and dv (zeroed first, so key rows
@@ -220,7 +209,7 @@ pub fn attention_forward<A: Act>(
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<A: Act>(
     gpu: &Gpu,
-    sh: &AttnShape,
+    shape: &AttnShape,
     seqs: &DeviceAttnSeqs,
     q: &CudaSlice<A>,
     k: &CudaSlice<A>,
@@ -235,48 +224,26 @@ pub fn attention_backward<A: Act>(
     dk: &mut CudaSlice<A>,
     dv: &mut CudaSlice<A>,
 ) -> Result<()> {
-    let c = common::<A>(sh, seqs, rng, dropout)?;
-    check_buffers(
-        "attention_backward",
-        sh,
-        seqs,
-        &[("q", q.len()), ("ctx", ctx.len()), ("dctx", dctx.len()), ("dq", dq.len())],
-        &[("k", k.len()), ("v", v.len()), ("dk", dk.len()), ("dv", dv.len())],
-        &[("lse", lse.len()), ("delta", delta.len())],
-    )?;
-    let s = &gpu.stream;
-    s.memset_zeros(dk).map_err(|e| anyhow!("attention_backward: clearing dk: {e:?}"))?;
-    s.memset_zeros(dv).map_err(|e| anyhow!("attention_backward: clearing dv: {e:?}"))?;
-    let (pq, _g0) = addr(q, 0, s);
-    let (pk, _g1) = addr(k, 0, s);
-    let (pv, _g2) = addr(v, 0, s);
-    let (pc, _g3) = addr(ctx, 0, s);
-    let (pl, _g4) = addr(lse, 0, s);
-    let (pdc, _g5) = addr(dctx, 0, s);
-    let (ps, _g6) = addr(&seqs.buf, 0, s);
-    let (pr, _g7) = addr(&rng.buf, 0, s);
-    let (pdl, _g8) = addr(delta, 0, s);
-    let (pdq, _g9) = addr(dq, 0, s);
-    let (pdk, _g10) = addr(dk, 0, s);
-    let (pdv, _g11) = addr(dv, 0, s);
-    let y = seqs.count * seqs.heads;
+    let common = common::<A>(shape, seqs, rng, dropout)?;
+    let stream = &gpu.stream;
+    stream.memset_zeros(dk).map_err(|e| anyhow!("attention_backward: clearing dk: {e:?}"))?;
+    stream.memset_zeros(dv).map_err(|e| anyhow!("attention_backward: clearing dv: {e:?}"))?;
+    let blocks_y = seqs.count * seqs.heads;
 
     // dq first: it also writes delta, which the dk/dv kernel reads.
-    let name = format!("attention_dq_{}", c.suffix);
-    let f = gpu.function("attention", &name)?;
-    let mut b = KernelArgs::new(&f);
-    b.arg(&pdq).arg(&pdl).arg(&pq).arg(&pk).arg(&pv).arg(&pc).arg(&pdc).arg(&pl).arg(&ps).arg(&pr);
-    b.arg(&c.heads).arg(&c.scale).arg(&c.drop);
-    b.arg(&c.strides[0]).arg(&c.strides[1]).arg(&c.strides[2]).arg(&c.strides[3]);
-    let cfg = config(seqs.max_q.div_ceil(BLOCK_ROWS) as u64, y, sh.trials, 128, 0)?;
-    launched(&name, unsafe { b.launch(s, cfg) })?;
+    let mut launch = Launch::new(gpu, ATTENTION_DQ, &common.variant)?;
+    launch.buffer("dq", dq, common.queries)?.buffer("delta", delta, common.rows)?;
+    launch.buffer("q", q, common.queries)?.buffer("k", k, common.keys)?.buffer("v", v, common.keys)?;
+    launch.buffer("ctx", ctx, common.queries)?.buffer("dctx", dctx, common.queries)?;
+    launch.buffer("lse", lse, common.rows)?.table(&seqs.buf).table(&rng.buf);
+    common.tail(&mut launch);
+    launch.run(config(seqs.max_q.div_ceil(BLOCK_ROWS) as u64, blocks_y, shape.trials, 128, 0)?)?;
 
-    let name = format!("attention_dkdv_{}", c.suffix);
-    let f = gpu.function("attention", &name)?;
-    let mut b = KernelArgs::new(&f);
-    b.arg(&pdk).arg(&pdv).arg(&pq).arg(&pk).arg(&pv).arg(&pdc).arg(&pl).arg(&pdl).arg(&ps).arg(&pr);
-    b.arg(&c.heads).arg(&c.scale).arg(&c.drop);
-    b.arg(&c.strides[0]).arg(&c.strides[1]).arg(&c.strides[2]).arg(&c.strides[3]);
-    let cfg = config(seqs.max_k.div_ceil(BLOCK_ROWS) as u64, y, sh.trials, 128, 0)?;
-    launched(&name, unsafe { b.launch(s, cfg) })
+    let mut launch = Launch::new(gpu, ATTENTION_DKDV, &common.variant)?;
+    launch.buffer("dk", dk, common.keys)?.buffer("dv", dv, common.keys)?;
+    launch.buffer("q", q, common.queries)?.buffer("k", k, common.keys)?.buffer("v", v, common.keys)?;
+    launch.buffer("dctx", dctx, common.queries)?.buffer("lse", lse, common.rows)?;
+    launch.buffer("delta", delta, common.rows)?.table(&seqs.buf).table(&rng.buf);
+    common.tail(&mut launch);
+    launch.run(config(seqs.max_k.div_ceil(BLOCK_ROWS) as u64, blocks_y, shape.trials, 128, 0)?)
 }

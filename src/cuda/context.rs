@@ -10,6 +10,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
 use super::KERNEL_PTX;
+use super::kernel::{Kernel, Module};
 
 /// One device with the kernels loaded. Launchers enqueue on `stream`; nothing waits for the GPU
 /// until a copy back to the host (or `synchronize`).
@@ -18,7 +19,7 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     pub blas: CudaBlas,
     pub name: String,
-    modules: HashMap<&'static str, Arc<CudaModule>>,
+    modules: HashMap<Module, Arc<CudaModule>>,
 }
 
 impl Gpu {
@@ -34,7 +35,10 @@ impl Gpu {
             let module = ctx
                 .load_module(Ptx::from_src(*ptx))
                 .map_err(|e| anyhow!("kernels/{stem}.cu: the driver refused its PTX on {name}: {e:?}"))?;
-            modules.insert(*stem, module);
+            // A file without a `Module` has no launcher (kernel.rs's test keeps the two in step).
+            if let Some(id) = Module::from_stem(stem) {
+                modules.insert(id, module);
+            }
         }
         // Like libcuda, a missing libcublas would panic inside cudarc: check first.
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
@@ -46,15 +50,26 @@ impl Gpu {
         Ok(Gpu { ctx, stream, blas, name, modules })
     }
 
-    /// Kernel `name` from `kernels/<module>.cu`.
-    pub fn function(&self, module: &str, name: &str) -> Result<CudaFunction> {
-        let m =
-            self.modules.get(module).ok_or_else(|| anyhow!("kernels/{module}.cu is not in this build"))?;
-        m.load_function(name).with_context(|| format!("kernel {name} is missing from kernels/{module}.cu"))
+    /// The function of `kernel` with `variant` appended (`""` for kernels without variants).
+    pub fn function(&self, kernel: Kernel, variant: &str) -> Result<CudaFunction> {
+        let stem = kernel.module.stem();
+        let module = self
+            .modules
+            .get(&kernel.module)
+            .ok_or_else(|| anyhow!("kernels/{stem}.cu is not in this build"))?;
+        let name = full_name(kernel, variant);
+        module
+            .load_function(&name)
+            .with_context(|| format!("kernel {name} is missing from kernels/{stem}.cu"))
     }
 
     /// Waits for everything enqueued so far; a failed kernel surfaces here.
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| anyhow!("CUDA stream failed: {e:?}"))
     }
+}
+
+/// `kernel`'s name with `variant` appended, as the kernel files name their instantiations.
+pub fn full_name(kernel: Kernel, variant: &str) -> String {
+    if variant.is_empty() { kernel.name.to_string() } else { format!("{}_{variant}", kernel.name) }
 }

@@ -8,7 +8,8 @@ use anyhow::{Result, anyhow, bail, ensure};
 use cudarc::driver::CudaSlice;
 
 use super::context::Gpu;
-use super::launch::{KernelArgs, addr, blocks, check_len, config, int, launched};
+use super::kernel::SOFTMAX_CROSS_ENTROPY;
+use super::launch::{Launch, Span, blocks, config};
 
 /// Labels `[T, rows]` (or `[rows]` for every trial), each checked against the label count.
 pub struct DeviceLabels {
@@ -53,42 +54,19 @@ pub fn softmax_cross_entropy(
     dlogits: Option<&mut CudaSlice<f32>>,
     loss_scale: Option<&CudaSlice<f32>>,
 ) -> Result<()> {
-    let (b, c) = (labels.rows, labels.classes);
+    let (rows, classes) = (labels.rows, labels.classes);
     ensure!(labels.covers(trials), "softmax_cross_entropy: the labels cover fewer than {trials} trials");
-    check_len("softmax_cross_entropy logits", logits.len(), 0, trials, logit_stride, b * c)?;
-    let s = &gpu.stream;
-    let (pl, _gl, loss_stride) = match losses.as_ref() {
-        Some((l, stride)) => {
-            check_len("softmax_cross_entropy losses", l.len(), 0, trials, *stride, b)?;
-            let (p, g) = addr(l, 0, s);
-            (p, Some(g), *stride as u64)
-        }
-        None => (0u64, None, 0),
-    };
-    let (pd, _gd) = match dlogits.as_deref() {
-        Some(d) => {
-            check_len("softmax_cross_entropy dlogits", d.len(), 0, trials, logit_stride, b * c)?;
-            let (p, g) = addr(d, 0, s);
-            (p, Some(g))
-        }
-        None => (0u64, None),
-    };
-    let (ps, _gs) = match (loss_scale, pd != 0) {
-        (Some(sc), _) => {
-            check_len("softmax_cross_entropy loss_scale", sc.len(), 0, trials, 1, 1)?;
-            let (p, g) = addr(sc, 0, s);
-            (p, Some(g))
-        }
-        (None, true) => bail!("softmax_cross_entropy: the gradient needs each trial's loss scale"),
-        (None, false) => (0u64, None),
-    };
-    let f = gpu.function("cross_entropy", "softmax_cross_entropy_f32")?;
-    let (px, _g0) = addr(logits, 0, s);
-    let (py, _g1) = addr(&labels.buf, 0, s);
-    let (bi, ci) = (int("rows", b)?, int("classes", c)?);
-    let (ls, ys) = (logit_stride as u64, labels.stride as u64);
-    let cfg = config(blocks(b, 128), trials, 1, 128, 0)?;
-    let mut bld = KernelArgs::new(&f);
-    bld.arg(&pl).arg(&pd).arg(&px).arg(&py).arg(&ps).arg(&bi).arg(&ci).arg(&ls).arg(&ys).arg(&loss_stride);
-    launched("softmax_cross_entropy_f32", unsafe { bld.launch(s, cfg) })
+    if dlogits.is_some() && loss_scale.is_none() {
+        bail!("softmax_cross_entropy: the gradient needs each trial's loss scale");
+    }
+    let loss_stride = losses.as_ref().map_or(0, |(_, stride)| *stride);
+    let logit_span = Span::trials(trials, logit_stride, rows * classes);
+    let mut launch = Launch::new(gpu, SOFTMAX_CROSS_ENTROPY, "")?;
+    launch.optional("losses", losses.as_ref().map(|(l, _)| &**l), Span::trials(trials, loss_stride, rows))?;
+    launch.optional("dlogits", dlogits.as_deref(), logit_span)?;
+    launch.buffer("logits", logits, logit_span)?.table(&labels.buf);
+    launch.optional("loss_scale", loss_scale, Span::trials(trials, 1, 1))?;
+    launch.int("rows", rows)?.int("classes", classes)?;
+    launch.arg(logit_stride as u64).arg(labels.stride as u64).arg(loss_stride as u64);
+    launch.run(config(blocks(rows, 128), trials, 1, 128, 0)?)
 }

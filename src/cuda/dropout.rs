@@ -7,7 +7,8 @@ use anyhow::{Result, anyhow, ensure};
 use cudarc::driver::CudaSlice;
 
 use super::context::Gpu;
-use super::launch::{Act, KernelArgs, addr, blocks, check_len, config, launched};
+use super::kernel::DROPOUT;
+use super::launch::{Act, Launch, Span, blocks, config};
 use crate::cpu::philox::DropoutRng;
 
 /// Each trial's generator `[T]` on the device (seed lo, seed hi, stream, step: `DropoutState`).
@@ -48,35 +49,25 @@ pub struct DropoutShape {
 /// out = x · keep/(1 − p), or in place when `out` is None.
 pub fn dropout<A: Act>(
     gpu: &Gpu,
-    sh: &DropoutShape,
+    shape: &DropoutShape,
     p: f64,
     rng: &DeviceRng,
     x: &mut CudaSlice<A>,
     out: Option<&mut CudaSlice<A>>,
 ) -> Result<()> {
     let (threshold, scale) = threshold_and_scale(p)?;
-    ensure!(rng.trials >= sh.trials, "dropout: {} generators for {} trials", rng.trials, sh.trials);
-    check_len("dropout x", x.len(), 0, sh.trials, sh.stride, sh.n)?;
-    if let Some(o) = out.as_ref() {
-        check_len("dropout out", o.len(), 0, sh.trials, sh.stride, sh.n)?;
-    } else if p <= 0.0 {
+    ensure!(rng.trials >= shape.trials, "dropout: {} generators for {} trials", rng.trials, shape.trials);
+    let span = Span::trials(shape.trials, shape.stride, shape.n);
+    let mut launch = Launch::new(gpu, DROPOUT, A::SUFFIX)?;
+    // In place, the kernel writes where it reads.
+    match out.as_deref() {
+        Some(out) => launch.buffer("out", out, span)?,
+        None => launch.buffer("x", x, span)?,
+    };
+    launch.buffer("x", x, span)?.table(&rng.buf).arg(threshold).arg(scale).arg(shape.site);
+    launch.arg(shape.base as u64).arg(shape.n as u64).arg(shape.stride as u64);
+    if out.is_none() && p <= 0.0 {
         return Ok(()); // in place with nothing dropped: nothing to do, as on the CPU
     }
-    let name = format!("dropout_{}", A::SUFFIX);
-    let f = gpu.function("dropout", &name)?;
-    let s = &gpu.stream;
-    let (px, _g0) = addr(x, 0, s);
-    let (po, _g1) = match out.as_deref() {
-        Some(o) => {
-            let (p, g) = addr(o, 0, s);
-            (p, Some(g))
-        }
-        None => (px, None),
-    };
-    let (pr, _g2) = addr(&rng.buf, 0, s);
-    let (site, base, n, stride) = (sh.site, sh.base as u64, sh.n as u64, sh.stride as u64);
-    let cfg = config(blocks(sh.n, 256), sh.trials, 1, 256, 0)?;
-    let mut b = KernelArgs::new(&f);
-    b.arg(&po).arg(&px).arg(&pr).arg(&threshold).arg(&scale).arg(&site).arg(&base).arg(&n).arg(&stride);
-    launched(&name, unsafe { b.launch(s, cfg) })
+    launch.run(config(blocks(shape.n, 256), shape.trials, 1, 256, 0)?)
 }

@@ -7,36 +7,10 @@ use anyhow::{Result, ensure};
 use cudarc::driver::CudaSlice;
 
 use super::context::Gpu;
-use super::launch::{Act, KernelArgs, addr, blocks, check_len, config, int, launched};
+use super::kernel::{EMBEDDING_BACKWARD, EMBEDDING_FORWARD, Kernel};
+use super::launch::{Act, Launch, Span, blocks, config};
 use crate::cpu::bert::Sequence;
-use crate::model::layout::ParamLayout;
-
-/// Where the three embedding tables sit inside one trial's parameter buffer `[P]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EmbeddingTables {
-    pub word: usize,
-    pub position: usize,
-    pub token_type: usize,
-    pub vocab: usize,
-    pub positions: usize,
-    pub types: usize,
-    pub hidden: usize,
-}
-
-impl EmbeddingTables {
-    pub fn from_layout(layout: &ParamLayout, hidden: usize) -> Self {
-        let e = &layout.embeddings;
-        EmbeddingTables {
-            word: e.word.start,
-            position: e.position.start,
-            token_type: e.token_type.start,
-            vocab: e.word.len() / hidden,
-            positions: e.position.len() / hidden,
-            types: e.token_type.len() / hidden,
-            hidden,
-        }
-    }
-}
+use crate::ops::EmbeddingTables;
 
 /// A packed batch's token rows on the device: ids, token types and each row's position inside
 /// its sequence, `[T, rows]` (or `[rows]` shared by every trial). Built only by `upload`, which
@@ -90,12 +64,12 @@ impl DeviceTokens {
                 anyhow::bail!("token rows: {what} {v} at row {i} is outside its table of {limit} rows");
             }
         }
-        let up =
+        let upload =
             |v: &[u32]| gpu.stream.clone_htod(v).map_err(|e| anyhow::anyhow!("uploading token rows: {e:?}"));
         Ok(DeviceTokens {
-            ids: up(ids)?,
-            types: up(types)?,
-            positions: up(positions)?,
+            ids: upload(ids)?,
+            types: upload(types)?,
+            positions: upload(positions)?,
             rows,
             stride: if ids.len() == rows { 0 } else { rows },
             tables,
@@ -105,6 +79,41 @@ impl DeviceTokens {
     fn trials_available(&self) -> usize {
         if self.stride == 0 { usize::MAX } else { self.ids.len() / self.rows }
     }
+}
+
+/// A launch of either embedding kernel over `trials` trials, once the token rows cover them.
+fn embedding_launch<'a>(
+    gpu: &'a Gpu,
+    kernel: Kernel,
+    variant: &str,
+    tokens: &'a DeviceTokens,
+    trials: usize,
+) -> Result<Launch<'a>> {
+    ensure!(tokens.trials_available() >= trials, "{kernel}: the token rows cover fewer than {trials} trials");
+    Launch::new(gpu, kernel, variant)
+}
+
+/// Each trial's rows `[rows, H]` of an activation, `stride` apart.
+fn rows(tokens: &DeviceTokens, trials: usize, stride: usize) -> Span {
+    Span::trials(trials, stride, tokens.rows * tokens.tables.hidden)
+}
+
+/// Each trial's three tables, `param_stride` apart.
+fn tables(tokens: &DeviceTokens, trials: usize, param_stride: usize) -> Span {
+    let tables = tokens.tables;
+    Span::trials(trials, param_stride, tables.token_type + tables.types * tables.hidden)
+}
+
+/// The token rows' addresses and the sizes after them (up to the offsets).
+fn token_args<'a>(launch: &mut Launch<'a>, tokens: &'a DeviceTokens) -> Result<()> {
+    launch.table(&tokens.ids).table(&tokens.types).table(&tokens.positions);
+    launch.int("rows", tokens.rows)?.int("hidden", tokens.tables.hidden)?;
+    Ok(())
+}
+
+/// The three table offsets.
+fn offset_args(launch: &mut Launch<'_>, tables: EmbeddingTables) {
+    launch.arg(tables.word as u64).arg(tables.position as u64).arg(tables.token_type as u64);
 }
 
 /// out `[T, rows, H]` (stride `out_stride`) = word[id] + position[pos] + token_type[type] from
@@ -118,37 +127,13 @@ pub fn embedding_forward<A: Act>(
     tokens: &DeviceTokens,
     trials: usize,
 ) -> Result<()> {
-    let tb = tokens.tables;
-    let (n, h) = (tokens.rows, tb.hidden);
-    ensure!(
-        tokens.trials_available() >= trials,
-        "embedding_forward: the token rows cover fewer than {trials} trials"
-    );
-    check_len("embedding_forward out", out.len(), 0, trials, out_stride, n * h)?;
-    check_len(
-        "embedding_forward params",
-        params.len(),
-        0,
-        trials,
-        param_stride,
-        tb.token_type + tb.types * h,
-    )?;
-    let name = format!("embedding_forward_{}", A::SUFFIX);
-    let f = gpu.function("embedding", &name)?;
-    let s = &gpu.stream;
-    let (po, _g0) = addr(out, 0, s);
-    let (pp, _g1) = addr(params, 0, s);
-    let (pi, _g2) = addr(&tokens.ids, 0, s);
-    let (pt, _g3) = addr(&tokens.types, 0, s);
-    let (ppos, _g4) = addr(&tokens.positions, 0, s);
-    let (ni, hi) = (int("rows", n)?, int("hidden", h)?);
-    let (wo, poo, to) = (tb.word as u64, tb.position as u64, tb.token_type as u64);
-    let (os, ps, ts) = (out_stride as u64, param_stride as u64, tokens.stride as u64);
-    let cfg = config(blocks(n * h, 256), trials, 1, 256, 0)?;
-    let mut b = KernelArgs::new(&f);
-    b.arg(&po).arg(&pp).arg(&pi).arg(&pt).arg(&ppos).arg(&ni).arg(&hi).arg(&wo).arg(&poo).arg(&to);
-    b.arg(&os).arg(&ps).arg(&ts);
-    launched(&name, unsafe { b.launch(s, cfg) })
+    let mut launch = embedding_launch(gpu, EMBEDDING_FORWARD, A::SUFFIX, tokens, trials)?;
+    launch.buffer("out", out, rows(tokens, trials, out_stride))?;
+    launch.buffer("params", params, tables(tokens, trials, param_stride))?;
+    token_args(&mut launch, tokens)?;
+    offset_args(&mut launch, tokens.tables);
+    launch.arg(out_stride as u64).arg(param_stride as u64).arg(tokens.stride as u64);
+    launch.run(config(blocks(tokens.rows * tokens.tables.hidden, 256), trials, 1, 256, 0)?)
 }
 
 /// Scatter-adds d `[T, rows, H]` into the word, position and token-type rows of `grads`
@@ -164,29 +149,12 @@ pub fn embedding_backward<A: Act>(
     pad_token_id: Option<usize>,
     trials: usize,
 ) -> Result<()> {
-    let tb = tokens.tables;
-    let (n, h) = (tokens.rows, tb.hidden);
-    ensure!(
-        tokens.trials_available() >= trials,
-        "embedding_backward: the token rows cover fewer than {trials} trials"
-    );
-    check_len("embedding_backward d", d.len(), 0, trials, d_stride, n * h)?;
-    check_len("embedding_backward grads", grads.len(), 0, trials, grad_stride, tb.token_type + tb.types * h)?;
-    let name = format!("embedding_backward_{}", A::SUFFIX);
-    let f = gpu.function("embedding", &name)?;
-    let s = &gpu.stream;
-    let (pg, _g0) = addr(grads, 0, s);
-    let (pd, _g1) = addr(d, 0, s);
-    let (pi, _g2) = addr(&tokens.ids, 0, s);
-    let (pt, _g3) = addr(&tokens.types, 0, s);
-    let (ppos, _g4) = addr(&tokens.positions, 0, s);
-    let (ni, hi) = (int("rows", n)?, int("hidden", h)?);
-    let pad = pad_token_id.map_or(u32::MAX, |p| u32::try_from(p).unwrap_or(u32::MAX));
-    let (wo, poo, to) = (tb.word as u64, tb.position as u64, tb.token_type as u64);
-    let (ds, gs, ts) = (d_stride as u64, grad_stride as u64, tokens.stride as u64);
-    let cfg = config(blocks(n * h, 256), trials, 1, 256, 0)?;
-    let mut b = KernelArgs::new(&f);
-    b.arg(&pg).arg(&pd).arg(&pi).arg(&pt).arg(&ppos).arg(&ni).arg(&hi).arg(&pad).arg(&wo).arg(&poo);
-    b.arg(&to).arg(&ds).arg(&gs).arg(&ts);
-    launched(&name, unsafe { b.launch(s, cfg) })
+    let mut launch = embedding_launch(gpu, EMBEDDING_BACKWARD, A::SUFFIX, tokens, trials)?;
+    launch.buffer("grads", grads, tables(tokens, trials, grad_stride))?;
+    launch.buffer("d", d, rows(tokens, trials, d_stride))?;
+    token_args(&mut launch, tokens)?;
+    launch.arg(pad_token_id.map_or(u32::MAX, |p| u32::try_from(p).unwrap_or(u32::MAX)));
+    offset_args(&mut launch, tokens.tables);
+    launch.arg(d_stride as u64).arg(grad_stride as u64).arg(tokens.stride as u64);
+    launch.run(config(blocks(tokens.rows * tokens.tables.hidden, 256), trials, 1, 256, 0)?)
 }

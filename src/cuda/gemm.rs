@@ -11,6 +11,7 @@ use cudarc::driver::CudaSlice;
 
 use super::context::Gpu;
 use super::launch::check_len;
+use crate::ops::{Operand, Out};
 
 /// How cuBLAS may compute fp32 GEMMs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,11 +33,8 @@ pub fn set_fp32_math(gpu: &Gpu, math: Fp32Math) -> Result<()> {
         .map_err(|e| anyhow!("cuBLAS refused math mode {math:?}: {e:?}"))
 }
 
-/// One operand (row-major, offset, per-trial stride, optional transpose): the trial-array ops' own.
-pub use crate::trial_array::ops::Operand;
-
-/// C = alpha·op(A)·op(B) + beta·C for each of `trials` trials, all row-major. C is `m × n` at
-/// `c_offset` with `c_stride` between trials.
+/// C = alpha·op(A)·op(B) + beta·C for each of `trials` trials, all row-major. C is `m × n` where
+/// `c`'s [`Out`] says.
 ///
 /// cuBLAS is column-major: a row-major X is a column-major Xᵀ, so it computes
 /// Cᵀ = op(B)ᵀ·op(A)ᵀ with the operands swapped.
@@ -48,47 +46,60 @@ pub fn gemm_trials<T>(
     a: (&CudaSlice<T>, Operand),
     b: (&CudaSlice<T>, Operand),
     beta: T,
-    c: &mut CudaSlice<T>,
-    c_offset: usize,
-    c_stride: usize,
+    c: (&mut CudaSlice<T>, Out),
 ) -> Result<()>
 where
     cudarc::cublas::CudaBlas: Gemm<T>,
 {
-    let ((abuf, ao), (bbuf, bo)) = (a, b);
-    let (m, k) = ao.shape();
-    let (k2, n) = bo.shape();
+    let ((a_buf, a_operand), (b_buf, b_operand), (c, c_out)) = (a, b, c);
+    let (c_offset, c_stride) = (c_out.offset, c_out.stride);
+    let (m, k) = a_operand.shape();
+    let (k2, n) = b_operand.shape();
     ensure!(k == k2, "gemm: op(A) is {m}×{k} but op(B) is {k2}×{n}");
     ensure!(trials > 0 && m > 0 && n > 0 && k > 0, "gemm: empty problem ({trials} trials, {m}×{n}×{k})");
-    check_len("gemm A", abuf.len(), ao.offset, trials, ao.stride, ao.rows * ao.cols)?;
-    check_len("gemm B", bbuf.len(), bo.offset, trials, bo.stride, bo.rows * bo.cols)?;
+    check_len(
+        "gemm A",
+        a_buf.len(),
+        a_operand.offset,
+        trials,
+        a_operand.stride,
+        a_operand.rows * a_operand.cols,
+    )?;
+    check_len(
+        "gemm B",
+        b_buf.len(),
+        b_operand.offset,
+        trials,
+        b_operand.stride,
+        b_operand.rows * b_operand.cols,
+    )?;
     check_len("gemm C", c.len(), c_offset, trials, c_stride, m * n)?;
-    let i = |name: &str, v: usize| {
+    let cublas_int = |name: &str, v: usize| {
         i32::try_from(v).map_err(|_| anyhow!("gemm: {name} = {v} exceeds cuBLAS's int"))
     };
     let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
     let cfg = StridedBatchedConfig {
         gemm: GemmConfig {
             // cuBLAS's A is our B and its B is our A; leading dimensions are the stored row widths.
-            transa: op(bo.transposed),
-            transb: op(ao.transposed),
-            m: i("n", n)?,
-            n: i("m", m)?,
-            k: i("k", k)?,
+            transa: op(b_operand.transposed),
+            transb: op(a_operand.transposed),
+            m: cublas_int("n", n)?,
+            n: cublas_int("m", m)?,
+            k: cublas_int("k", k)?,
             alpha,
-            lda: i("B columns", bo.cols)?,
-            ldb: i("A columns", ao.cols)?,
+            lda: cublas_int("B columns", b_operand.cols)?,
+            ldb: cublas_int("A columns", a_operand.cols)?,
             beta,
-            ldc: i("n", n)?,
+            ldc: cublas_int("n", n)?,
         },
-        batch_size: i("trials", trials)?,
-        stride_a: bo.stride as i64,
-        stride_b: ao.stride as i64,
+        batch_size: cublas_int("trials", trials)?,
+        stride_a: b_operand.stride as i64,
+        stride_b: a_operand.stride as i64,
         stride_c: c_stride as i64,
     };
-    let av = abuf.slice(ao.offset..);
-    let bv = bbuf.slice(bo.offset..);
-    let mut cv = c.slice_mut(c_offset..);
-    unsafe { gpu.blas.gemm_strided_batched(cfg, &bv, &av, &mut cv) }
+    let a_view = a_buf.slice(a_operand.offset..);
+    let b_view = b_buf.slice(b_operand.offset..);
+    let mut c_view = c.slice_mut(c_offset..);
+    unsafe { gpu.blas.gemm_strided_batched(cfg, &b_view, &a_view, &mut c_view) }
         .map_err(|e| anyhow!("cuBLAS gemm failed: {e:?}"))
 }

@@ -98,13 +98,13 @@ pub fn launched(name: &str, r: std::result::Result<(), cudarc::driver::DriverErr
 /// and `CU_LAUNCH_PARAM_BUFFER_SIZE`. The driver then knows how many bytes the launcher passed and
 /// refuses a buffer that does not match the kernel's parameters — an `int` where the kernel takes
 /// a `u64`, or an argument too few — instead of reading past what was passed.
-pub struct KernelArgs<'a> {
-    function: &'a CudaFunction,
+pub struct KernelArgs {
+    function: CudaFunction,
     buffer: Vec<u8>,
 }
 
-impl<'a> KernelArgs<'a> {
-    pub fn new(function: &'a CudaFunction) -> Self {
+impl KernelArgs {
+    pub fn new(function: CudaFunction) -> Self {
         KernelArgs { function, buffer: Vec::with_capacity(128) }
     }
 
@@ -155,5 +155,107 @@ impl<'a> KernelArgs<'a> {
             )
         }
         .result()
+    }
+}
+
+/// The elements one launch reaches in a buffer: `trials` blocks of `per_trial` elements, `stride`
+/// apart (0: one block shared by every trial), from element `offset`.
+#[derive(Clone, Copy, Debug)]
+pub struct Span {
+    pub offset: usize,
+    pub trials: usize,
+    pub stride: usize,
+    pub per_trial: usize,
+}
+
+impl Span {
+    /// `trials` blocks of `per_trial` elements `stride` apart, from element 0.
+    pub fn trials(trials: usize, stride: usize, per_trial: usize) -> Span {
+        Span { offset: 0, trials, stride, per_trial }
+    }
+    /// The same blocks from element `offset` of every trial's block.
+    pub fn at(self, offset: usize) -> Span {
+        Span { offset, ..self }
+    }
+}
+
+/// One kernel launch being put together: its arguments in order, each buffer checked against the
+/// elements the launch reaches before its device address is taken, and the guards cudarc needs
+/// kept until the kernel is enqueued.
+pub struct Launch<'a> {
+    stream: &'a CudaStream,
+    name: String,
+    args: KernelArgs,
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> Launch<'a> {
+    /// A launch of `kernel` with `variant` appended to its name (`""`: none).
+    pub fn new(gpu: &'a super::context::Gpu, kernel: super::kernel::Kernel, variant: &str) -> Result<Self> {
+        Ok(Launch {
+            stream: &gpu.stream,
+            name: super::context::full_name(kernel, variant),
+            args: KernelArgs::new(gpu.function(kernel, variant)?),
+            guards: Vec::new(),
+        })
+    }
+
+    /// The kernel's full name, for messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Appends a scalar or a `#[repr(C)]` struct of them (see [`KernelArgs::arg`]).
+    pub fn arg<T: DeviceRepr>(&mut self, value: T) -> &mut Self {
+        self.args.arg(&value);
+        self
+    }
+
+    /// Appends `value` as a kernel `int`.
+    pub fn int(&mut self, what: &str, value: usize) -> Result<&mut Self> {
+        Ok(self.arg(int(what, value)?))
+    }
+
+    /// Appends the address of element `span.offset` of `buf` after checking that `buf` holds every
+    /// element of `span` (`what` names the buffer in the error).
+    pub fn buffer<T>(&mut self, what: &str, buf: &'a CudaSlice<T>, span: Span) -> Result<&mut Self> {
+        let name = format!("{} {what}", self.name);
+        check_len(&name, buf.len(), span.offset, span.trials, span.stride, span.per_trial)?;
+        Ok(self.address(buf, span.offset))
+    }
+
+    /// [`Launch::buffer`], or a null address when the kernel is to do without the buffer.
+    pub fn optional<T>(
+        &mut self,
+        what: &str,
+        buf: Option<&'a CudaSlice<T>>,
+        span: Span,
+    ) -> Result<&mut Self> {
+        match buf {
+            Some(buf) => self.buffer(what, buf, span),
+            None => Ok(self.arg(0u64)),
+        }
+    }
+
+    /// Appends the address of a buffer whose contents were checked when it was made (token rows,
+    /// labels, attention blocks, generators, the launcher's own scratch).
+    pub fn table<T>(&mut self, buf: &'a CudaSlice<T>) -> &mut Self {
+        self.address(buf, 0)
+    }
+
+    fn address<T>(&mut self, buf: &'a CudaSlice<T>, offset: usize) -> &mut Self {
+        let (address, guard) = addr(buf, offset, self.stream);
+        self.guards.push(guard);
+        self.arg(address)
+    }
+
+    /// Enqueues the kernel over `cfg`'s grid.
+    pub fn run(self, cfg: LaunchConfig) -> Result<()> {
+        // SAFETY: every launcher appends exactly the kernel's parameters (the driver refuses a
+        // parameter buffer of another size), and `self.guards` keeps each address valid until
+        // the launch is enqueued.
+        let result = unsafe { self.args.launch(self.stream, cfg) };
+        drop(self.guards);
+        launched(&self.name, result)
     }
 }

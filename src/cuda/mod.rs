@@ -1,6 +1,8 @@
 //! GPU backend. The kernels in `kernels/*.cu` are compiled to PTX by build.rs and embedded here;
 //! this module finds out at run time whether they, libcuda and a device are all present.
-//! `context::Gpu` loads them; each other file launches one kernel family and names its CPU twin.
+//! `context::Gpu` loads them (`kernel` names them); `launch` is what every launcher shares; each
+//! other file launches one kernel family and names its CPU twin. The device-op interface these
+//! implement (`array_ops`) lives below, in `crate::ops`.
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
@@ -14,10 +16,11 @@ pub mod dropout;
 pub mod embedding;
 pub mod gelu;
 pub mod gemm;
+pub mod kernel;
 pub mod launch;
 pub mod layernorm;
 pub mod optimizer;
-pub mod self_check;
+pub mod rows;
 
 use anyhow::{Result, bail};
 

@@ -7,7 +7,8 @@ use anyhow::{Result, anyhow, ensure};
 use cudarc::driver::CudaSlice;
 
 use super::context::Gpu;
-use super::launch::{KernelArgs, addr, blocks, check_len, config, launched};
+use super::kernel::{ADAMW, CLIP_GRADS, GRAD_NORM_FINISH, GRAD_SUMSQ_PARTIAL};
+use super::launch::{Launch, Span, blocks, config};
 use crate::cpu::adamw::AdamW;
 
 /// Blocks per trial in the first pass of the norm.
@@ -24,13 +25,13 @@ pub struct GradNorm {
 
 impl GradNorm {
     pub fn new(gpu: &Gpu, trials: usize) -> Result<Self> {
-        let s = &gpu.stream;
-        let e = |e| anyhow!("allocating the gradient-norm scratch: {e:?}");
+        let stream = &gpu.stream;
+        let failed = |e| anyhow!("allocating the gradient-norm scratch: {e:?}");
         Ok(GradNorm {
             trials,
-            partial: s.alloc_zeros::<f64>(trials * NORM_BLOCKS).map_err(e)?,
-            norm: s.alloc_zeros::<f64>(trials).map_err(e)?,
-            clip_coef: s.alloc_zeros::<f32>(trials).map_err(e)?,
+            partial: stream.alloc_zeros::<f64>(trials * NORM_BLOCKS).map_err(failed)?,
+            norm: stream.alloc_zeros::<f64>(trials).map_err(failed)?,
+            clip_coef: stream.alloc_zeros::<f32>(trials).map_err(failed)?,
         })
     }
 
@@ -45,38 +46,42 @@ impl GradNorm {
         stride: usize,
         max_norm: Option<f64>,
     ) -> Result<()> {
-        let t = self.trials;
-        check_len("grad_norm grads", grads.len(), 0, t, stride, p)?;
+        let trials = self.trials;
         if let Some(m) = max_norm {
             ensure!(m.is_finite() && m > 0.0, "max gradient norm {m} must be a positive number");
         }
-        let s = &gpu.stream;
-        let nb = NORM_BLOCKS.min(blocks(p, 256) as usize);
-        let (pp, _g0) = addr(&self.partial, 0, s);
-        let (pg, _g1) = addr(grads, 0, s);
-        let (pu, su) = (p as u64, stride as u64);
-        let f = gpu.function("optimizer", "grad_sumsq_partial")?;
-        let mut b = KernelArgs::new(&f);
-        b.arg(&pp).arg(&pg).arg(&pu).arg(&su);
-        launched("grad_sumsq_partial", unsafe { b.launch(s, config(nb as u64, t, 1, 256, 0)?) })?;
+        let block_count = NORM_BLOCKS.min(blocks(p, 256) as usize);
+        let mut launch = Launch::new(gpu, GRAD_SUMSQ_PARTIAL, "")?;
+        launch.table(&self.partial).buffer("grads", grads, Span::trials(trials, stride, p))?;
+        launch.arg(p as u64).arg(stride as u64);
+        launch.run(config(block_count as u64, trials, 1, 256, 0)?)?;
 
-        let (pn, _g2) = addr(&self.norm, 0, s);
-        let (pc, _g3) = addr(&self.clip_coef, 0, s);
-        let nbi = nb as i32;
-        let mx = max_norm.unwrap_or(f64::INFINITY);
-        let f = gpu.function("optimizer", "grad_norm_finish")?;
-        let mut b = KernelArgs::new(&f);
-        b.arg(&pn).arg(&pc).arg(&pp).arg(&nbi).arg(&mx);
-        launched("grad_norm_finish", unsafe { b.launch(s, config(1, t, 1, 256, 0)?) })?;
+        let mut launch = Launch::new(gpu, GRAD_NORM_FINISH, "")?;
+        launch.table(&self.norm).table(&self.clip_coef).table(&self.partial);
+        launch.arg(block_count as i32).arg(max_norm.unwrap_or(f64::INFINITY));
+        launch.run(config(1, trials, 1, 256, 0)?)?;
 
         if max_norm.is_some() {
-            let f = gpu.function("optimizer", "clip_grads")?;
-            let mut b = KernelArgs::new(&f);
-            b.arg(&pg).arg(&pc).arg(&pu).arg(&su);
-            launched("clip_grads", unsafe { b.launch(s, config(blocks(p, 256), t, 1, 256, 0)?) })?;
+            clip_grads(gpu, grads, &self.clip_coef, p, stride)?;
         }
         Ok(())
     }
+}
+
+/// Scales each trial's gradients `[T, P]` (`stride` apart) by its coefficient in `clip_coef`
+/// `[T]` where that is below 1.
+pub fn clip_grads(
+    gpu: &Gpu,
+    grads: &mut CudaSlice<f32>,
+    clip_coef: &CudaSlice<f32>,
+    p: usize,
+    stride: usize,
+) -> Result<()> {
+    let trials = clip_coef.len();
+    let mut launch = Launch::new(gpu, CLIP_GRADS, "")?;
+    launch.buffer("grads", grads, Span::trials(trials, stride, p))?.table(clip_coef);
+    launch.arg(p as u64).arg(stride as u64);
+    launch.run(config(blocks(p, 256), trials, 1, 256, 0)?)
 }
 
 /// One optimizer step's per-trial settings: learning rate (after the schedule), weight decay, and
@@ -104,36 +109,24 @@ pub fn adamw(
     p: usize,
     stride: usize,
 ) -> Result<()> {
-    let t = steps.lr.len();
+    let trials = steps.lr.len();
     ensure!(
-        t > 0 && steps.weight_decay.len() == t && steps.step.len() == t,
+        trials > 0 && steps.weight_decay.len() == trials && steps.step.len() == trials,
         "adamw: {} learning rates, {} weight decays and {} step counts must be one per trial",
         steps.lr.len(),
         steps.weight_decay.len(),
         steps.step.len()
     );
-    for name_buf in [("params", params.len()), ("grads", grads.len()), ("m", m.len()), ("v", v.len())] {
-        check_len(&format!("adamw {}", name_buf.0), name_buf.1, 0, t, stride, p)?;
-    }
-    check_len("adamw decay mask", decay.len(), 0, 1, 0, p)?;
-    let s = &gpu.stream;
-    let e = |e| anyhow!("adamw: uploading per-trial settings: {e:?}");
-    let lr = s.clone_htod(&steps.lr).map_err(e)?;
-    let wd = s.clone_htod(&steps.weight_decay).map_err(e)?;
-    let st = s.clone_htod(&steps.step).map_err(e)?;
-    let f = gpu.function("optimizer", "adamw")?;
-    let (pp, _g0) = addr(params, 0, s);
-    let (pg, _g1) = addr(grads, 0, s);
-    let (pm, _g2) = addr(m, 0, s);
-    let (pv, _g3) = addr(v, 0, s);
-    let (pd, _g4) = addr(decay, 0, s);
-    let (plr, _g5) = addr(&lr, 0, s);
-    let (pwd, _g6) = addr(&wd, 0, s);
-    let (pst, _g7) = addr(&st, 0, s);
-    let (b1, b2, eps, pu, su) = (adam.beta1, adam.beta2, adam.eps, p as u64, stride as u64);
-    let cfg = config(blocks(p, 256).min(4096), t, 1, 256, 0)?;
-    let mut b = KernelArgs::new(&f);
-    b.arg(&pp).arg(&pg).arg(&pm).arg(&pv).arg(&pd).arg(&plr).arg(&pwd).arg(&pst).arg(&b1).arg(&b2).arg(&eps);
-    b.arg(&pu).arg(&su);
-    launched("adamw", unsafe { b.launch(s, cfg) })
+    let span = Span::trials(trials, stride, p);
+    let stream = &gpu.stream;
+    let upload = |e| anyhow!("adamw: uploading per-trial settings: {e:?}");
+    let lr = stream.clone_htod(&steps.lr).map_err(upload)?;
+    let weight_decay = stream.clone_htod(&steps.weight_decay).map_err(upload)?;
+    let step = stream.clone_htod(&steps.step).map_err(upload)?;
+    let mut launch = Launch::new(gpu, ADAMW, "")?;
+    launch.buffer("params", params, span)?.buffer("grads", grads, span)?;
+    launch.buffer("m", m, span)?.buffer("v", v, span)?.buffer("decay mask", decay, Span::trials(1, 0, p))?;
+    launch.table(&lr).table(&weight_decay).table(&step);
+    launch.arg(adam.beta1).arg(adam.beta2).arg(adam.eps).arg(p as u64).arg(stride as u64);
+    launch.run(config(blocks(p, 256).min(4096), trials, 1, 256, 0)?)
 }

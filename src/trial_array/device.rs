@@ -1,15 +1,19 @@
-//! [`ArrayBackend`] for any device that implements [`ArrayOps`]: the GPU (`cuda::array_ops`) and,
-//! for tests, the host ops (`ops_cpu`). Each call runs the work of all listed slots as one tick of
-//! the trial-array model (`model.rs`): one launch per op over the slots, idle slots padded.
+//! [`ArrayBackend`] for any device that implements [`ArrayOps`]: the GPU (`cuda::array_ops`, built
+//! by [`gpu::cuda_array_backend`]) and, for tests, the host ops (`ops::cpu`). Each call runs the
+//! work of all listed slots as one tick of the trial-array model (`model.rs`): one launch per op
+//! over the slots, idle slots padded.
 //!
 //! Parameters, gradients, Adam moments and the kept best weights live on the device, `[T, P]`
-//! each (5·P per slot, as `bytes_per_slot` assumes). Step counters are kept here, per slot.
+//! each (5·P per slot, as `bytes_per_slot` assumes). Update counters are the model's, per slot.
+
+pub mod gpu;
 
 use anyhow::anyhow;
 
 use super::model::ArrayModel;
-use super::ops::{ArrayOps, DropoutProbs, SlotInput, SlotStep, TickLayout};
 use super::{ArrayBackend, ArrayError, ArrayResult, SlotEval, SlotMicroBatch, SlotOptimizerStep};
+use crate::cpu::bert::DropoutProbs;
+use crate::ops::{ArrayOps, SlotInput, TickLayout};
 use crate::train::argmax;
 
 /// The trial array on an [`ArrayOps`] device.
@@ -20,7 +24,6 @@ pub struct DeviceArrayBackend<O: ArrayOps> {
     best: O::Buf,
     has_best: Vec<bool>,
     loaded: Vec<bool>,
-    steps: Vec<u64>,
 }
 
 /// Errors that leave the device as it was and may go away with fewer slots.
@@ -43,7 +46,6 @@ impl<O: ArrayOps> DeviceArrayBackend<O> {
             best,
             has_best: vec![false; slots],
             loaded: vec![false; slots],
-            steps: vec![0; slots],
         })
     }
 
@@ -101,14 +103,14 @@ impl<O: ArrayOps> ArrayBackend for DeviceArrayBackend<O> {
         if params.len() != p {
             return Err(anyhow!("slot {slot}: {} initial parameters for a model of {p}", params.len()).into());
         }
-        let m = &mut self.model;
-        m.ops.write(&mut m.params, slot * p, params)?;
-        for buf in [&mut m.grads, &mut m.m, &mut m.v] {
-            m.ops.fill_zero(buf, slot * p, p)?;
+        let model = &mut self.model;
+        model.ops.write(&mut model.params, slot * p, params)?;
+        for buf in [&mut model.grads, &mut model.m, &mut model.v] {
+            model.ops.fill_zero(buf, slot * p, p)?;
         }
+        model.reset_slot(slot);
         self.loaded[slot] = true;
         self.has_best[slot] = false;
-        self.steps[slot] = 0;
         Ok(())
     }
 
@@ -120,22 +122,22 @@ impl<O: ArrayOps> ArrayBackend for DeviceArrayBackend<O> {
         // One tick per distinct set of dropout probabilities (normally exactly one).
         let mut groups: Vec<DropoutProbs> = Vec::new();
         for w in work {
-            if !groups.contains(&DropoutProbs::of(&w.dropout)) {
-                groups.push(DropoutProbs::of(&w.dropout));
+            if !groups.contains(&w.dropout.probs) {
+                groups.push(w.dropout.probs);
             }
         }
-        for g in groups {
+        for group in groups {
             let mut slots: Vec<Option<SlotInput>> = (0..self.slots()).map(|_| None).collect();
-            for w in work.iter().filter(|w| DropoutProbs::of(&w.dropout) == g) {
+            for w in work.iter().filter(|w| w.dropout.probs == group) {
                 slots[w.slot] =
                     Some(SlotInput { batch: w.batch, loss_scale: w.loss_scale, dropout: Some(w.dropout) });
             }
-            let lt = TickLayout::new(&slots, self.heads(), self.pad())?;
-            self.reserve_activations(&lt)?;
-            let tick = self.model.ops.tick(&lt).map_err(classify)?;
-            let sums = self.model.forward_backward(&tick, &lt)?;
+            let layout = TickLayout::new(&slots, self.heads(), self.pad())?;
+            self.reserve_activations(&layout)?;
+            let tick = self.model.ops.tick(&layout).map_err(classify)?;
+            let sums = self.model.forward_backward(&tick)?;
             for (i, w) in work.iter().enumerate() {
-                if DropoutProbs::of(&w.dropout) == g {
+                if w.dropout.probs == group {
                     out[i] = sums[w.slot];
                 }
             }
@@ -144,31 +146,17 @@ impl<O: ArrayOps> ArrayBackend for DeviceArrayBackend<O> {
     }
 
     fn optimizer_step(&mut self, work: &[SlotOptimizerStep]) -> ArrayResult<Vec<f64>> {
-        let mut steps = Vec::with_capacity(work.len());
         for w in work {
             self.check_slot(w.slot)?;
-            steps.push(SlotStep {
-                slot: w.slot,
-                lr: w.lr,
-                adamw: w.adamw,
-                max_grad_norm: w.max_grad_norm,
-                step: self.steps[w.slot] + 1,
-            });
         }
-        let norms = self.model.optimizer_step(&steps)?;
-        for (w, n) in work.iter().zip(&norms) {
-            if n.is_finite() {
-                self.steps[w.slot] += 1;
-            }
-        }
-        Ok(norms)
+        Ok(self.model.optimizer_step(work)?)
     }
 
     fn evaluate(&mut self, work: &[SlotEval<'_>]) -> ArrayResult<Vec<(f64, f64)>> {
         for w in work {
             self.check_slot(w.slot)?;
         }
-        let nl = self.model.config.num_labels;
+        let classes = self.model.config.num_labels;
         let mut out = vec![(f64::NAN, f64::NAN); work.len()];
         // Slots evaluating the same split with the same batch size share every eval tick.
         let mut done = vec![false; work.len()];
@@ -190,19 +178,22 @@ impl<O: ArrayOps> ArrayBackend for DeviceArrayBackend<O> {
                 for &j in &members {
                     slots[work[j].slot] = Some(SlotInput { batch: &batch, loss_scale: 0.0, dropout: None });
                 }
-                let lt = TickLayout::new(&slots, self.heads(), self.pad())?;
-                let tick = self.model.ops.tick(&lt).map_err(classify)?;
+                let layout = TickLayout::new(&slots, self.heads(), self.pad())?;
+                let tick = self.model.ops.tick(&layout).map_err(classify)?;
                 // Evaluation changes no slot's state: out of memory anywhere in it can be retried.
-                let (logits, sums) = self.model.eval_logits(&tick, &lt).map_err(classify)?;
+                let (logits, sums) = self.model.eval_logits(&tick).map_err(classify)?;
                 for (k, &j) in members.iter().enumerate() {
                     let s = work[j].slot;
-                    let rows = &logits[s * lt.seqs * nl..(s * lt.seqs + chunk.len()) * nl];
+                    let rows = &logits[s * layout.seqs * classes..(s * layout.seqs + chunk.len()) * classes];
                     if rows.iter().any(|v| !v.is_finite()) {
                         finite[k] = false;
                     }
                     loss[k] += sums[s];
-                    correct[k] +=
-                        rows.chunks_exact(nl).zip(&batch.labels).filter(|(r, y)| argmax(r) == **y).count();
+                    correct[k] += rows
+                        .chunks_exact(classes)
+                        .zip(&batch.labels)
+                        .filter(|(r, y)| argmax(r) == **y)
+                        .count();
                 }
             }
             let n = split.len().max(1) as f64;
@@ -244,20 +235,20 @@ impl<O: ArrayOps> ArrayBackend for DeviceArrayBackend<O> {
             return Ok(());
         }
         let p = self.param_len();
-        let m = &mut self.model;
+        let model = &mut self.model;
         // Through the host, freeing each old buffer before its smaller copy is made: shrinking
         // happens because memory ran out, so there may be no room for both.
-        for buf in [&mut m.params, &mut m.grads, &mut m.m, &mut m.v, &mut self.best] {
-            let kept = m.ops.read(buf, 0, slots * p)?;
-            *buf = m.ops.zeros(1)?;
-            let mut smaller = m.ops.zeros(slots * p)?;
-            m.ops.write(&mut smaller, 0, &kept)?;
+        for buf in [&mut model.params, &mut model.grads, &mut model.m, &mut model.v, &mut self.best] {
+            let kept = model.ops.read(buf, 0, slots * p)?;
+            *buf = model.ops.zeros(1)?;
+            let mut smaller = model.ops.zeros(slots * p)?;
+            model.ops.write(&mut smaller, 0, &kept)?;
             *buf = smaller;
         }
-        m.trials = slots;
+        model.trials = slots;
+        model.updates.truncate(slots);
         self.loaded.truncate(slots);
         self.has_best.truncate(slots);
-        self.steps.truncate(slots);
         Ok(())
     }
 }

@@ -26,13 +26,10 @@
 
 pub mod device;
 pub mod model;
-pub mod ops;
-pub mod ops_cpu;
 pub mod reference_backend;
 pub mod schedule;
 pub mod setup;
 
-use crate::cpu::adamw::AdamW;
 use crate::cpu::bert::{Batch, Dropout};
 use crate::data::batch::TokenizedSplit;
 
@@ -60,15 +57,8 @@ pub struct SlotMicroBatch<'a> {
     pub dropout: Dropout,
 }
 
-/// One slot's optimizer step: clip the accumulated gradient to `max_grad_norm`, apply AdamW at
-/// `lr`, then zero the gradient. The step counter (bias correction) is the backend's, per slot.
-#[derive(Clone, Copy, Debug)]
-pub struct SlotOptimizerStep {
-    pub slot: usize,
-    pub lr: f64,
-    pub adamw: AdamW,
-    pub max_grad_norm: f64,
-}
+/// One slot's optimizer step (defined with the device ops, which carry it out).
+pub use crate::ops::SlotOptimizerStep;
 
 /// One slot's evaluation on a split (no dropout).
 #[derive(Clone, Copy, Debug)]

@@ -25,8 +25,7 @@ use anyhow::{Result, bail};
 
 use super::{ArrayBackend, ArrayError, ArrayResult, SlotEval, SlotMicroBatch, SlotOptimizerStep};
 use crate::cpu::adamw::linear_schedule;
-pub use crate::cpu::bert::DropoutProbs;
-use crate::cpu::bert::{Batch, Dropout};
+use crate::cpu::bert::{Batch, Dropout, DropoutProbs};
 use crate::cpu::philox::DropoutRng;
 use crate::data::batch::TokenizedSplit;
 use crate::train::{EpochOrder, StepPlan, TrainConfig};

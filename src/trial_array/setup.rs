@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use anyhow::{Result, bail};
 
-use super::schedule::{ArrayTrial, DropoutProbs, TrialBuilder};
+use super::schedule::{ArrayTrial, TrialBuilder};
 use crate::config::BertConfig;
+use crate::cpu::bert::DropoutProbs;
 use crate::data::batch::TokenizedSplit;
 use crate::model::BertModel;
 use crate::train::TrainConfig;

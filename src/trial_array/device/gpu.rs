@@ -1,23 +1,62 @@
-//! The GPU's self-check before the first trial: one tiny training tick (forward, backward and an
-//! AdamW step, dropout on, two slots with different sequence lengths) of a 2-layer BERT with the
-//! study's head size, on the GPU and on the host ops (`trial_array::ops_cpu::CpuOps`, checked
-//! against the CPU reference by tests/array_model.rs), compared. A driver, card or build that
-//! computes something else is caught here, in about a second, rather than after a study.
+//! The trial array on the GPU: [`cuda_array_backend`] builds it on device 0 with as many slots as
+//! fit, and [`tick_matches_host`] is the GPU's self-check before the first trial: one tiny
+//! training tick (forward, backward and an AdamW step, dropout on, two slots with different
+//! sequence lengths) of a 2-layer BERT with the study's head size, on the GPU and on the host ops
+//! (`ops::cpu::CpuOps`, checked against the CPU reference by tests/array_model.rs), compared. A
+//! driver, card or build that computes something else is caught here, in about a second, rather
+//! than after a study.
 
-use anyhow::Result;
+use anyhow::{Result, anyhow};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
-use super::array_ops::CudaOps;
-use super::context::Gpu;
+use super::DeviceArrayBackend;
 use crate::config::BertConfig;
 use crate::cpu::adamw::AdamW;
 use crate::cpu::bert::{Batch, Dropout};
 use crate::cpu::philox::DropoutRng;
+use crate::cuda::array_ops::CudaOps;
+use crate::cuda::context::Gpu;
 use crate::model::BertModel;
 use crate::model::layout::ParamLayout;
+use crate::ops::cpu::CpuOps;
+use crate::ops::{ArrayOps, SlotInput, SlotOptimizerStep, TickLayout};
 use crate::trial_array::model::ArrayModel;
-use crate::trial_array::ops::{ArrayOps, SlotInput, SlotStep, TickLayout};
-use crate::trial_array::ops_cpu::CpuOps;
+use crate::trial_array::{ArrayError, bytes_per_slot, slots_that_fit};
+
+/// The trial array on device 0 for models of `config`: T = `wanted` slots, or fewer when the free
+/// device memory holds fewer (or an allocation of T slots fails) (each slot: 5·P fp32 values plus
+/// one micro-batch's activations of `micro_batch` sequences up to `max_len` tokens, with 15%
+/// headroom).
+pub fn cuda_array_backend(
+    config: &BertConfig,
+    micro_batch: usize,
+    max_len: usize,
+    wanted: usize,
+) -> Result<DeviceArrayBackend<CudaOps>> {
+    let mut gpu = Gpu::new()?;
+    let layout = ParamLayout::new(config);
+    let (free, _total) = gpu.ctx.mem_get_info().map_err(|e| anyhow!("reading free device memory: {e:?}"))?;
+    let per_slot = bytes_per_slot(config, layout.len, micro_batch, max_len);
+    let mut slots = slots_that_fit(wanted.max(1), free as u64, per_slot, 0.15)?;
+    // Free memory can shrink between the query and the allocation (another process on the GPU):
+    // out of memory here means fewer slots, as it does during the study.
+    loop {
+        let name = format!("{} ({slots} slots)", gpu.name);
+        let ops = CudaOps::new(gpu, config, &layout)?;
+        match DeviceArrayBackend::new(ops, config, slots, &name) {
+            Ok(backend) => return Ok(backend),
+            Err(ArrayError::OutOfMemory(why)) if slots > 1 => {
+                eprintln!(
+                    "note: {slots} trial-array slots do not fit in device memory ({why}); trying {}",
+                    slots - 1
+                );
+                slots -= 1;
+                gpu = Gpu::new()?;
+            }
+            Err(e) => return Err(anyhow!("{e}")),
+        }
+    }
+}
 
 /// Relative difference allowed between the GPU and the host (fp32 with different summation
 /// orders: the GPU array tests hold 1e-4 over ten ticks).
@@ -79,21 +118,20 @@ pub fn tick_matches_host(gpu: Gpu, head_dim: usize) -> Result<()> {
         .collect();
     let layout = TickLayout::new(&slots, heads, config.pad_token_id as u32)?;
     let (host_tick, dev_tick) = (host.ops.tick(&layout)?, dev.ops.tick(&layout)?);
-    let host_loss = host.forward_backward(&host_tick, &layout)?;
-    let dev_loss = dev.forward_backward(&dev_tick, &layout)?;
+    let host_loss = host.forward_backward(&host_tick)?;
+    let dev_loss = dev.forward_backward(&dev_tick)?;
     for (slot, (d, h)) in dev_loss.iter().zip(&host_loss).enumerate() {
         anyhow::ensure!(
             relative(*d, *h) <= TOLERANCE,
             "GPU self-check failed on {name}: slot {slot}'s loss is {d} on the GPU and {h} on the CPU"
         );
     }
-    let steps: Vec<SlotStep> = (0..2)
-        .map(|slot| SlotStep {
+    let steps: Vec<SlotOptimizerStep> = (0..2)
+        .map(|slot| SlotOptimizerStep {
             slot,
             lr: 1e-3,
             adamw: AdamW { weight_decay: 0.01, ..AdamW::default() },
             max_grad_norm: 1.0,
-            step: 1,
         })
         .collect();
     let host_norms = host.optimizer_step(&steps)?;
