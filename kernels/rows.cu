@@ -1,7 +1,7 @@
 // Small row and element-wise ops the trial-array model needs between the big kernels: the
 // [CLS]-row gather and its scatter-add (last layer), the pooler's tanh forward/backward, an
 // in-place add (residual gradients), and zeroing the dummy sequences' loss-gradient rows.
-// CPU twins: ops::cpu::CpuOps (gather_cls, scatter_add_cls, tanh_forward,
+// CPU twins: ops::host::HostOps (gather_cls, scatter_add_cls, tanh_forward,
 // tanh_backward, add, the dummy-row masking in cross_entropy). Trial index: blockIdx.y.
 #include "common.cuh"
 

@@ -1,5 +1,5 @@
 //! The trial-array model (`trial_array::model`, written in device ops) run on the host ops
-//! (`ops::cpu::CpuOps`) against the CPU reference `cpu::bert`, slot by slot: several slots with different
+//! (`ops::host::HostOps`) against the CPU reference `cpu::bert`, slot by slot: several slots with different
 //! micro-batches (different sequence and row counts, so the tick pads), dropout on, an idle slot;
 //! losses, gradients, eval logits and optimizer steps must match. This checks the orchestration
 //! the GPU backend runs (offsets, strides, padding, dummy sequences, accumulation); each kernel
@@ -12,7 +12,7 @@ use hpo_gpu::cpu::adamw::{AdamState, AdamW, clip_grad_norm};
 use hpo_gpu::cpu::bert::{self, Batch, Dropout};
 use hpo_gpu::cpu::philox::DropoutRng;
 use hpo_gpu::model::BertModel;
-use hpo_gpu::ops::cpu::CpuOps;
+use hpo_gpu::ops::host::HostOps;
 use hpo_gpu::ops::{ArrayOps, SlotInput, SlotOptimizerStep, TickLayout};
 use hpo_gpu::trial_array::model::ArrayModel;
 use rand::SeedableRng;
@@ -47,7 +47,7 @@ fn padded_multi_slot_ticks_match_the_cpu_reference() {
     ];
     let models: Vec<BertModel> = (0..4).map(|i| BertModel::random_init(&c, 100 + i)).collect();
     let scales = [1.0 / 3.0, 0.5, 0.0, 0.25];
-    let mut array = ArrayModel::new(CpuOps::new(&c), &c, 4).unwrap();
+    let mut array = ArrayModel::new(HostOps::new(&c), &c, 4).unwrap();
     let p = array.param_len();
     for (i, m) in models.iter().enumerate() {
         array.ops.write(&mut array.params, i * p, &m.params).unwrap();

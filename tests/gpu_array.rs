@@ -1,5 +1,5 @@
 //! On a GPU: the trial-array model on `CudaOps` against the same model on the host ops
-//! (`CpuOps`, itself checked against `cpu::bert` by tests/array_model.rs). Four slots with
+//! (`HostOps`, itself checked against `cpu::bert` by tests/array_model.rs). Four slots with
 //! different micro-batches and accumulation lengths, dropout on, ten ticks with optimizer steps:
 //! losses every tick and parameters at the end within 1e-4 (relative). Head sizes 32 and 64.
 //! Without a usable GPU the test prints why and passes (a failure where the test command provides a
@@ -15,7 +15,7 @@ use hpo_gpu::cpu::philox::DropoutRng;
 use hpo_gpu::cuda::array_ops::CudaOps;
 use hpo_gpu::model::BertModel;
 use hpo_gpu::model::layout::ParamLayout;
-use hpo_gpu::ops::cpu::CpuOps;
+use hpo_gpu::ops::host::HostOps;
 use hpo_gpu::ops::{ArrayOps, SlotInput, SlotOptimizerStep, TickLayout};
 use hpo_gpu::trial_array::model::ArrayModel;
 use std::sync::Arc;
@@ -53,7 +53,7 @@ fn run(hidden: usize, heads: usize) {
     let c = config(hidden, heads);
     let layout = ParamLayout::new(&c);
     let p = layout.len;
-    let cpu_ops = CpuOps::new(&c);
+    let cpu_ops = HostOps::new(&c);
     let mut host = ArrayModel::new(cpu_ops, &c, 4).unwrap();
     let mut dev = ArrayModel::new(CudaOps::new(gpu, &c, &layout).unwrap(), &c, 4).unwrap();
     for i in 0..4 {

@@ -17,7 +17,7 @@ use hpo_gpu::cpu::philox::DropoutRng;
 use hpo_gpu::data::batch::TokenizedSplit;
 use hpo_gpu::model::BertModel;
 use hpo_gpu::model::layout::ParamLayout;
-use hpo_gpu::ops::cpu::CpuOps;
+use hpo_gpu::ops::host::HostOps;
 use hpo_gpu::train::{EpochOrder, StepPlan, TrainConfig, evaluate_params};
 use hpo_gpu::trial::ParamSet;
 use hpo_gpu::trial::protocol::{EpochMetrics, TrialEnd, TrialHost, TrialRunner, Verdict};
@@ -799,8 +799,8 @@ fn study_driver_for_the_array_counts_requeues_and_fails() {
     assert_eq!(retry.params, trials[1].params);
 }
 
-fn device_backend(config: &BertConfig, slots: usize) -> DeviceArrayBackend<CpuOps> {
-    DeviceArrayBackend::new(CpuOps::new(config), config, slots, "host ops").unwrap()
+fn device_backend(config: &BertConfig, slots: usize) -> DeviceArrayBackend<HostOps> {
+    DeviceArrayBackend::new(HostOps::new(config), config, slots, "host ops").unwrap()
 }
 
 /// The GPU backend's code path (the trial-array model in device ops, padded ticks, one call per

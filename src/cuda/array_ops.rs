@@ -1,7 +1,7 @@
 //! [`ArrayOps`] on the GPU: each op is one kernel launch (or one cuBLAS call) over every trial,
 //! through the launchers beside this file. fp32 storage (the parity mode; `Fp32Math::Tf32` for
-//! TF32 GEMMs). Host twin: `ops::cpu::CpuOps`, which tests/array_model.rs checks against
-//! `cpu::bert`; tests/gpu_array.rs checks this against `CpuOps` on a GPU.
+//! TF32 GEMMs). Host twin: `ops::host::HostOps`, which tests/array_model.rs checks against
+//! `cpu::bert`; tests/gpu_array.rs checks this against `HostOps` on a GPU.
 
 use anyhow::{Result, anyhow, ensure};
 use cudarc::driver::CudaSlice;

@@ -2,7 +2,7 @@
 //! scatter-add (last layer), the pooler's tanh forward and backward, an in-place add (residual
 //! gradients), and zeroing the dummy sequences' loss-gradient rows.
 //!
-//! CPU twins: `ops::cpu::CpuOps`'s `gather_cls`, `scatter_add_cls`, `tanh_forward`,
+//! CPU twins: `ops::host::HostOps`'s `gather_cls`, `scatter_add_cls`, `tanh_forward`,
 //! `tanh_backward`, `add` and the dummy-row masking in its `cross_entropy`.
 //! Kernels: `kernels/rows.cu`.
 

@@ -4,7 +4,7 @@
 //!
 //! [`ArrayOps`] is the seam between the model's orchestration (`trial_array::model`: which op runs
 //! on which buffer, with which offsets, strides and padding) and a device. Two implementations:
-//! [`cpu::CpuOps`] emulates every op on host buffers with the CPU reference's functions (the CPU
+//! [`host::HostOps`] emulates every op on host buffers with the CPU reference's functions (the CPU
 //! twins), so the whole orchestration is tested against `cpu::bert`; `cuda::array_ops` maps each
 //! op onto one kernel launch or one cuBLAS call over all trials. What remains to check on a GPU is
 //! only that each kernel matches its twin (tests/gpu_kernels.rs).
@@ -21,7 +21,7 @@
 //! rows keep their indices, so dropout masks (indexed by row·H + column, and by the attention
 //! block offsets of `cpu::bert::attention_layout`) are the CPU reference's.
 
-pub mod cpu;
+pub mod host;
 pub mod shapes;
 pub mod tick;
 

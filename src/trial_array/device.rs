@@ -1,5 +1,5 @@
 //! [`ArrayBackend`] for any device that implements [`ArrayOps`]: the GPU (`cuda::array_ops`, built
-//! by [`gpu::cuda_array_backend`]) and, for tests, the host ops (`ops::cpu`). Each call runs the
+//! by [`gpu::cuda_array_backend`]) and, for tests, the host ops (`ops::host`). Each call runs the
 //! work of all listed slots as one tick of the trial-array model (`model.rs`): one launch per op
 //! over the slots, idle slots padded.
 //!

@@ -1,6 +1,6 @@
 //! The BERT classifier for T trials at once, written in the device operations of `crate::ops`:
 //! the same computation as `cpu::bert::{forward, backward}`, op for op, over `[T, …]` buffers.
-//! Reading it next to `cpu/bert.rs` shows the correspondence line by line; `ops::cpu::CpuOps` runs
+//! Reading it next to `cpu/bert.rs` shows the correspondence line by line; `ops::host::HostOps` runs
 //! it on the host, where the tests compare it with `cpu::bert`.
 //!
 //! Activations are allocated per call (simple and correct; reusing them across ticks is a speed

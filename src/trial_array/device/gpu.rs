@@ -2,7 +2,7 @@
 //! fit, and [`tick_matches_host`] is the GPU's self-check before the first trial: one tiny
 //! training tick (forward, backward and an AdamW step, dropout on, two slots with different
 //! sequence lengths) of a 2-layer BERT with the study's head size, on the GPU and on the host ops
-//! (`ops::cpu::CpuOps`, checked against the CPU reference by tests/array_model.rs), compared. A
+//! (`ops::host::HostOps`, checked against the CPU reference by tests/array_model.rs), compared. A
 //! driver, card or build that computes something else is caught here, in about a second, rather
 //! than after a study.
 
@@ -18,7 +18,7 @@ use crate::cuda::array_ops::CudaOps;
 use crate::cuda::context::Gpu;
 use crate::model::BertModel;
 use crate::model::layout::ParamLayout;
-use crate::ops::cpu::CpuOps;
+use crate::ops::host::HostOps;
 use crate::ops::{ArrayOps, SlotInput, SlotOptimizerStep, TickLayout};
 use crate::trial_array::model::ArrayModel;
 use crate::trial_array::{ArrayError, bytes_per_slot, slots_that_fit};
@@ -80,7 +80,7 @@ pub fn tick_matches_host(gpu: Gpu, head_dim: usize) -> Result<()> {
     let layout = ParamLayout::new(&config);
     let p = layout.len;
     let name = gpu.name.clone();
-    let mut host = ArrayModel::new(CpuOps::new(&config), &config, 2)?;
+    let mut host = ArrayModel::new(HostOps::new(&config), &config, 2)?;
     let mut dev = ArrayModel::new(CudaOps::new(gpu, &config, &layout)?, &config, 2)?;
     for slot in 0..2 {
         let m = BertModel::random_init(&config, 11 + slot as u64);

@@ -16,18 +16,18 @@ use crate::cpu::real::{Mat, gemm};
 use crate::model::layout::ParamLayout;
 
 /// The host "device": buffers are `Vec<f32>`.
-pub struct CpuOps {
+pub struct HostOps {
     pub pad_token_id: usize,
     pub embedding: EmbeddingTables,
     /// `[P]`: where weight decay applies.
     decay_mask: Vec<bool>,
 }
 
-impl CpuOps {
+impl HostOps {
     /// The host ops for models of `config`'s architecture.
     pub fn new(config: &crate::config::BertConfig) -> Self {
         let layout = ParamLayout::new(config);
-        CpuOps {
+        HostOps {
             pad_token_id: config.pad_token_id,
             embedding: EmbeddingTables::from_layout(&layout, config.hidden_size),
             decay_mask: layout.decay_mask(),
@@ -97,7 +97,7 @@ fn trial_attention(
     probs
 }
 
-impl ArrayOps for CpuOps {
+impl ArrayOps for HostOps {
     type Buf = Vec<f32>;
     type DeviceTick = ();
 
