@@ -10,7 +10,9 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::data::source::MAX_CLASSES;
+/// More classes than this is taken as a data error (e.g. a numeric id column used as the label),
+/// and it bounds the label-name table built for integer labels.
+pub const MAX_CLASSES: usize = 65_536;
 
 /// The architecture numbers of a BERT encoder plus classification head.
 #[derive(Clone, Debug, PartialEq)]

@@ -446,11 +446,12 @@ impl FanovaTree {
         let t = node.threshold.clamp(lo, hi);
         let left_share = if width > 0.0 { (t - lo) / width } else { 0.5 };
         ranges[f] = (lo, t);
-        let (lt, lw) = self.marginal_walk(node.left, point, ranges, share * left_share);
+        let (left_total, left_weight) = self.marginal_walk(node.left, point, ranges, share * left_share);
         ranges[f] = (t, hi);
-        let (rt, rw) = self.marginal_walk(node.right, point, ranges, share * (1.0 - left_share));
+        let (right_total, right_weight) =
+            self.marginal_walk(node.right, point, ranges, share * (1.0 - left_share));
         ranges[f] = (lo, hi);
-        (lt + rt, lw + rw)
+        (left_total + right_total, left_weight + right_weight)
     }
 }
 

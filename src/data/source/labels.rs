@@ -7,7 +7,8 @@ use std::path::Path;
 
 use anyhow::{Result, bail};
 
-use super::{Dataset, Example, Location, MAX_CLASSES, row_error};
+use super::{Dataset, Example, Location, row_error};
+use crate::config::MAX_CLASSES;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LabelKind {

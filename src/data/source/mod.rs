@@ -31,9 +31,6 @@ use crate::hub::{self, RepoKind};
 pub const IMDB_REPO: &str = "stanfordnlp/imdb";
 /// HF's `ClassLabel(names=["neg", "pos"])` for IMDB.
 pub const IMDB_LABEL_NAMES: [&str; 2] = ["neg", "pos"];
-/// More classes than this is taken as a data error (e.g. a numeric id column used as the label), and it
-/// bounds the label-name table built for integer labels.
-pub const MAX_CLASSES: usize = 65_536;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Example {
