@@ -14,7 +14,7 @@ use super::model::ArrayModel;
 use super::{ArrayBackend, ArrayError, ArrayResult, SlotEval, SlotMicroBatch, SlotOptimizerStep};
 use crate::cpu::bert::DropoutProbs;
 use crate::ops::{ArrayOps, SlotInput, TickLayout};
-use crate::train::argmax;
+use crate::train::{MIN_EVAL_BATCH, argmax};
 
 /// The trial array on an [`ArrayOps`] device.
 pub struct DeviceArrayBackend<O: ArrayOps> {
@@ -164,9 +164,9 @@ impl<O: ArrayOps> ArrayBackend for DeviceArrayBackend<O> {
             if done[i] {
                 continue;
             }
-            let (split, bs) = (work[i].split, work[i].batch_size.max(32));
+            let (split, bs) = (work[i].split, work[i].batch_size.max(MIN_EVAL_BATCH));
             let members: Vec<usize> = (i..work.len())
-                .filter(|&j| std::ptr::eq(work[j].split, split) && work[j].batch_size.max(32) == bs)
+                .filter(|&j| std::ptr::eq(work[j].split, split) && work[j].batch_size.max(MIN_EVAL_BATCH) == bs)
                 .collect();
             let mut loss = vec![0.0f64; members.len()];
             let mut correct = vec![0usize; members.len()];

@@ -1,13 +1,16 @@
-//! The trial array: T trials of one architecture train side by side in "slots", with
-//! parameters, gradients and Adam moments laid out `[T, P]`. This module is device independent:
+//! The trial array — the one training engine: T trials of one architecture train side by side in
+//! "slots", with parameters, gradients and Adam moments laid out `[T, P]`; one model is one slot.
 //!
+//! - [`schedule::run_array`] is the scheduler: micro-batch ticks, per-slot epoch streams,
+//!   optimizer steps every b/m ticks, per-epoch evaluation, pruning, failures, refilling slots;
+//!   [`schedule::Engine`] is it as a `trial::protocol::TrialRunner` for the study driver.
+//! - [`setup::TrialSetup`] turns a trial's parameters into what a slot trains.
 //! - [`ArrayBackend`] is what the scheduler needs from a device: load a slot, forward+backward one
 //!   micro-batch for every active slot, clip + AdamW per slot, evaluate, keep/restore the best
 //!   epoch's weights, read parameters out, shrink on out-of-memory.
-//! - [`reference_backend::ReferenceBackend`] implements it with the CPU reference (`cpu::bert`, `cpu::adamw`);
-//!   the GPU backend (`src/cuda`) implements the same trait.
-//! - [`schedule::run_array`] is the scheduler: micro-batch ticks, per-slot epoch streams,
-//!   optimizer steps every b/m ticks, per-epoch evaluation, pruning, failures, refilling slots.
+//! - [`reference_backend::ReferenceBackend`] implements it with the CPU reference (`cpu::bert`,
+//!   `cpu::adamw`); [`device::DeviceArrayBackend`] implements it for any device that implements the
+//!   device ops (`crate::ops`): the GPU (`device::gpu`), or the host twins in tests.
 //!
 //! **One launch per op.** Every backend call carries the work of *all* active slots of a tick, so
 //! a GPU backend can run each op as one batched launch over the slots. Slots' micro-batches are
