@@ -133,7 +133,11 @@ pub fn run_search(args: &SearchArgs, out: &mut dyn Write) -> Result<()> {
         MicroBatch::Fixed(m) => format!("micro-batch {m}"),
         MicroBatch::WholeBatch => "whole batches".to_string(),
     };
-    eprintln!("trial array on {}: {} slots, {per_tick}", backend.describe(), backend.slots());
+    let slots = match backend.slots() {
+        1 => "1 slot".to_string(),
+        n => format!("{n} slots"),
+    };
+    eprintln!("trial array on {}: {slots}, {per_tick}", backend.describe());
     let max_length = prepared.tokenizer.max_length;
     let trials = TrialSetup::new(initial, base, prepared.train, prepared.eval, max_length);
     let mut engine = Engine { backend, trials: Box::new(trials), options: ArrayOptions { micro_batch } };

@@ -166,7 +166,9 @@ impl<O: ArrayOps> ArrayBackend for DeviceArrayBackend<O> {
             }
             let (split, bs) = (work[i].split, work[i].batch_size.max(MIN_EVAL_BATCH));
             let members: Vec<usize> = (i..work.len())
-                .filter(|&j| std::ptr::eq(work[j].split, split) && work[j].batch_size.max(MIN_EVAL_BATCH) == bs)
+                .filter(|&j| {
+                    std::ptr::eq(work[j].split, split) && work[j].batch_size.max(MIN_EVAL_BATCH) == bs
+                })
                 .collect();
             let mut loss = vec![0.0f64; members.len()];
             let mut correct = vec![0usize; members.len()];
