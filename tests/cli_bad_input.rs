@@ -136,6 +136,26 @@ const RECIPE_SPACE: &str = r#"{"learning_rate": {"name": "FloatDistribution", "a
  "per_device_train_batch_size": {"name": "CategoricalDistribution", "attributes": {"choices": [16, 32, 64, 128]}},
  "weight_decay": {"name": "FloatDistribution", "attributes": {"low": 0.0, "high": 0.3}}}"#;
 
+/// `one.db` with the single study `only` (one trial).
+fn one_study(t: &Path) {
+    let storage = format!("sqlite:///{}", t.join("one.db").display());
+    let study = StudyArgs { storage, study_name: "only".into() };
+    let args = AskArgs {
+        study,
+        search_space: RECIPE_SPACE.into(),
+        sampler: SamplerKind::Random,
+        seed: Some(1),
+        direction: Some(DirectionArg::Maximize),
+        n: 1,
+    };
+    run_ask(&args, &mut Vec::new()).unwrap();
+}
+
+/// `none.db`: Optuna's schema without a study.
+fn no_study(t: &Path) {
+    hpo_gpu::study::storage::Storage::open(&format!("sqlite:///{}", t.join("none.db").display())).unwrap();
+}
+
 /// What every row starts from: `tiny-bert/` (config + tokenizer, random init only), `data/`
 /// (train.jsonl, test.jsonl), `trained/` (tiny-bert plus model.safetensors with a classifier)
 /// and `study.db` holding study `s` (maximize, the recipe's space, trials 0 and 1 COMPLETE,
@@ -1309,12 +1329,28 @@ static CASES: &[Case] = &[
         stderr: "error: study \"empty\" has no COMPLETE trial yet",
     },
     Case {
-        id: "best-missing-study-name",
-        input: "no --study-name",
+        id: "best-no-study-name-several-studies",
+        input: "no --study-name in a database with several studies",
         setup: none,
         args: &["best", "--storage", STORAGE],
-        exit: 2,
-        stderr: "error: the following required arguments were not provided:",
+        exit: 1,
+        stderr: "error: sqlite:///<tmp>/study.db holds 2 studies (s, empty); name one with --study-name",
+    },
+    Case {
+        id: "trials-no-study-name-one-study",
+        input: "no --study-name in a database with one study: that study",
+        setup: one_study,
+        args: &["trials", "--storage", "sqlite:///<tmp>/one.db"],
+        exit: 0,
+        stderr: "",
+    },
+    Case {
+        id: "trials-no-study-name-no-study",
+        input: "no --study-name in a database without studies",
+        setup: no_study,
+        args: &["trials", "--storage", "sqlite:///<tmp>/none.db"],
+        exit: 1,
+        stderr: "error: sqlite:///<tmp>/none.db holds no study yet (hpo-gpu search creates one)",
     },
     // ----- plot / report / importance -----
     Case {

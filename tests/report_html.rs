@@ -9,9 +9,8 @@ mod report_common;
 
 use std::path::Path;
 
-use hpo_gpu::cli::report::{
-    ImportanceArgs, PlotArgs, ReportArgs, StudySelect, run_importance, run_plot, run_report,
-};
+use hpo_gpu::cli::report::{ImportanceArgs, PlotArgs, ReportArgs, run_importance, run_plot, run_report};
+use hpo_gpu::cli::study::StudySelect;
 use hpo_gpu::distributions::{CategoricalDistribution, Distribution, FloatDistribution, ParamValue};
 use hpo_gpu::report::html::{self, epoch_metrics};
 use hpo_gpu::report::plots::{self, PlotKind};
@@ -21,7 +20,7 @@ use hpo_gpu::trial::{StudyDirection, TrialState, UtcDateTime};
 use report_common::{temp_db, write_demo_study};
 
 fn select(url: &str, name: &str) -> StudySelect {
-    StudySelect { storage: url.to_string(), study_name: name.to_string() }
+    StudySelect { storage: url.to_string(), study_name: Some(name.to_string()) }
 }
 
 #[test]

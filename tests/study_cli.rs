@@ -2,8 +2,8 @@
 
 use clap::Parser;
 use hpo_gpu::cli::study::{
-    AskArgs, BestArgs, DirectionArg, SamplerKind, StudyArgs, TellArgs, TellState, TrialsArgs, run_ask,
-    run_best, run_tell, run_trials,
+    AskArgs, BestArgs, DirectionArg, SamplerKind, StudyArgs, StudySelect, TellArgs, TellState, TrialsArgs,
+    run_ask, run_best, run_tell, run_trials,
 };
 use hpo_gpu::study::storage::Storage;
 use hpo_gpu::trial::{StudyDirection, TrialState};
@@ -14,6 +14,10 @@ const SPACE: &str = r#"{"x": {"name": "FloatDistribution", "attributes": {"low":
 
 fn study_args(url: &str) -> StudyArgs {
     StudyArgs { storage: url.to_string(), study_name: "cli".into() }
+}
+
+fn select(url: &str) -> StudySelect {
+    StudySelect { storage: url.to_string(), study_name: Some("cli".into()) }
 }
 
 fn ask(url: &str, direction: Option<DirectionArg>, n: usize) -> anyhow::Result<Vec<Value>> {
@@ -128,7 +132,7 @@ fn trials_and_best_tables_and_json() {
     tell(&url, 0, &[0.5], None).unwrap();
     tell(&url, 1, &[0.75], None).unwrap();
     let mut out = Vec::new();
-    run_trials(&TrialsArgs { study: study_args(&url), json: false }, &mut out).unwrap();
+    run_trials(&TrialsArgs { study: select(&url), json: false }, &mut out).unwrap();
     let table = String::from_utf8(out).unwrap();
     let lines: Vec<&str> = table.lines().collect();
     assert!(lines[0].starts_with("number  state     value     duration_s  x"), "{table}");
@@ -137,18 +141,18 @@ fn trials_and_best_tables_and_json() {
     assert!(lines[4].starts_with("2       RUNNING"), "{table}");
 
     let mut out = Vec::new();
-    run_trials(&TrialsArgs { study: study_args(&url), json: true }, &mut out).unwrap();
+    run_trials(&TrialsArgs { study: select(&url), json: true }, &mut out).unwrap();
     let all: Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(all.as_array().unwrap().len(), 3);
     assert_eq!(all[1]["value"], 0.75);
     assert_eq!(all[2]["state"], "RUNNING");
 
     let mut out = Vec::new();
-    run_best(&BestArgs { study: study_args(&url), json: true }, &mut out).unwrap();
+    run_best(&BestArgs { study: select(&url), json: true }, &mut out).unwrap();
     let best: Value = serde_json::from_slice(&out).unwrap();
     assert_eq!((best["number"].as_u64(), best["value"].as_f64()), (Some(1), Some(0.75)));
     let mut out = Vec::new();
-    run_best(&BestArgs { study: study_args(&url), json: false }, &mut out).unwrap();
+    run_best(&BestArgs { study: select(&url), json: false }, &mut out).unwrap();
     let text = String::from_utf8(out).unwrap();
     let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split_whitespace().collect()).collect();
     assert!(rows.contains(&vec!["study", "cli", "(MAXIMIZE)"]), "{text}");
@@ -156,7 +160,10 @@ fn trials_and_best_tables_and_json() {
     assert!(rows.iter().any(|r| r[0] == "params.opt"), "{text}");
 
     let err = run_best(
-        &BestArgs { study: StudyArgs { storage: url.clone(), study_name: "nope".into() }, json: false },
+        &BestArgs {
+            study: StudySelect { storage: url.clone(), study_name: Some("nope".into()) },
+            json: false,
+        },
         &mut Vec::new(),
     )
     .unwrap_err()
@@ -177,8 +184,10 @@ fn bad_flags_give_clear_errors() {
     };
     let e = format!("{:#}", run_ask(&bad_space, &mut Vec::new()).unwrap_err());
     assert!(e.contains("--search-space: parameter \"x\"") && e.contains("`low <= high`"), "{e}");
-    let bad_storage =
-        TrialsArgs { study: StudyArgs { storage: "mysql://x".into(), study_name: "s".into() }, json: false };
+    let bad_storage = TrialsArgs {
+        study: StudySelect { storage: "mysql://x".into(), study_name: Some("s".into()) },
+        json: false,
+    };
     let e = run_trials(&bad_storage, &mut Vec::new()).unwrap_err().to_string();
     assert!(e.contains("unsupported database \"mysql\""), "{e}");
 }

@@ -8,23 +8,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use crate::cli::study::DEFAULT_STORAGE;
+use crate::cli::study::StudySelect;
 use crate::report::importance::{Evaluator, FanovaOptions, PedAnovaOptions, param_importances};
 use crate::report::{Importances, StudySnapshot, html, plots};
-
-/// The recipe's study name.
-pub const DEFAULT_STUDY_NAME: &str = "transformers_optuna_study";
-
-/// `--storage` and `--study-name` with the recipe's defaults.
-#[derive(Args, Clone, Debug)]
-pub struct StudySelect {
-    /// Database URL: sqlite:///relative/path.db or sqlite:////absolute/path.db
-    #[arg(long, default_value = DEFAULT_STORAGE)]
-    pub storage: String,
-    /// Name of the study.
-    #[arg(long, default_value = DEFAULT_STUDY_NAME)]
-    pub study_name: String,
-}
 
 /// `hpo-gpu plot`: write the study's plots as PNG and SVG.
 #[derive(Args, Clone, Debug)]
@@ -93,7 +79,8 @@ fn check_out_path(out: &Path, must_be_dir: bool) -> Result<()> {
 
 pub fn run_plot(args: &PlotArgs, out: &mut dyn Write) -> Result<()> {
     check_out_path(&args.out, true)?;
-    let snapshot = StudySnapshot::load(&args.study.storage, &args.study.study_name)?;
+    let (mut storage, study) = args.study.open()?;
+    let snapshot = StudySnapshot::from_storage(&mut storage, study)?;
     let importances = Importances::compute(&snapshot, args.seed);
     let files = plots::write_all(&snapshot, &importances, &args.out)?;
     for f in &files {
@@ -104,7 +91,8 @@ pub fn run_plot(args: &PlotArgs, out: &mut dyn Write) -> Result<()> {
 
 pub fn run_report(args: &ReportArgs, out: &mut dyn Write) -> Result<()> {
     check_out_path(&args.out, false)?;
-    let snapshot = StudySnapshot::load(&args.study.storage, &args.study.study_name)?;
+    let (mut storage, study) = args.study.open()?;
+    let snapshot = StudySnapshot::from_storage(&mut storage, study)?;
     let importances = Importances::compute(&snapshot, args.seed);
     html::write_report(&snapshot, &importances, &args.out)?;
     writeln!(
@@ -118,7 +106,8 @@ pub fn run_report(args: &ReportArgs, out: &mut dyn Write) -> Result<()> {
 }
 
 pub fn run_importance(args: &ImportanceArgs, out: &mut dyn Write) -> Result<()> {
-    let snapshot = StudySnapshot::load(&args.study.storage, &args.study.study_name)?;
+    let (mut storage, study) = args.study.open()?;
+    let snapshot = StudySnapshot::from_storage(&mut storage, study)?;
     let evaluator = match args.evaluator {
         EvaluatorArg::PedAnova => Evaluator::PedAnova(PedAnovaOptions::default()),
         EvaluatorArg::Fanova => {

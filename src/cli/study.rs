@@ -36,6 +36,44 @@ pub struct StudyArgs {
     pub study_name: String,
 }
 
+/// `--storage` and `--study-name` of the commands that read a study (`trials`, `best`, `plot`,
+/// `report`, `importance`): the recipe's database, and the only study in it unless one is named.
+#[derive(Args, Clone, Debug)]
+pub struct StudySelect {
+    /// Database URL: sqlite:///relative/path.db or sqlite:////absolute/path.db
+    #[arg(long, default_value = DEFAULT_STORAGE)]
+    pub storage: String,
+    /// Name of the study (default: the only study in the database).
+    #[arg(long)]
+    pub study_name: Option<String>,
+}
+
+impl StudySelect {
+    /// Opens the database (which must exist) and the study: the named one, or the only one.
+    pub fn open(&self) -> Result<(Storage, StudyRef)> {
+        let mut storage = Storage::open_existing(&self.storage)?;
+        let study = match &self.study_name {
+            Some(name) => storage.load_study(name)?,
+            None => {
+                let mut studies = storage.studies()?;
+                match studies.len() {
+                    0 => bail!("{} holds no study yet (hpo-gpu search creates one)", self.storage),
+                    1 => studies.remove(0),
+                    n => {
+                        let names: Vec<&str> = studies.iter().map(|s| s.name.as_str()).collect();
+                        bail!(
+                            "{} holds {n} studies ({}); name one with --study-name",
+                            self.storage,
+                            names.join(", ")
+                        )
+                    }
+                }
+            }
+        };
+        Ok((storage, study))
+    }
+}
+
 /// Sampler choice for `ask` (and `search`).
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SamplerKind {
@@ -323,7 +361,7 @@ pub enum TellState {
 #[derive(Args, Clone, Debug)]
 pub struct TrialsArgs {
     #[command(flatten)]
-    pub study: StudyArgs,
+    pub study: StudySelect,
     /// Print a JSON array instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -333,7 +371,7 @@ pub struct TrialsArgs {
 #[derive(Args, Clone, Debug)]
 pub struct BestArgs {
     #[command(flatten)]
-    pub study: StudyArgs,
+    pub study: StudySelect,
     /// Print a JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -479,7 +517,7 @@ fn param_columns(trials: &[FrozenTrial]) -> Vec<String> {
 
 /// Runs `trials`: number, state, value, duration and every parameter, one row per trial.
 pub fn run_trials(args: &TrialsArgs, out: &mut dyn Write) -> Result<()> {
-    let (mut storage, study) = open_study(&args.study, None)?;
+    let (mut storage, study) = args.study.open()?;
     let trials = storage.trials(study.study_id, None)?;
     if args.json {
         let all: Vec<Value> = trials.iter().map(trial_json).collect();
@@ -507,7 +545,7 @@ pub fn run_trials(args: &TrialsArgs, out: &mut dyn Write) -> Result<()> {
 
 /// Runs `best`: the best COMPLETE trial's number, value, parameters and per-epoch values.
 pub fn run_best(args: &BestArgs, out: &mut dyn Write) -> Result<()> {
-    let (mut storage, study) = open_study(&args.study, None)?;
+    let (mut storage, study) = args.study.open()?;
     let direction = study.direction()?;
     let trials = storage.trials(study.study_id, Some(&[TrialState::Complete]))?;
     let Some(best) = best_of(&trials, direction) else {
