@@ -474,6 +474,14 @@ static CASES: &[Case] = &[
         stderr: "error: <tmp>/no-tokenizer.json: cannot read: No such file or directory (os error 2)",
     },
     Case {
+        id: "tokenizer-flag-unknown-file-type",
+        input: "--tokenizer names a file that is neither tokenizer.json nor vocab.txt",
+        setup: none,
+        args: &["train", "@train", "--tokenizer", "<tmp>/data/train.jsonl"],
+        exit: 1,
+        stderr: "error: --tokenizer <tmp>/data/train.jsonl: not a tokenizer file; give a tokenizer.json, a WordPiece vocab.txt, or a folder holding one",
+    },
+    Case {
         id: "tokenizer-larger-than-vocab",
         input: "the tokenizer's ids exceed config.json's vocab_size",
         setup: |t| {

@@ -25,8 +25,9 @@ pub struct ModelDataArgs {
     /// folder then needs only config.json and a tokenizer.
     #[arg(long)]
     pub random_init: bool,
-    /// Tokenizer to use instead of the model's: a tokenizer.json, or a folder with one or with
-    /// vocab.txt.
+    /// Tokenizer to use instead of the model's: a tokenizer.json, a WordPiece vocab.txt
+    /// (lower-casing as the tokenizer_config.json beside it or the model's says), or a folder
+    /// holding either.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Dataset: `imdb` (stanfordnlp/imdb), another Hub dataset id, a local folder holding

@@ -23,21 +23,40 @@ pub struct TextTokenizer {
 }
 
 impl TextTokenizer {
-    /// The tokenizer of a model: `override_path` (a tokenizer.json or a directory holding one or a
-    /// vocab.txt) if given, else the model's own files.
+    /// The tokenizer of a model: `override_path` (a tokenizer.json, a WordPiece vocab.txt, or a
+    /// directory holding either) if given, else the model's own files. A vocab.txt lower-cases as
+    /// the `tokenizer_config.json` beside it says, else as the model's says, else (BERT uncased).
     pub fn load(files: &ModelFiles, override_path: Option<&Path>, max_length: usize) -> Result<Self> {
         if let Some(p) = override_path {
+            let config_in = |dir: &Path| Some(dir.join("tokenizer_config.json")).filter(|f| f.is_file());
             if p.is_dir() {
                 let dir_files = ModelFiles {
                     origin: p.display().to_string(),
                     tokenizer_json: Some(p.join("tokenizer.json")).filter(|f| f.is_file()),
                     vocab_txt: Some(p.join("vocab.txt")).filter(|f| f.is_file()),
-                    tokenizer_config: Some(p.join("tokenizer_config.json")).filter(|f| f.is_file()),
+                    tokenizer_config: config_in(p).or_else(|| files.tokenizer_config.clone()),
                     ..Default::default()
                 };
                 return Self::load(&dir_files, None, max_length);
             }
-            return Self::from_tokenizer_json(p, max_length);
+            let extension = p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+            return match extension.as_deref() {
+                Some("json") => Self::from_tokenizer_json(p, max_length),
+                Some("txt") => {
+                    let beside = p.parent().and_then(config_in);
+                    let lower = match beside.as_ref().or(files.tokenizer_config.as_ref()) {
+                        Some(c) => read_do_lower_case(c)?,
+                        None => true,
+                    };
+                    Self::from_vocab(p, lower, max_length)
+                }
+                _ if !p.exists() => bail!("--tokenizer {}: does not exist", p.display()),
+                _ => bail!(
+                    "--tokenizer {}: not a tokenizer file; give a tokenizer.json, a WordPiece vocab.txt, \
+                     or a folder holding one",
+                    p.display()
+                ),
+            };
         }
         if let Some(p) = &files.tokenizer_json {
             return Self::from_tokenizer_json(p, max_length);
@@ -209,4 +228,28 @@ fn read_do_lower_case(path: &Path) -> Result<bool> {
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid JSON: {e}", path.display()))?;
     Ok(v.get("do_lower_case").and_then(|b| b.as_bool()).unwrap_or(true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--tokenizer path/to/vocab.txt`: a WordPiece tokenizer, lower-casing as the
+    /// tokenizer_config.json beside it says (else as BERT uncased); an unknown file type is one line.
+    #[test]
+    fn a_vocab_txt_given_directly_is_a_wordpiece_tokenizer() {
+        let dir = tempfile::tempdir().unwrap();
+        let vocab = dir.path().join("vocab.txt");
+        std::fs::write(&vocab, "[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\nworld\n##s\n").unwrap();
+        let none = ModelFiles::default();
+        let t = TextTokenizer::load(&none, Some(&vocab), 16).unwrap();
+        assert_eq!(t.encode_batch(&["Hello worlds"]).unwrap(), [vec![2, 4, 5, 6, 3]]);
+        std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"do_lower_case": false}"#).unwrap();
+        let cased = TextTokenizer::load(&none, Some(&vocab), 16).unwrap();
+        assert_eq!(cased.encode_batch(&["Hello worlds"]).unwrap(), [vec![2, 1, 5, 6, 3]]);
+        let other = dir.path().join("tokenizer.model");
+        std::fs::write(&other, "x").unwrap();
+        let e = TextTokenizer::load(&none, Some(&other), 16).err().unwrap().to_string();
+        assert!(e.ends_with("tokenizer.model: not a tokenizer file; give a tokenizer.json, a WordPiece vocab.txt, or a folder holding one"), "{e}");
+    }
 }
