@@ -86,6 +86,86 @@ fn train_learns_saves_and_predicts() {
     assert!((total - 1.0).abs() < 1e-9);
 }
 
+/// Batch prediction: texts from a data file (`--input`, no label column needed), from standard
+/// input (one per line) and as arguments give the same labels in the input's order; `--csv`
+/// writes one row per text with a probability column per label.
+#[test]
+fn predict_reads_files_and_standard_input_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, o) = train_tiny(tmp.path());
+    assert!(o.status.success(), "train failed: {}", stderr(&o));
+    let model = out.to_str().unwrap();
+    let test_file = tmp.path().join("data/test.jsonl");
+    let texts: Vec<String> = std::fs::read_to_string(&test_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(texts.len(), 32);
+    let json_lines = |o: &Output| -> Vec<serde_json::Value> {
+        assert!(o.status.success(), "{}", stderr(o));
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    // As arguments: the reference (batches of 5, so several passes and a short last one).
+    let mut args = vec!["predict", "--model", model, "--json", "--batch-size", "5"];
+    args.extend(texts.iter().map(String::as_str));
+    let reference = json_lines(&run(&args));
+    assert_eq!(reference.len(), 32);
+    for (line, text) in reference.iter().zip(&texts) {
+        assert_eq!(line["text"], text.as_str(), "output in input order");
+    }
+    let labels: Vec<&serde_json::Value> = reference.iter().map(|l| &l["label"]).collect();
+    assert!(labels.iter().any(|l| *l == "pos") && labels.iter().any(|l| *l == "neg"));
+
+    // From a data file (the test split; its labels are ignored) and from a CSV without labels.
+    let from_file =
+        json_lines(&run(&["predict", "--model", model, "--json", "--input", test_file.to_str().unwrap()]));
+    assert_eq!(from_file, reference);
+    let csv_in = tmp.path().join("texts.csv");
+    let mut body = String::from("id,review\n");
+    for (i, t) in texts.iter().enumerate() {
+        body.push_str(&format!("{i},\"{t}\"\n"));
+    }
+    std::fs::write(&csv_in, body).unwrap();
+    let from_csv = json_lines(&run(&[
+        "predict",
+        "--model",
+        model,
+        "--json",
+        "--input",
+        csv_in.to_str().unwrap(),
+        "--text-column",
+        "review",
+    ]));
+    assert_eq!(from_csv, reference);
+
+    // From standard input, one text per line, written as CSV.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hpo-gpu"))
+        .args(["predict", "--model", model, "--csv"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all((texts.join("\n") + "\n").as_bytes()).unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut reader = csv::Reader::from_reader(o.stdout.as_slice());
+    assert_eq!(reader.headers().unwrap(), vec!["text", "label", "probability_neg", "probability_pos"]);
+    let rows: Vec<csv::StringRecord> = reader.records().map(|r| r.unwrap()).collect();
+    assert_eq!(rows.len(), 32);
+    for ((row, text), want) in rows.iter().zip(&texts).zip(&reference) {
+        assert_eq!(&row[0], text);
+        assert_eq!(want["label"], &row[1]);
+        let p: f64 = row[3].parse().unwrap();
+        assert!((p - want["probabilities"]["pos"].as_f64().unwrap()).abs() < 1e-12);
+    }
+}
+
 #[test]
 fn export_loads_in_transformers_with_the_same_logits() {
     let Some(python) = common::python() else { return };

@@ -190,7 +190,7 @@ fn json_lines_variants() -> Result<()> {
     }
     // Custom column names and string labels mapped through the sorted distinct set.
     let path = write(tmp.path(), "b.json", b"{\"sentence\":\"x\",\"y\":\"pos\"}\n{\"sentence\":\"z\",\"y\":\"neg\"}\n{\"sentence\":\"w\",\"y\":\"pos\"}\n")?;
-    let columns = ColumnSpec { text: "sentence".into(), label: "y".into() };
+    let columns = ColumnSpec { text: "sentence".into(), label: Some("y".into()) };
     let ds = read_file(&path, &columns, None)?;
     assert_eq!(ds.label_names, names(&["neg", "pos"]));
     assert_eq!(labels(&ds), vec![1, 0, 1]);
@@ -365,7 +365,7 @@ fn bad_gzip_is_reported() -> Result<()> {
 fn bad_arguments_are_refused() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let path = write(tmp.path(), "a.jsonl", b"{\"text\":\"a\",\"label\":0}\n")?;
-    let same = ColumnSpec { text: "x".into(), label: "x".into() };
+    let same = ColumnSpec { text: "x".into(), label: Some("x".into()) };
     assert_contains(&err_of(read_file(&path, &same, None)), &["the text and label columns must differ"]);
     assert_contains(&err_of(read_file(&path, &cols(), Some(&[]))), &["the list of label names is empty"]);
     assert_contains(
@@ -390,7 +390,7 @@ fn csv_and_tsv_files() -> Result<()> {
         assert_eq!(ds.label_names, names(&["0", "1"]));
     }
     let tsv = "sentence\tlabel\nnice one\tpositive\nmeh, dull\tnegative\n";
-    let columns = ColumnSpec { text: "sentence".into(), label: "label".into() };
+    let columns = ColumnSpec { text: "sentence".into(), label: Some("label".into()) };
     for (name, bytes) in [("r.tsv", tsv.as_bytes().to_vec()), ("r.tsv.gz", gzip(tsv.as_bytes())?)] {
         let ds = read_file(&write(tmp.path(), name, &bytes)?, &columns, None)?;
         assert_eq!(texts(&ds), vec!["nice one", "meh, dull"]);
@@ -510,7 +510,7 @@ fn parquet_files() -> Result<()> {
     let dict: ArrayRef = Arc::new(dict.finish());
     let path = tmp.path().join("dict.parquet");
     write_parquet(&path, vec![("sentence", view), ("sentiment", dict)], HashMap::new())?;
-    let columns = ColumnSpec { text: "sentence".into(), label: "sentiment".into() };
+    let columns = ColumnSpec { text: "sentence".into(), label: Some("sentiment".into()) };
     let ds = read_file(&path, &columns, None)?;
     assert_eq!(
         (texts(&ds), ds.label_names.clone(), labels(&ds)),
@@ -561,7 +561,7 @@ fn parquet_errors() -> Result<()> {
         &["garbage.parquet: not a readable parquet file"],
     );
 
-    let columns = ColumnSpec { text: "review".into(), label: "label".into() };
+    let columns = ColumnSpec { text: "review".into(), label: Some("label".into()) };
     assert_contains(
         &err_of(read_file(&good, &columns, None)),
         &["good.parquet: no text column \"review\"; the columns are [\"text\", \"label\"]"],

@@ -117,7 +117,7 @@ pub fn prepare(args: &ModelDataArgs) -> Result<Prepared> {
             files.origin
         );
     }
-    let columns = ColumnSpec { text: args.text_column.clone(), label: args.label_column.clone() };
+    let columns = ColumnSpec { text: args.text_column.clone(), label: Some(args.label_column.clone()) };
     let train_ds = load_split(&args.dataset, &args.train_split, &columns, args.labels.as_deref())?;
     let label_names = train_ds.label_names.clone();
     if label_names.len() < 2 {

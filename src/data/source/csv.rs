@@ -60,7 +60,7 @@ pub(super) fn read_delimited(
         bail!("{}: no header line; the first line must name the columns", path.display());
     }
     let text_index = find(&columns.text, "text")?;
-    let label_index = find(&columns.label, "label")?;
+    let label_index = columns.label.as_ref().map(|l| find(l, "label")).transpose()?;
     let mut record = csv::ByteRecord::new();
     while reader.read_byte_record(&mut record).map_err(csv_error)? {
         let location = Location::Line(record.position().map_or(0, csv::Position::line));
@@ -75,7 +75,10 @@ pub(super) fn read_delimited(
             })
         };
         let text = field(text_index, "text")?.to_string();
-        let label = csv_label(field(label_index, "label")?).map_err(|msg| row_error(path, location, msg))?;
+        let label = match label_index {
+            Some(index) => csv_label(field(index, "label")?).map_err(|msg| row_error(path, location, msg))?,
+            None => RawLabel::Int(0),
+        };
         sink.push(path, location, text, label)?;
     }
     Ok(())

@@ -50,7 +50,7 @@ impl<'de> Visitor<'de> for JsonRowSeed<'_> {
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             if key == self.0.text {
                 row.text = Some(map.next_value()?);
-            } else if key == self.0.label {
+            } else if self.0.label.as_deref() == Some(&*key) {
                 row.label = Some(map.next_value()?);
             } else {
                 map.next_value::<IgnoredAny>()?;
@@ -78,10 +78,12 @@ fn json_row_into_sink(
     keys: impl FnOnce() -> String,
     sink: &mut Sink,
 ) -> Result<()> {
-    let (text, label) = match (row.text, row.label) {
-        (Some(text), Some(label)) => (text, label),
-        (text, _) => {
-            let missing = if text.is_none() { &columns.text } else { &columns.label };
+    let (text, label) = match (row.text, row.label, &columns.label) {
+        (Some(text), label, None) => (text, label.unwrap_or(serde_json::Value::from(0))),
+        (Some(text), Some(label), Some(_)) => (text, label),
+        (text, _, label_column) => {
+            let missing =
+                if text.is_none() { &columns.text } else { label_column.as_ref().unwrap_or(&columns.text) };
             let role = if text.is_none() { "text" } else { "label" };
             return Err(row_error(
                 path,
@@ -115,7 +117,10 @@ fn json_row_into_sink(
             return Err(row_error(
                 path,
                 location,
-                format!("label column {:?} holds {kind}; expected an integer or a string", columns.label),
+                format!(
+                    "label column {:?} holds {kind}; expected an integer or a string",
+                    columns.label.as_deref().unwrap_or_default()
+                ),
             ));
         }
     };
@@ -170,7 +175,10 @@ fn read_json_array(path: &Path, bytes: &[u8], columns: &ColumnSpec, sink: &mut S
             return Err(row_error(path, location, format!("expected a JSON object, found {kind}")));
         };
         let keys = format!("{:?}", map.keys().collect::<Vec<_>>());
-        let row = JsonRow { text: map.remove(&columns.text), label: map.remove(&columns.label) };
+        let row = JsonRow {
+            text: map.remove(&columns.text),
+            label: columns.label.as_ref().and_then(|l| map.remove(l)),
+        };
         json_row_into_sink(path, location, row, columns, || keys, sink)?;
     }
     Ok(())

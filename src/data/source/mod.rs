@@ -72,32 +72,41 @@ impl Dataset {
     }
 }
 
+/// The columns to read: the text, and the label unless only texts are wanted (every example then
+/// gets class 0, as for texts to classify).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ColumnSpec {
     pub text: String,
-    pub label: String,
+    pub label: Option<String>,
 }
 
 impl Default for ColumnSpec {
     fn default() -> Self {
-        Self { text: "text".to_string(), label: "label".to_string() }
+        Self { text: "text".to_string(), label: Some("label".to_string()) }
     }
 }
 
 impl ColumnSpec {
     fn validate(&self) -> Result<()> {
-        if self.text.is_empty() || self.label.is_empty() {
+        if self.text.is_empty() || self.label.as_ref().is_some_and(String::is_empty) {
             bail!(
                 "column names must not be empty (text column {:?}, label column {:?})",
                 self.text,
-                self.label
+                self.label.as_deref().unwrap_or_default()
             );
         }
-        if self.text == self.label {
+        if Some(&self.text) == self.label.as_ref() {
             bail!("the text and label columns must differ (both are {:?})", self.text);
         }
         Ok(())
     }
+}
+
+/// The texts of a data file (`.jsonl`/`.json`, `.csv`, `.parquet`, gzip or not) in column
+/// `text_column`, in file order.
+pub fn read_texts(path: &Path, text_column: &str) -> Result<Vec<String>> {
+    let columns = ColumnSpec { text: text_column.to_string(), label: None };
+    Ok(read_file(path, &columns, None)?.examples.into_iter().map(|e| e.text).collect())
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -141,18 +141,20 @@ pub(super) fn read_parquet<R: ChunkReader + Send + 'static>(
             .map_err(|_| anyhow!("{}: no {role} column {name:?}; the columns are {names:?}", path.display()))
     };
     let text_index = find(&columns.text, "text")?;
-    let label_index = find(&columns.label, "label")?;
+    let label_index = columns.label.as_ref().map(|l| find(l, "label")).transpose()?;
     let text_type = schema.field(text_index).data_type().clone();
-    let label_type = schema.field(label_index).data_type().clone();
+    let label_type = label_index.map(|i| schema.field(i).data_type().clone());
     if !sink.labels.has_names()
         && sink.examples.is_empty()
-        && let Some(names) = hf_class_label_names(schema.metadata(), &columns.label)
+        && let Some(label) = &columns.label
+        && let Some(names) = hf_class_label_names(schema.metadata(), label)
     {
         sink.labels
             .set_names(names)
             .with_context(|| format!("{}: ClassLabel names in the parquet metadata", path.display()))?;
     }
-    let mask = ProjectionMask::roots(builder.parquet_schema(), [text_index, label_index]);
+    let mask =
+        ProjectionMask::roots(builder.parquet_schema(), std::iter::once(text_index).chain(label_index));
     let reader = builder
         .with_projection(mask)
         .with_batch_size(8192)
@@ -195,19 +197,22 @@ pub(super) fn read_parquet<R: ChunkReader + Send + 'static>(
                 columns.text
             )
         })?;
-        let labels = label_column(column(&columns.label)?.as_ref()).ok_or_else(|| {
-            anyhow!(
-                "{}: label column {:?} has type {label_type}; expected an integer or string type",
-                path.display(),
-                columns.label
-            )
-        })?;
+        let labels = match (&columns.label, &label_type) {
+            (Some(label), Some(label_type)) => Some(label_column(column(label)?.as_ref()).ok_or_else(|| {
+                anyhow!(
+                    "{}: label column {label:?} has type {label_type}; expected an integer or string type",
+                    path.display()
+                )
+            })?),
+            _ => None,
+        };
         for (i, text) in texts.into_iter().enumerate() {
             let location = Location::Row(row + i);
             let text = text.ok_or_else(|| row_error(path, location, "text is null"))?;
             let label = match &labels {
-                LabelColumn::Ints(values) => values[i].map(RawLabel::Int),
-                LabelColumn::Strs(values) => values[i].map(RawLabel::Str),
+                Some(LabelColumn::Ints(values)) => values[i].map(RawLabel::Int),
+                Some(LabelColumn::Strs(values)) => values[i].map(RawLabel::Str),
+                None => Some(RawLabel::Int(0)),
             };
             let label = label.ok_or_else(|| row_error(path, location, "label is null"))?;
             sink.push(path, location, text.to_string(), label)?;
