@@ -195,12 +195,8 @@ impl TrainConfig {
     }
 }
 
-/// Mean cross-entropy over examples and accuracy of `model` on `split` (no dropout).
-pub fn evaluate(model: &BertModel, split: &TokenizedSplit, batch_size: usize) -> Result<(f64, f64)> {
-    evaluate_params(&model.config, &model.layout, &model.params, split, batch_size)
-}
-
-/// [`evaluate`] for a bare parameter buffer (one slot of a trial array).
+/// Mean cross-entropy over examples and accuracy of a parameter buffer (one slot of a trial
+/// array) on `split` (no dropout).
 pub fn evaluate_params(
     config: &BertConfig,
     layout: &ParamLayout,
