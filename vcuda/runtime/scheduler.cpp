@@ -133,8 +133,10 @@ sigjmp_buf fault_jump;
 volatile unsigned long long fault_address = 0;
 struct sigaction previous_segv, previous_bus;
 
-// Fiber stacks, each above an inaccessible guard page; made once, reused by every launch.
-std::vector<char*> stacks;
+// Fiber stacks, each above an inaccessible guard page; made once, reused by every launch. Like the
+// launch state below, never destroyed: a process may exit (a worker stopped by Ctrl-C) while
+// another thread is inside a launch, and exit's destructors must not free what that thread uses.
+std::vector<char*>& stacks = *new std::vector<char*>;
 
 char* stack_for(unsigned i) {
     while (stacks.size() <= i) {
@@ -457,7 +459,8 @@ int vcuda_run(const vcuda_launch* launch, char* err, size_t err_len, unsigned lo
         snprintf(err, err_len, "%s: %u threads per block", launch->kernel->name, nthreads);
         return 1;
     }
-    static Launch l;  // reused: its vectors keep their capacity between launches
+    // Reused, so its vectors keep their capacity between launches; never destroyed (see stacks).
+    static Launch& l = *new Launch;
     l.kernel = launch->kernel;
     l.params = launch->params;
     l.failed = false;

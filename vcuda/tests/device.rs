@@ -314,3 +314,49 @@ fn packed_arguments_must_have_the_kernels_size() {
     let mut short = buffer[..16].to_vec();
     assert_eq!(launch_packed(&mut short), CUDA_ERROR_INVALID_VALUE);
 }
+
+/// A process may end while a kernel runs on another thread, as a worker stopped by Ctrl-C does
+/// (`std::process::exit` from its signal thread): on a GPU the driver simply goes away. The virtual
+/// device's launch state must outlive exit's destructors, or the launching thread runs on freed
+/// memory and the process dies of a signal instead of exiting with its code. The child (this test
+/// run again with VCUDA_TEST_EXIT_DURING_LAUNCH set) holds exit up for a while after the library's
+/// destructors would have run, with freed memory overwritten (MALLOC_PERTURB_), so a launch on
+/// destroyed state fails every time rather than now and then.
+#[test]
+fn the_process_may_exit_while_a_kernel_runs() {
+    const CHILD: &str = "VCUDA_TEST_EXIT_DURING_LAUNCH";
+    extern "C" fn slow_exit() {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    if std::env::var_os(CHILD).is_some() {
+        // Exit handlers run last-registered first: this one runs after any the first launch
+        // registers.
+        assert_eq!(unsafe { libc::atexit(slow_exit) }, 0);
+        let m = selftest_module() as usize;
+        let (started, launching) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let sum = function(m as *mut c_void, "selftest_block_sum");
+            let n = 1 << 16;
+            let input = vec![1.0f32; n];
+            let (inp, out) = (Buffer::new(&input), Buffer::new(&vec![0.0; n / 1024]));
+            let (mut po, mut pi, mut n) = (out.ptr, inp.ptr, n as i32);
+            loop {
+                if launch(sum, 64, 1024, 0, &mut [arg(&mut po), arg(&mut pi), arg(&mut n)]) != CUDA_SUCCESS {
+                    // At once, before exit ends the process with its code.
+                    eprintln!("a launch failed during exit: {:?}", last_error());
+                    std::process::abort();
+                }
+                let _ = started.send(());
+            }
+        });
+        launching.recv().unwrap();
+        std::process::exit(7);
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "the_process_may_exit_while_a_kernel_runs", "--nocapture"])
+        .env(CHILD, "1")
+        .env("MALLOC_PERTURB_", "165")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+}
