@@ -8,7 +8,7 @@
 //!
 //! The signal is handled on a thread of its own (signal-hook), so training needs no cancellation
 //! checks: the thread writes from its own database connection while training goes on, then ends
-//! the process — to the study that is the same as a kill -9 right after a storage write, which
+//! the process with `_exit` — to the study the same as a kill -9 right after a storage write, which
 //! `scripts/kill9_search.py` shows to be safe. A second signal, or a database that does not answer
 //! within [`CLEANUP_LIMIT`], ends the process at once; the trials then go stale as after a kill.
 
@@ -124,7 +124,13 @@ fn stop(signal: i32, signals: &mut Signals) -> ! {
              finds them stale after --grace-period"
         ),
     }
-    std::process::exit(128 + signal)
+    // _exit, not exit: other threads may be inside the CUDA driver (a kernel launch), and exit's
+    // handlers tear libraries down under them, which can crash the process instead of ending it
+    // with this code (seen on the virtual device). The study needs nothing more, as after a kill -9
+    // right after a storage write; stderr is unbuffered and stdout line-buffered, so every whole
+    // line written is out.
+    // SAFETY: _exit(2) ends the process at once; nothing runs after it.
+    unsafe { libc::_exit(128 + signal) }
 }
 
 /// The numbers of the trials stored FAIL; None when no study is running.

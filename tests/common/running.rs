@@ -92,6 +92,10 @@ impl Running {
             self.stderr.push_str(&line);
             self.stderr.push('\n');
         }
+        // A crash shows as exit code None: say which signal ended it.
+        if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&status) {
+            self.stderr.push_str(&format!("(hpo-gpu was ended by signal {signal})\n"));
+        }
         (status.code(), self.stderr)
     }
 }
