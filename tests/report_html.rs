@@ -284,3 +284,106 @@ fn png_size(path: &Path) -> (u32, u32) {
     let b = std::fs::read(path).unwrap();
     (u32::from_be_bytes(b[16..20].try_into().unwrap()), u32::from_be_bytes(b[20..24].try_into().unwrap()))
 }
+
+/// A study for the layout test: `values[i]` is trial i's objective (None: it failed), `pruned[i]`
+/// whether it was pruned; every trial reports `epochs` intermediate values ending at its value.
+fn layout_study(
+    url: &str,
+    name: &str,
+    direction: StudyDirection,
+    values: &[Option<f64>],
+    pruned: &[usize],
+    epochs: i64,
+) -> StudySnapshot {
+    let mut storage = Storage::open(url).unwrap();
+    let study = storage.create_study(name, direction, false).unwrap();
+    let lr = Distribution::Float(FloatDistribution::new(1e-6, 1e-4, true, None).unwrap());
+    let wd = Distribution::Float(FloatDistribution::new(0.0, 0.3, false, None).unwrap());
+    for (i, v) in values.iter().enumerate() {
+        let state = match v {
+            None => TrialState::Fail,
+            Some(_) if pruned.contains(&i) => TrialState::Pruned,
+            Some(_) => TrialState::Complete,
+        };
+        let mut t = NewTrial::new(state);
+        let last = v.unwrap_or(0.3);
+        let steps = if state == TrialState::Complete { epochs } else { (epochs / 2).max(1) };
+        t.intermediate_values = (0..steps).map(|k| (k, last - 0.01 * (steps - 1 - k) as f64)).collect();
+        t.values = (state == TrialState::Complete).then(|| vec![last]);
+        let x = (i as f64 * 0.618).fract();
+        t.params = vec![
+            ("learning_rate".into(), 1e-6 * 100f64.powf(x), lr.clone()),
+            ("weight_decay".into(), 0.3 * x, wd.clone()),
+        ];
+        storage.create_trial(study.study_id, &t).unwrap();
+    }
+    StudySnapshot::load(url, name).unwrap()
+}
+
+/// Issue 18: no legend covers a plotted point, and no point sits on the frame, for small, pruned
+/// and failed, and large studies in every plot kind. The recipe's study is the first: its fifth
+/// trial (0.488, maximized) once sat under the legend in the lower right.
+#[test]
+fn legends_never_cover_data_and_no_point_sits_on_the_frame() {
+    let (_dir, url) = temp_db();
+    let recipe = [0.5, 0.47, 0.52, 0.45, 0.488].map(Some);
+    let mut studies: Vec<(String, StudySnapshot)> = Vec::new();
+    for n in 1..=5 {
+        let name = format!("recipe-{n}");
+        studies
+            .push((name.clone(), layout_study(&url, &name, StudyDirection::Maximize, &recipe[..n], &[], 3)));
+    }
+    let mixed: Vec<Option<f64>> =
+        (0..9).map(|i| if i == 4 { None } else { Some(0.9 - 0.07 * f64::from(i % 5)) }).collect();
+    studies.push(("mixed".into(), layout_study(&url, "mixed", StudyDirection::Minimize, &mixed, &[1, 6], 4)));
+    let large: Vec<Option<f64>> =
+        (0..500).map(|i| Some(((f64::from(i) * 0.7548).fract() - 0.5).abs())).collect();
+    studies.push((
+        "large".into(),
+        layout_study(&url, "large", StudyDirection::Minimize, &large, &[7, 99, 480], 3),
+    ));
+
+    for (name, s) in &studies {
+        let imps = Importances::compute(s, 0);
+        for kind in PlotKind::ALL {
+            let layout = plots::layout(kind, s, &imps).unwrap();
+            let svg = plots::render_svg(kind, s, &imps).unwrap();
+            let width: i32 =
+                svg.split("width=\"").nth(1).and_then(|w| w.split('"').next()).unwrap().parse().unwrap();
+            if let Some(legend) = layout.legend {
+                assert!(legend.right < width, "{name} {kind:?}: the legend leaves the canvas: {legend:?}");
+                for m in &layout.marks {
+                    assert!(
+                        !legend.touches(m.x, m.y, m.radius),
+                        "{name} {kind:?}: the legend {legend:?} covers {m:?}"
+                    );
+                }
+                for frame in &layout.frames {
+                    assert!(legend.left > frame.right, "{name} {kind:?}: the legend is inside the axes");
+                }
+            }
+            // Bars grow from their axis and parallel-coordinate lines end on theirs, by design.
+            if matches!(kind, PlotKind::ParamImportances | PlotKind::ParallelCoordinate) {
+                continue;
+            }
+            for m in &layout.marks {
+                assert!(
+                    layout.frames.iter().any(|f| f.holds_clear(m.x, m.y, m.radius)),
+                    "{name} {kind:?}: {m:?} touches the frame {:?}",
+                    layout.frames
+                );
+            }
+            let trials = s.trials.len();
+            let plotted = s.trials.iter().filter(|t| t.state != TrialState::Fail).count();
+            let expected = match kind {
+                PlotKind::OptimizationHistory => plotted,
+                PlotKind::IntermediateValues => s.trials.iter().map(|t| t.intermediate_values.len()).sum(),
+                PlotKind::Slice => 2 * s.count(TrialState::Complete),
+                _ => unreachable!(),
+            };
+            assert_eq!(layout.marks.len(), expected, "{name} {kind:?} ({trials} trials)");
+            let has_legend = kind != PlotKind::Slice;
+            assert_eq!(layout.legend.is_some(), has_legend, "{name} {kind:?}");
+        }
+    }
+}

@@ -13,8 +13,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use plotters::coord::Shift;
 use plotters::element::{Circle, DashedPathElement, EmptyElement, PathElement, Rectangle, Text};
 use plotters::prelude::{
-    BitMapBackend, ChartBuilder, Color, DrawingArea, DrawingBackend, IntoDrawingArea, IntoFont, LineSeries,
-    RGBColor, SVGBackend, SeriesLabelPosition, ShapeStyle, TextStyle, WHITE,
+    BitMapBackend, ChartBuilder, ChartContext, Color, CoordTranslate, DrawingArea, DrawingBackend,
+    IntoDrawingArea, IntoFont, LineSeries, RGBColor, SVGBackend, ShapeStyle, TextStyle, WHITE,
 };
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::{FontStyle, register_font};
@@ -157,6 +157,15 @@ pub fn render_svg(kind: PlotKind, snapshot: &StudySnapshot, importances: &Import
     Ok(svg)
 }
 
+/// Where `kind` puts its marks and its legend for this study (drawn, then thrown away): what the
+/// layout tests hold to "no legend over data, no mark on the frame".
+pub fn layout(kind: PlotKind, snapshot: &StudySnapshot, importances: &Importances) -> Result<Layout> {
+    register_fonts()?;
+    let mut svg = String::new();
+    let root = SVGBackend::with_string(&mut svg, kind.size(snapshot)).into_drawing_area();
+    draw(kind, &root, snapshot, importances)
+}
+
 /// Draws `kind` into a PNG file.
 pub fn render_png(
     kind: PlotKind,
@@ -197,7 +206,7 @@ fn draw<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     snapshot: &StudySnapshot,
     importances: &Importances,
-) -> Result<()> {
+) -> Result<Layout> {
     root.fill(&WHITE).plot()?;
     match kind {
         PlotKind::OptimizationHistory => optimization_history(root, snapshot),
@@ -214,6 +223,150 @@ fn font(size: f64) -> TextStyle<'static> {
 
 fn title_font() -> TextStyle<'static> {
     TextStyle::from((FONT, 22.0).into_font().style(FontStyle::Bold)).color(&BLACK)
+}
+
+/// A rectangle in canvas pixels (y grows downwards).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PixelRect {
+    pub left: i32,
+    pub top: i32,
+    pub right: i32,
+    pub bottom: i32,
+}
+
+impl PixelRect {
+    /// Whether a disc of `radius` around (x, y) reaches into the rectangle.
+    pub fn touches(&self, x: i32, y: i32, radius: i32) -> bool {
+        x + radius >= self.left
+            && x - radius <= self.right
+            && y + radius >= self.top
+            && y - radius <= self.bottom
+    }
+
+    /// Whether the disc lies inside, clear of the edges by at least one pixel.
+    pub fn holds_clear(&self, x: i32, y: i32, radius: i32) -> bool {
+        x - radius > self.left && x + radius < self.right && y - radius > self.top && y + radius < self.bottom
+    }
+}
+
+/// A data mark: a point, or the end of a bar, with the radius it is drawn with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mark {
+    pub x: i32,
+    pub y: i32,
+    pub radius: i32,
+}
+
+/// Where a plot put its data and its legend.
+#[derive(Clone, Debug, Default)]
+pub struct Layout {
+    /// The plotting areas inside the axes (one per panel of a slice plot).
+    pub frames: Vec<PixelRect>,
+    /// Every data mark.
+    pub marks: Vec<Mark>,
+    /// The legend's box, where the plot has one.
+    pub legend: Option<PixelRect>,
+}
+
+impl Layout {
+    /// Adds `chart`'s plotting area as a frame and a mark of `radius` at each point.
+    fn add<DB: DrawingBackend, CT: CoordTranslate>(
+        &mut self,
+        chart: &ChartContext<'_, DB, CT>,
+        points: impl IntoIterator<Item = CT::From>,
+        radius: i32,
+    ) {
+        let (x, y) = chart.plotting_area().get_pixel_range();
+        let frame = PixelRect { left: x.start, top: y.start, right: x.end - 1, bottom: y.end - 1 };
+        if !self.frames.contains(&frame) {
+            self.frames.push(frame);
+        }
+        self.marks.extend(points.into_iter().map(|p| {
+            let (x, y) = chart.as_coord_spec().translate(&p);
+            Mark { x, y, radius }
+        }));
+    }
+}
+
+/// How a legend entry is drawn.
+#[derive(Clone, Copy)]
+enum Swatch {
+    Line(RGBColor, u32),
+    Dashed(RGBColor),
+    Dot(RGBColor),
+    Ring(RGBColor),
+    Bar(RGBColor),
+}
+
+/// A legend drawn to the right of the axes, so it never covers data, whatever the study holds.
+#[derive(Default)]
+struct Legend(Vec<(String, Swatch)>);
+
+const LEGEND_ROW: i32 = 24;
+
+impl Legend {
+    fn push(&mut self, label: impl Into<String>, swatch: Swatch) {
+        self.0.push((label.into(), swatch));
+    }
+
+    fn width<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<i32> {
+        let mut widest = 0;
+        for (label, _) in &self.0 {
+            widest = widest.max(root.estimate_text_size(label, &font(14.0)).plot()?.0);
+        }
+        Ok(widest as i32 + 52)
+    }
+
+    /// The right margin a chart leaves for this legend.
+    fn margin<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<u32> {
+        Ok(if self.0.is_empty() { 16 } else { (self.width(root)? + 32) as u32 })
+    }
+
+    /// Draws the legend with its top-left corner at (`left`, `top`).
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+        left: i32,
+        top: i32,
+    ) -> Result<Option<PixelRect>> {
+        if self.0.is_empty() {
+            return Ok(None);
+        }
+        let bounds = PixelRect {
+            left,
+            top,
+            right: left + self.width(root)?,
+            bottom: top + LEGEND_ROW * self.0.len() as i32 + 10,
+        };
+        let corners = [(bounds.left, bounds.top), (bounds.right, bounds.bottom)];
+        root.draw(&Rectangle::new(corners, WHITE.filled())).plot()?;
+        root.draw(&Rectangle::new(corners, GREY.stroke_width(1))).plot()?;
+        for (i, (label, swatch)) in self.0.iter().enumerate() {
+            let (x, y) = (left + 22, top + 5 + LEGEND_ROW * i as i32 + LEGEND_ROW / 2);
+            let across = vec![(x - 12, y), (x + 12, y)];
+            match *swatch {
+                Swatch::Line(c, width) => root.draw(&PathElement::new(across, c.stroke_width(width))),
+                Swatch::Dashed(c) => root.draw(&DashedPathElement::new(across, 5, 3, c.stroke_width(2))),
+                Swatch::Dot(c) => root.draw(&Circle::new((x, y), 5, c.filled())),
+                Swatch::Ring(c) => root.draw(&Circle::new((x, y), 5, c.stroke_width(2))),
+                Swatch::Bar(c) => root.draw(&Rectangle::new([(x - 8, y - 6), (x + 8, y + 6)], c.filled())),
+            }
+            .plot()?;
+            let style = font(14.0).pos(Pos::new(HPos::Left, VPos::Center));
+            root.draw(&Text::new(label.clone(), (x + 20, y), style)).plot()?;
+        }
+        Ok(Some(bounds))
+    }
+
+    /// Draws the legend beside `chart`'s plotting area, level with its top.
+    fn draw_beside<DB: DrawingBackend, CT: CoordTranslate>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+        chart: &ChartContext<'_, DB, CT>,
+    ) -> Result<Option<PixelRect>> {
+        let (x, y) = chart.plotting_area().get_pixel_range();
+        self.draw(root, x.end + 16, y.start)
+    }
 }
 
 /// A readable tick label: up to 4 significant digits, exponent form for very small or large.
@@ -252,11 +405,16 @@ fn min_max(values: impl IntoIterator<Item = f64>) -> Option<(f64, f64)> {
 }
 
 /// A message in the middle of an empty plot.
-fn empty_plot<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, message: &str) -> Result<()> {
+fn empty_plot<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    message: &str,
+) -> Result<Layout> {
     let (w, h) = root.dim_in_pixel();
     root.draw(&Text::new(title.to_string(), (20, 16), title_font())).plot()?;
     let style = font(17.0).pos(Pos::new(HPos::Center, VPos::Center)).color(&GREY);
-    root.draw(&Text::new(message.to_string(), (w as i32 / 2, h as i32 / 2), style)).plot()
+    root.draw(&Text::new(message.to_string(), (w as i32 / 2, h as i32 / 2), style)).plot()?;
+    Ok(Layout::default())
 }
 
 /// Viridis-like colour ramp, `t` in [0, 1] (0 = dark purple, 1 = yellow).
@@ -301,7 +459,10 @@ fn plotted_value(t: &FrozenTrial) -> Option<f64> {
     .filter(|v| v.is_finite())
 }
 
-fn optimization_history<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &StudySnapshot) -> Result<()> {
+fn optimization_history<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    s: &StudySnapshot,
+) -> Result<Layout> {
     let title = PlotKind::OptimizationHistory.title();
     let complete: Vec<(f64, f64)> = s
         .trials
@@ -331,16 +492,25 @@ fn optimization_history<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &S
         }
         best_line.push((x, best));
     }
+    // Half a trial each side, and at least 2% of the width: no point on the frame however many.
+    let x_pad = (0.02 * (last + 1.0)).max(0.5);
     if let Some(&(_, b)) = best_line.last() {
-        best_line.push((last + 0.5, b));
+        best_line.push((last + x_pad, b));
+    }
+    let mut legend = Legend::default();
+    legend.push("Best value so far", Swatch::Line(RED, 2));
+    legend.push("Complete trial", Swatch::Dot(BLUE));
+    if !pruned.is_empty() {
+        legend.push("Pruned trial (last reported value)", Swatch::Ring(GREY));
     }
 
     let mut chart = ChartBuilder::on(root)
         .caption(format!("{title} — study {}", s.study.name), title_font())
         .margin(16)
+        .margin_right(legend.margin(root)?)
         .x_label_area_size(48)
         .y_label_area_size(72)
-        .build_cartesian_2d(-0.5..last + 0.5, y0..y1)
+        .build_cartesian_2d(-x_pad..last + x_pad, y0..y1)
         .plot()?;
     chart
         .configure_mesh()
@@ -354,38 +524,19 @@ fn optimization_history<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &S
         .bold_line_style(GRID)
         .draw()
         .plot()?;
-    chart
-        .draw_series(LineSeries::new(best_line, RED.stroke_width(2)))
-        .plot()?
-        .label("Best value so far")
-        .legend(|(x, y)| PathElement::new(vec![(x - 8, y), (x + 8, y)], RED.stroke_width(2)));
-    chart
-        .draw_series(complete.iter().map(|&p| Circle::new(p, 5, BLUE.filled())))
-        .plot()?
-        .label("Complete trial")
-        .legend(|p| Circle::new(p, 5, BLUE.filled()));
-    if !pruned.is_empty() {
-        chart
-            .draw_series(pruned.iter().map(|&p| Circle::new(p, 5, GREY.stroke_width(2))))
-            .plot()?
-            .label("Pruned trial (last reported value)")
-            .legend(|p| Circle::new(p, 5, GREY.stroke_width(2)));
-    }
-    let position = match s.direction {
-        StudyDirection::Maximize => SeriesLabelPosition::LowerRight,
-        StudyDirection::Minimize => SeriesLabelPosition::UpperRight,
-    };
-    chart
-        .configure_series_labels()
-        .position(position)
-        .background_style(WHITE.mix(0.9))
-        .border_style(GREY)
-        .label_font(font(14.0))
-        .draw()
-        .plot()
+    chart.draw_series(LineSeries::new(best_line, RED.stroke_width(2))).plot()?;
+    chart.draw_series(complete.iter().map(|&p| Circle::new(p, 5, BLUE.filled()))).plot()?;
+    chart.draw_series(pruned.iter().map(|&p| Circle::new(p, 5, GREY.stroke_width(2)))).plot()?;
+    let mut layout = Layout::default();
+    layout.add(&chart, complete.iter().chain(&pruned).copied(), 6);
+    layout.legend = legend.draw_beside(root, &chart)?;
+    Ok(layout)
 }
 
-fn intermediate_values<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &StudySnapshot) -> Result<()> {
+fn intermediate_values<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    s: &StudySnapshot,
+) -> Result<Layout> {
     let title = PlotKind::IntermediateValues.title();
     let curves: Vec<&FrozenTrial> = s.trials.iter().filter(|t| !t.intermediate_values.is_empty()).collect();
     let values = curves.iter().flat_map(|t| t.intermediate_values.values().copied());
@@ -394,13 +545,37 @@ fn intermediate_values<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &St
     };
     let steps = curves.iter().flat_map(|t| t.intermediate_values.keys().copied());
     let (s0, s1) = steps.clone().fold((i64::MAX, i64::MIN), |(a, b), k| (a.min(k), b.max(k)));
-    let (x0, x1) = (s0 as f64 - 0.15, s1 as f64 + 0.15);
+    let x_pad = (0.03 * (s1 as f64 - s0 as f64)).max(0.15);
+    let (x0, x1) = (s0 as f64 - x_pad, s1 as f64 + x_pad);
     let (y0, y1) = padded(lo, hi, 0.08);
     let best = s.best_trial().map(|t| t.number);
+    let is_best = |t: &FrozenTrial| Some(t.number) == best && t.state == TrialState::Complete;
+    // A complete trial's colour: its place among the curves.
+    let colour = |i: usize| TAB10[i % TAB10.len()];
+    let mut legend = Legend::default();
+    if let Some(t) = curves.iter().find(|t| is_best(t)) {
+        legend.push(format!("Best trial (#{})", t.number), Swatch::Line(RED, 3));
+    }
+    if let Some(i) = curves.iter().position(|t| t.state == TrialState::Complete && !is_best(t)) {
+        legend.push("Complete trial", Swatch::Line(colour(i), 2));
+    }
+    for (state, label) in [
+        (TrialState::Pruned, "Pruned trial (stopped early)"),
+        (TrialState::Fail, "Failed trial"),
+        (TrialState::Running, "Running trial"),
+    ] {
+        if curves
+            .iter()
+            .any(|t| t.state == state || (state == TrialState::Running && t.state == TrialState::Waiting))
+        {
+            legend.push(label, Swatch::Dashed(unfinished_colour(state)));
+        }
+    }
 
     let mut chart = ChartBuilder::on(root)
         .caption(format!("{title} — one curve per trial"), title_font())
         .margin(16)
+        .margin_right(legend.margin(root)?)
         .x_label_area_size(48)
         .y_label_area_size(72)
         .build_cartesian_2d(x0..x1, y0..y1)
@@ -424,12 +599,11 @@ fn intermediate_values<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &St
         t.intermediate_values.iter().filter(|(_, v)| v.is_finite()).map(|(&k, &v)| (k as f64, v)).collect()
     };
     // Draw order: pruned and failed underneath, complete on top, the best trial last.
-    let mut labelled = [false; 4];
+    let mut layout = Layout::default();
     for pass in 0..3 {
         for (i, t) in curves.iter().enumerate() {
-            let is_best = Some(t.number) == best;
             let group = match t.state {
-                _ if is_best => 2,
+                _ if is_best(t) => 2,
                 TrialState::Complete => 1,
                 _ => 0,
             };
@@ -437,62 +611,38 @@ fn intermediate_values<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &St
                 continue;
             }
             let pts = points(t);
-            match t.state {
-                TrialState::Complete => {
-                    let (color, width) = if is_best { (RED, 3) } else { (TAB10[i % TAB10.len()], 2) };
-                    let series =
-                        chart.draw_series(LineSeries::new(pts.clone(), color.stroke_width(width))).plot()?;
-                    let slot = if is_best { 0 } else { 1 };
-                    if !labelled[slot] {
-                        labelled[slot] = true;
-                        let label = if is_best {
-                            format!("Best trial (#{})", t.number)
-                        } else {
-                            "Complete trial".into()
-                        };
-                        series.label(label).legend(move |(x, y)| {
-                            PathElement::new(vec![(x - 10, y), (x + 10, y)], color.stroke_width(width))
-                        });
-                    }
-                    chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled()))).plot()?;
-                }
-                TrialState::Pruned | TrialState::Fail | TrialState::Running | TrialState::Waiting => {
-                    let (color, slot, label) = match t.state {
-                        TrialState::Pruned => (GREY, 2, "Pruned trial (stopped early)"),
-                        TrialState::Fail => (RED.mix(0.6).to_rgba().into_rgb(), 3, "Failed trial"),
-                        _ => (BLUE.mix(0.5).to_rgba().into_rgb(), 3, "Running trial"),
-                    };
-                    let style = ShapeStyle::from(color).stroke_width(2);
-                    chart
-                        .draw_series(std::iter::once(DashedPathElement::new(pts.clone(), 7, 5, style)))
-                        .plot()?;
-                    let series = chart
-                        .draw_series(pts.iter().map(|&p| {
+            if t.state == TrialState::Complete {
+                let (color, width) = if is_best(t) { (RED, 3) } else { (colour(i), 2) };
+                chart.draw_series(LineSeries::new(pts.clone(), color.stroke_width(width))).plot()?;
+                chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled()))).plot()?;
+            } else {
+                let color = unfinished_colour(t.state);
+                let style = ShapeStyle::from(color).stroke_width(2);
+                chart
+                    .draw_series(std::iter::once(DashedPathElement::new(pts.clone(), 7, 5, style)))
+                    .plot()?;
+                chart
+                    .draw_series(
+                        pts.iter().map(|&p| {
                             EmptyElement::at(p) + Rectangle::new([(-4, -4), (4, 4)], color.filled())
-                        }))
-                        .plot()?;
-                    if !labelled[slot] {
-                        labelled[slot] = true;
-                        series.label(label).legend(move |(x, y)| {
-                            DashedPathElement::new(vec![(x - 12, y), (x + 12, y)], 5, 3, style)
-                        });
-                    }
-                }
+                        }),
+                    )
+                    .plot()?;
             }
+            layout.add(&chart, pts, 4);
         }
     }
-    let position = match s.direction {
-        StudyDirection::Maximize => SeriesLabelPosition::LowerRight,
-        StudyDirection::Minimize => SeriesLabelPosition::UpperRight,
-    };
-    chart
-        .configure_series_labels()
-        .position(position)
-        .background_style(WHITE.mix(0.9))
-        .border_style(GREY)
-        .label_font(font(14.0))
-        .draw()
-        .plot()
+    layout.legend = legend.draw_beside(root, &chart)?;
+    Ok(layout)
+}
+
+/// The colour of a trial's dashed curve when it did not complete.
+fn unfinished_colour(state: TrialState) -> RGBColor {
+    match state {
+        TrialState::Pruned => GREY,
+        TrialState::Fail => RED.mix(0.6).to_rgba().into_rgb(),
+        _ => BLUE.mix(0.5).to_rgba().into_rgb(),
+    }
 }
 
 trait IntoRgb {
@@ -507,7 +657,10 @@ impl IntoRgb for plotters::style::RGBAColor {
     }
 }
 
-fn param_importances<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, imps: &Importances) -> Result<()> {
+fn param_importances<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    imps: &Importances,
+) -> Result<Layout> {
     let title = PlotKind::ParamImportances.title();
     // Parameters in PED-ANOVA order (Optuna's default evaluator), else fANOVA's.
     let order: Vec<String> = match (&imps.ped_anova, &imps.fanova) {
@@ -538,11 +691,18 @@ fn param_importances<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, imps: &I
         .fold(0.0f64, f64::max)
         .max(1e-9);
     let label_width = order.iter().map(|s| s.chars().count()).max().unwrap_or(4) as u32 * 9 + 24;
+    let mut legend = Legend::default();
+    for (label, color, result) in &series {
+        if result.is_ok() {
+            legend.push(*label, Swatch::Bar(*color));
+        }
+    }
 
     let (w, _) = root.dim_in_pixel();
     let mut chart = ChartBuilder::on(root)
         .caption(format!("{title} (normalised, each evaluator sums to 1)"), title_font())
         .margin(16)
+        .margin_right(legend.margin(root)?)
         .x_label_area_size(48)
         .y_label_area_size(label_width.min(w / 3))
         .build_cartesian_2d(0.0..(max * 1.18).min(1.1), -0.5..n as f64 - 0.5)
@@ -560,7 +720,8 @@ fn param_importances<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, imps: &I
         .plot()?;
     // Row i from the top holds the i-th most important parameter.
     let row_y = |i: usize| (n - 1 - i) as f64;
-    for (k, (label, color, result)) in series.iter().enumerate() {
+    let mut layout = Layout::default();
+    for (k, (_, color, result)) in series.iter().enumerate() {
         let Ok(list) = result else { continue };
         let offset = if k == 0 { 0.18 } else { -0.18 };
         let bars: Vec<(f64, f64)> = order
@@ -573,9 +734,8 @@ fn param_importances<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, imps: &I
             .draw_series(
                 bars.iter().map(|&(v, y)| Rectangle::new([(0.0, y - 0.16), (v, y + 0.16)], color.filled())),
             )
-            .plot()?
-            .label(*label)
-            .legend(move |(x, y)| Rectangle::new([(x - 8, y - 6), (x + 8, y + 6)], color.filled()));
+            .plot()?;
+        layout.add(&chart, bars.iter().copied(), 6);
         chart
             .draw_series(bars.iter().map(|&(v, y)| {
                 EmptyElement::at((v, y))
@@ -595,14 +755,8 @@ fn param_importances<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, imps: &I
         root.draw(&Text::new(note.clone(), (px + 8, py + 8 + 18 * i as i32), font(13.0).color(&RED)))
             .plot()?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(GREY)
-        .label_font(font(14.0))
-        .draw()
-        .plot()
+    layout.legend = legend.draw_beside(root, &chart)?;
+    Ok(layout)
 }
 
 /// How a parameter is placed on an axis.
@@ -656,7 +810,7 @@ fn distribution_of<'a>(s: &'a StudySnapshot, name: &str) -> Option<&'a Distribut
     s.trials.iter().rev().find_map(|t| t.param(name).map(|p| &p.distribution))
 }
 
-fn slice<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &StudySnapshot) -> Result<()> {
+fn slice<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &StudySnapshot) -> Result<Layout> {
     let title = PlotKind::Slice.title();
     let names = plotted_params(s);
     let complete: Vec<&FrozenTrial> =
@@ -685,6 +839,7 @@ fn slice<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &StudySnapshot) -
     let (y0, y1) = padded(v0, v1, 0.08);
     let max_number = complete.iter().map(|t| t.number).max().unwrap_or(1).max(1) as f64;
 
+    let mut layout = Layout::default();
     for (i, (name, cell)) in names.iter().zip(cells.iter()).enumerate() {
         let Some(dist) = distribution_of(s, name) else { continue };
         let scale = Scale::of(dist);
@@ -745,11 +900,15 @@ fn slice<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &StudySnapshot) -
                     + Circle::new((0, 0), 5, BLACK.mix(0.35).stroke_width(1))
             }))
             .plot()?;
+        layout.add(&chart, points.iter().map(|&(x, y, _)| (x, y)), 6);
     }
-    Ok(())
+    Ok(layout)
 }
 
-fn parallel_coordinate<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &StudySnapshot) -> Result<()> {
+fn parallel_coordinate<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    s: &StudySnapshot,
+) -> Result<Layout> {
     let title = PlotKind::ParallelCoordinate.title();
     let names = plotted_params(s);
     let complete: Vec<&FrozenTrial> =
@@ -849,7 +1008,8 @@ fn parallel_coordinate<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &St
             root.draw(&Text::new(label, (tx - 7, ty), style)).plot()?;
         }
     }
-    Ok(())
+    // No legend; each line ends on its axes by design (an axis spans its values), so no frame.
+    Ok(Layout::default())
 }
 
 /// The SVG of every plot, for the HTML report. Fails only when drawing itself fails.
