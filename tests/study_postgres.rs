@@ -7,6 +7,7 @@ mod common_study;
 mod fake_trainer;
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
@@ -42,6 +43,43 @@ fn spawn_piped(cmd: &mut Command) -> std::process::Child {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
 }
 
+/// The tiny model and data folders (`common::tiny_model`, `common::tiny_data`) in `dir`.
+fn tiny_workload(dir: &Path) -> (PathBuf, PathBuf) {
+    (common::tiny_model(dir), common::tiny_data(dir))
+}
+
+/// A running `hpo-gpu search` worker of study `study` at `url` on a tiny workload, `epochs`
+/// epochs of sequences up to `max_length`, heartbeats every second, and the `extra` flags.
+fn search_worker(
+    (model, data): &(PathBuf, PathBuf),
+    url: &str,
+    study: &str,
+    epochs: &str,
+    max_length: &str,
+    extra: &[&str],
+) -> std::process::Child {
+    spawn_piped(
+        Command::new(env!("CARGO_BIN_EXE_hpo-gpu"))
+            .args(["search", "--model"])
+            .arg(model)
+            .args(["--random-init", "--dataset"])
+            .arg(data)
+            .args([
+                "--train-samples",
+                "0",
+                "--eval-samples",
+                "0",
+                "--epochs",
+                epochs,
+                "--max-length",
+                max_length,
+            ])
+            .args(["--device", "cpu", "--threads", "1", "--pruner", "none", "--heartbeat-interval", "1"])
+            .args(["--storage", url, "--study-name", study])
+            .args(extra),
+    )
+}
+
 /// Six `hpo-gpu search` workers (two running the trial array, `--slots 3`) and two Optuna workers
 /// (10 trials each) run one 120-trial study: every trial number unique and gap-free, the hpo-gpu
 /// workers stopping exactly at 120, every trial run by one worker, every value and report
@@ -54,9 +92,7 @@ fn hpo_gpu_and_optuna_workers_share_one_study() {
     const TARGET: u64 = 120;
     const OPTUNA_EACH: u64 = 10;
     let dir = tempfile::tempdir().unwrap();
-    let model = common::tiny_model(dir.path());
-    let data = common::tiny_data(dir.path());
-    let exe = env!("CARGO_BIN_EXE_hpo-gpu");
+    let workload = tiny_workload(dir.path());
     // The study exists before anyone joins (Optuna's workers load it).
     let mut storage = Storage::open(&url).unwrap();
     storage.create_study("shared", StudyDirection::Maximize, false).unwrap();
@@ -81,28 +117,17 @@ fn hpo_gpu_and_optuna_workers_share_one_study() {
         assert!(started.elapsed().as_secs() < 60, "no Optuna trial within 60 s");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    let target = TARGET.to_string();
     let workers: Vec<_> = (0..6)
         .map(|w| {
             let slots = if w < 2 { "3" } else { "1" };
-            spawn_piped(
-                Command::new(exe)
-                    .args(["search", "--model"])
-                    .arg(&model)
-                    .args(["--random-init", "--dataset"])
-                    .arg(&data)
-                    .args([
-                        "--train-samples",
-                        "0",
-                        "--eval-samples",
-                        "0",
-                        "--max-length",
-                        "16",
-                        "--epochs",
-                        "1",
-                    ])
-                    .args(["--device", "cpu", "--threads", "1", "--pruner", "none", "--study-name", "shared"])
-                    .args(["--storage", &url, "--n-trials", &TARGET.to_string(), "--slots", slots])
-                    .args(["--heartbeat-interval", "1", "--grace-period", "30"]),
+            search_worker(
+                &workload,
+                &url,
+                "shared",
+                "1",
+                "16",
+                &["--n-trials", &target, "--slots", slots, "--grace-period", "30"],
             )
         })
         .collect();
@@ -251,4 +276,107 @@ fn the_password_may_come_from_pgpassword() {
     let mut storage = Storage::open(&url).unwrap();
     let study = storage.load_study("p").unwrap();
     assert_eq!(storage.trials(study.study_id, None).unwrap().len(), 1);
+}
+
+/// Faults on PostgreSQL: three workers, each killed (SIGKILL) at a random moment and started
+/// again, six kills in all, and the server restarted in the middle of the search. Every COMPLETE
+/// trial stays as it was after each fault, the workers say they reconnected and go on, a killed
+/// worker's trials are failed and queued again by the others, and the study ends with exactly its
+/// 40 finished trials, numbered without gaps.
+#[test]
+fn killed_workers_and_a_restarted_server_lose_nothing() {
+    use std::os::unix::process::ExitStatusExt;
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(url) = fresh_database("faults") else { return };
+    let Some(server_dir) = std::env::var_os("HPO_GPU_POSTGRES_DIR") else {
+        assert!(std::env::var_os("HPO_GPU_REQUIRE_POSTGRES").is_none(), "HPO_GPU_POSTGRES_DIR is not set");
+        eprintln!("SKIPPED: HPO_GPU_POSTGRES_DIR is not set (the server to restart)");
+        return;
+    };
+    const TARGET: u64 = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let workload = tiny_workload(dir.path());
+    let target = TARGET.to_string();
+    let start = |w: usize| {
+        let slots = if w == 0 { "3" } else { "1" };
+        let retry = ["--grace-period", "3", "--failed-trial-max-retry", "100"];
+        search_worker(
+            &workload,
+            &url,
+            "faults",
+            "3",
+            "32",
+            &[&["--n-trials", &target, "--slots", slots][..], &retry].concat(),
+        )
+    };
+    let mut storage = Storage::open(&url).unwrap();
+    storage.create_study("faults", StudyDirection::Maximize, false).unwrap();
+    let study = storage.load_study("faults").unwrap();
+    let complete = |storage: &mut Storage| -> HashMap<u64, (Option<f64>, Vec<(i64, f64)>)> {
+        storage
+            .trials(study.study_id, None)
+            .unwrap()
+            .into_iter()
+            .filter(|t| t.state == TrialState::Complete)
+            .map(|t| (t.number, (t.value(), t.intermediate_values.into_iter().collect())))
+            .collect()
+    };
+    let mut workers: Vec<_> = (0..3).map(start).collect();
+    let mut seen = HashMap::new();
+    let mut stderr_all = String::new();
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut killed = 0;
+    for fault in 0..7 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(std::time::Duration::from_millis(300 + rng % 900));
+        if fault == 3 {
+            let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/postgres.sh"))
+                .arg("restart")
+                .arg(&server_dir)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "restart: {}", String::from_utf8_lossy(&out.stderr));
+        } else {
+            let w = (rng % 3) as usize;
+            if workers[w].try_wait().unwrap().is_none() {
+                workers[w].kill().unwrap();
+                killed += 1;
+            }
+            let out = std::mem::replace(&mut workers[w], start(w)).wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() || out.status.signal() == Some(9), "worker {w}: {stderr}");
+            stderr_all.push_str(&stderr);
+        }
+        let now = complete(&mut storage);
+        for (n, before) in &seen {
+            assert_eq!(now.get(n), Some(before), "COMPLETE trial {n} changed after fault {fault}");
+        }
+        seen = now;
+    }
+    for (w, child) in workers.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "worker {w} failed:\n{stderr}");
+        stderr_all.push_str(&stderr);
+    }
+    assert!(killed >= 4, "only {killed} workers were killed while running");
+    assert!(
+        stderr_all.contains("lost the connection to PostgreSQL"),
+        "no worker saw the restart:\n{stderr_all}"
+    );
+    assert!(stderr_all.contains("reconnected to PostgreSQL"), "{stderr_all}");
+    let trials = storage.trials(study.study_id, None).unwrap();
+    let numbers: Vec<u64> = trials.iter().map(|t| t.number).collect();
+    assert_eq!(numbers, (0..trials.len() as u64).collect::<Vec<_>>(), "unique, gap-free trial numbers");
+    let counts = storage.trial_counts(study.study_id).unwrap();
+    assert_eq!(counts.finished_ok(), TARGET, "{counts:?}");
+    assert_eq!((counts.running, counts.waiting), (0, 0), "{counts:?}");
+    for (n, before) in &seen {
+        assert_eq!(complete(&mut storage).get(n), Some(before), "COMPLETE trial {n} changed at the end");
+    }
+    for t in trials.iter().filter(|t| t.state == TrialState::Complete) {
+        assert_eq!(t.intermediate_values.len(), 3, "trial {} lost a report", t.number);
+    }
 }

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use rusqlite::{Connection, TransactionBehavior};
 
 use super::Storage;
-use super::sql::{Tx, sql_params};
+use super::sql::{StatementCache, Tx, sql_params};
 
 /// Optuna's `SCHEMA_VERSION` (frozen since alembic took over).
 pub const SCHEMA_VERSION: i64 = 12;
@@ -83,9 +83,12 @@ pub enum StorageLocation {
     File(PathBuf),
     /// `sqlite:///:memory:` — private to one connection (tests, benchmarks).
     Memory,
-    /// A PostgreSQL database: the URL as the postgres crate reads it (`postgresql://…`, the
-    /// password filled in from `PGPASSWORD` or `~/.pgpass` when the URL has none).
-    Postgres(String),
+    /// A PostgreSQL database: the URL as the postgres crate reads it (`postgresql://…`), and the
+    /// password from `PGPASSWORD` or `~/.pgpass` when the URL has none.
+    Postgres {
+        url: String,
+        password: Option<String>,
+    },
 }
 
 const FORMS: &str = "expected sqlite:///RELATIVE/PATH.db, sqlite:////ABSOLUTE/PATH.db or \
@@ -99,7 +102,7 @@ pub fn parse_storage_url(url: &str) -> Result<StorageLocation> {
     if let Some((scheme, rest)) = url.split_once("://")
         && (scheme == "postgres" || scheme == "postgresql" || scheme.starts_with("postgresql+"))
     {
-        return parse_postgres_url(url, rest).map(StorageLocation::Postgres);
+        return parse_postgres_url(url, rest);
     }
     let Some(rest) = url.strip_prefix("sqlite:///") else {
         if url.starts_with("sqlite:") {
@@ -139,9 +142,9 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// `postgresql://` URL for the postgres crate, with a password from `PGPASSWORD` or `~/.pgpass`
-/// when the URL names none (libpq's rules, which Optuna's psycopg2 follows).
-fn parse_postgres_url(url: &str, rest: &str) -> Result<String> {
+/// The `postgresql://` URL for the postgres crate, and a password from `PGPASSWORD` or
+/// `~/.pgpass` when the URL names none (libpq's rules, which Optuna's psycopg2 follows).
+fn parse_postgres_url(url: &str, rest: &str) -> Result<StorageLocation> {
     let shown = redact_url(url);
     let normalized = format!("postgresql://{rest}");
     let config = postgres::Config::from_str(&normalized)
@@ -152,34 +155,13 @@ fn parse_postgres_url(url: &str, rest: &str) -> Result<String> {
     if config.get_hosts().is_empty() {
         bail!("--storage {shown:?}: the URL names no host ({FORMS})");
     }
-    if config.get_password().is_some() {
-        return Ok(normalized);
-    }
-    let password =
-        std::env::var("PGPASSWORD").ok().filter(|p| !p.is_empty()).or_else(|| pgpass_password(&config));
-    Ok(match password {
-        Some(p) => {
-            let mut config = config;
-            config.password(p);
-            // Kept as a Config would be lost in a String: encode the password into the URL.
-            let Some((user_part, host_part)) = rest.split_once('@') else {
-                bail!("--storage {shown:?}: a password from PGPASSWORD or ~/.pgpass needs a user in the URL");
-            };
-            let password =
-                config.get_password().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
-            format!("postgresql://{user_part}:{}@{host_part}", percent_encode(&password))
+    let password = match config.get_password() {
+        Some(_) => None,
+        None => {
+            std::env::var("PGPASSWORD").ok().filter(|p| !p.is_empty()).or_else(|| pgpass_password(&config))
         }
-        None => normalized,
-    })
-}
-
-fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    };
+    Ok(StorageLocation::Postgres { url: normalized, password })
 }
 
 /// The password `~/.pgpass` (or `PGPASSFILE`) gives for the URL's host, port, database and user:
@@ -267,12 +249,15 @@ fn is_disconnect(err: &anyhow::Error) -> bool {
 /// An open connection to either database.
 pub(super) enum Connected {
     Sqlite(Connection),
-    Postgres(postgres::Client),
+    Postgres(postgres::Client, StatementCache),
 }
 
 /// Connects to a PostgreSQL server, with one line naming the server and the reason on failure.
-fn connect_postgres(url: &str, shown: &str) -> Result<postgres::Client> {
+fn connect_postgres(url: &str, password: Option<&str>, shown: &str) -> Result<postgres::Client> {
     let mut config = postgres::Config::from_str(url).map_err(|e| anyhow!("--storage {shown:?}: {e}"))?;
+    if let Some(p) = password {
+        config.password(p);
+    }
     config.connect_timeout(CONNECT_TIMEOUT);
     if config.get_application_name().is_none() {
         config.application_name("hpo-gpu");
@@ -298,7 +283,11 @@ impl Storage {
     /// Opens (creating if needed) the database a storage URL points to; on PostgreSQL the
     /// database must exist and the schema is created in it if it has none.
     pub fn open(url: &str) -> Result<Self> {
-        let location = parse_storage_url(url)?;
+        Self::open_location(parse_storage_url(url)?, url)
+    }
+
+    /// Opens a parsed location; `url` is how the user wrote it (shown with its password hidden).
+    fn open_location(location: StorageLocation, url: &str) -> Result<Self> {
         let shown = redact_url(url);
         let conn = match &location {
             StorageLocation::Memory => {
@@ -314,7 +303,9 @@ impl Storage {
                         .with_context(|| format!("--storage {url:?}: cannot open {}", path.display()))?,
                 )
             }
-            StorageLocation::Postgres(pg) => Connected::Postgres(connect_postgres(pg, &shown)?),
+            StorageLocation::Postgres { url: pg, password } => {
+                Connected::Postgres(connect_postgres(pg, password.as_deref(), &shown)?, StatementCache::new())
+            }
         };
         let mut storage = Storage { conn, location, url: shown.clone(), cache: HashMap::new() };
         if let Err(e) = storage.configure() {
@@ -354,7 +345,7 @@ impl Storage {
         match &self.location {
             StorageLocation::Memory => bail!("an in-memory storage cannot be opened twice"),
             StorageLocation::File(path) => Self::open_path(path),
-            StorageLocation::Postgres(url) => Self::open(url),
+            StorageLocation::Postgres { .. } => Self::open_location(self.location.clone(), &self.url),
         }
     }
 
@@ -452,14 +443,14 @@ impl Storage {
                     } else {
                         TransactionBehavior::Immediate
                     })?),
-                    Connected::Postgres(client) => {
+                    Connected::Postgres(client, cache) => {
                         let mut builder = client.build_transaction();
                         if read_only {
                             builder = builder
                                 .read_only(true)
                                 .isolation_level(postgres::IsolationLevel::RepeatableRead);
                         }
-                        Tx::Postgres(builder.start()?)
+                        Tx::Postgres(builder.start()?, cache)
                     }
                 };
                 let out = f(&mut tx)?;
@@ -487,19 +478,18 @@ impl Storage {
     /// saying so in one line, so a restarted server costs a worker nothing but the wait. The
     /// interrupted transaction is then run again (it was rolled back with the connection).
     fn reconnect(&mut self, lost: &anyhow::Error) -> Result<()> {
-        let StorageLocation::Postgres(url) = &self.location else {
+        let StorageLocation::Postgres { url, password } = self.location.clone() else {
             unreachable!("only PostgreSQL disconnects")
         };
-        let url = url.clone();
         let why = lost.chain().last().map(|c| c.to_string()).unwrap_or_default();
         eprintln!("note: lost the connection to PostgreSQL at {} ({why}); reconnecting", self.url);
         let started = std::time::Instant::now();
         let mut wait = Duration::from_millis(200);
         loop {
             std::thread::sleep(wait);
-            match connect_postgres(&url, &self.url) {
+            match connect_postgres(&url, password.as_deref(), &self.url) {
                 Ok(client) => {
-                    self.conn = Connected::Postgres(client);
+                    self.conn = Connected::Postgres(client, StatementCache::new());
                     eprintln!(
                         "note: reconnected to PostgreSQL after {:.1} s",
                         started.elapsed().as_secs_f64()
@@ -538,7 +528,8 @@ mod tests {
             ("postgresql+psycopg2://u:p@h/db", "postgresql://u:p@h/db"),
             ("postgres://u:p@h/db", "postgresql://u:p@h/db"),
         ] {
-            assert_eq!(parse_storage_url(url).unwrap(), StorageLocation::Postgres(want.into()), "{url}");
+            let location = StorageLocation::Postgres { url: want.into(), password: None };
+            assert_eq!(parse_storage_url(url).unwrap(), location, "{url}");
         }
         assert_eq!(redact_url("postgresql://u:secret@h/db"), "postgresql://u:***@h/db");
         for (bad, want) in [

@@ -126,7 +126,7 @@ impl Storage {
     pub(super) fn sqlite(&self) -> &rusqlite::Connection {
         match &self.conn {
             Connected::Sqlite(c) => c,
-            Connected::Postgres(_) => panic!("not an SQLite storage"),
+            Connected::Postgres(..) => panic!("not an SQLite storage"),
         }
     }
 

@@ -24,7 +24,7 @@ pub(super) fn value_to_stored(v: f64) -> (Option<f64>, &'static str) {
     }
 }
 
-fn stored_to_value(v: Option<f64>, kind: &str) -> Result<f64> {
+pub(super) fn stored_to_value(v: Option<f64>, kind: &str) -> Result<f64> {
     match (kind, v) {
         ("FINITE", Some(x)) => Ok(x),
         ("INF_POS", _) => Ok(f64::INFINITY),

@@ -150,6 +150,15 @@ impl Storage {
             bail!("objective value NaN cannot be stored; tell the trial FAIL instead");
         }
         self.write(|tx| {
+            if let Some((_, _, current)) = trial_for_update(tx, trial_id)?
+                && current == state
+                && state.is_finished()
+                && stored_values(tx, trial_id)? == values.map(<[f64]>::to_vec).unwrap_or_default()
+            {
+                // Already done: this is a write run again after the server went away with its
+                // reply, when the first run had committed.
+                return Ok(());
+            }
             check_updatable(tx, trial_id)?;
             if let Some(vs) = values {
                 for (objective, v) in vs.iter().enumerate() {
@@ -258,6 +267,17 @@ pub(super) fn trial_for_update(tx: &mut Tx, trial_id: i64) -> Result<Option<(i64
     Ok(Some((r.get(0)?, r.get::<Option<i64>>(1)?.unwrap_or(-1), TrialState::parse(&r.get::<String>(2)?)?)))
 }
 
+/// A trial's objective values as stored, in objective order.
+fn stored_values(tx: &mut Tx, trial_id: i64) -> Result<Vec<f64>> {
+    tx.rows(
+        "SELECT value, value_type FROM trial_values WHERE trial_id = ?1 ORDER BY objective",
+        &sql_params![trial_id],
+    )?
+    .iter()
+    .map(|r| super::rows::stored_to_value(r.get(0)?, &r.get::<String>(1)?))
+    .collect()
+}
+
 /// (study_id, state) of a trial that may still be written to.
 fn check_updatable(tx: &mut Tx, trial_id: i64) -> Result<(i64, TrialState)> {
     let Some((study_id, number, state)) = trial_for_update(tx, trial_id)? else {
@@ -339,10 +359,25 @@ fn insert_param(
             Distribution::from_json(&prev).with_context(|| format!("stored distribution of {name:?}"))?;
         crate::distributions::check_distribution_compatibility(name, &prev, dist)?;
     }
-    tx.exec("INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json) VALUES (?1, ?2, ?3, ?4)",
-        &sql_params![trial_id, name, internal, dist.to_json()],
-    )
-    .with_context(|| format!("storing parameter {name:?}"))?;
+    let inserted = tx
+        .exec(
+            "INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (trial_id, param_name) DO NOTHING",
+            &sql_params![trial_id, name, internal, dist.to_json()],
+        )
+        .with_context(|| format!("storing parameter {name:?}"))?;
+    if inserted == 0 {
+        // Set before: the same value again is a write run again after a lost reply; another is an error.
+        let stored: f64 = tx
+            .row(
+                "SELECT param_value FROM trial_params WHERE trial_id = ?1 AND param_name = ?2",
+                &sql_params![trial_id, name],
+            )?
+            .get(0)?;
+        if stored != internal {
+            bail!("parameter {name:?} is already set to {stored}, cannot set it to {internal}");
+        }
+    }
     Ok(())
 }
 
