@@ -249,7 +249,7 @@ fn is_disconnect(err: &anyhow::Error) -> bool {
 /// An open connection to either database.
 pub(super) enum Connected {
     Sqlite(Connection),
-    Postgres(postgres::Client, StatementCache),
+    Postgres(Box<postgres::Client>, StatementCache),
 }
 
 /// Connects to a PostgreSQL server, with one line naming the server and the reason on failure.
@@ -303,9 +303,10 @@ impl Storage {
                         .with_context(|| format!("--storage {url:?}: cannot open {}", path.display()))?,
                 )
             }
-            StorageLocation::Postgres { url: pg, password } => {
-                Connected::Postgres(connect_postgres(pg, password.as_deref(), &shown)?, StatementCache::new())
-            }
+            StorageLocation::Postgres { url: pg, password } => Connected::Postgres(
+                Box::new(connect_postgres(pg, password.as_deref(), &shown)?),
+                StatementCache::new(),
+            ),
         };
         let mut storage = Storage { conn, location, url: shown.clone(), cache: HashMap::new() };
         if let Err(e) = storage.configure() {
@@ -489,7 +490,7 @@ impl Storage {
             std::thread::sleep(wait);
             match connect_postgres(&url, password.as_deref(), &self.url) {
                 Ok(client) => {
-                    self.conn = Connected::Postgres(client, StatementCache::new());
+                    self.conn = Connected::Postgres(Box::new(client), StatementCache::new());
                     eprintln!(
                         "note: reconnected to PostgreSQL after {:.1} s",
                         started.elapsed().as_secs_f64()
