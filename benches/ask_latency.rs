@@ -1,7 +1,9 @@
 //! Latency of one TPE `ask` (sample all parameters of the recipe's space) with 100 and 1,000
 //! finished trials in the history: in memory (the sampler alone) and through SQLite (start the
-//! trial, load the study, sample, store the parameters). scripts/bench_ask_vs_optuna.py times
-//! Optuna's TPESampler on the same history and prints the ratio.
+//! trial, load the study, sample, store the parameters); and, when HPO_GPU_POSTGRES_URL names a
+//! PostgreSQL server, one `ask` + `tell` (FAIL, so the history stays the same) through it.
+//! scripts/bench_ask_vs_optuna.py times Optuna's TPESampler on the same history and prints the
+//! ratio.
 //!
 //! History: trial i has learning_rate 10^(-6 + 2 frac(0.618034 i)), batch size [16, 32, 64, 128][i % 4],
 //! weight_decay 0.3 frac(0.414214 i), and a value from a fixed smooth function of them.
@@ -58,6 +60,16 @@ fn build_study(url: &str, n: usize) -> (Storage, hpo_gpu::study::StudyRef, Vec<F
     (storage, study, trials)
 }
 
+/// A new, empty database `name` on the server at `server` (a `postgresql://…/db` URL): its URL.
+fn fresh_postgres_database(server: &str, name: &str) -> String {
+    let mut admin =
+        postgres::Client::connect(server, postgres::NoTls).expect("connect to HPO_GPU_POSTGRES_URL");
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).unwrap();
+    admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+    let (base, _) = server.rsplit_once('/').expect("a URL ending in /database");
+    format!("{base}/{name}")
+}
+
 fn bench_ask(c: &mut Criterion) {
     let space = SearchSpace::recipe_default();
     let mut group = c.benchmark_group("tpe_ask");
@@ -105,6 +117,25 @@ fn bench_ask(c: &mut Criterion) {
                 black_box(t.number)
             })
         });
+    }
+    if let Ok(server) = std::env::var("HPO_GPU_POSTGRES_URL") {
+        for n in [100usize, 1000] {
+            let url = fresh_postgres_database(&server, &format!("bench_ask_{n}"));
+            let (mut storage, study, _) = build_study(&url, n);
+            let mut sampler = TpeSampler::new(TpeOptions { seed: Some(0), ..TpeOptions::default() });
+            group.bench_function(BenchmarkId::new("postgres", n), |b| {
+                b.iter(|| {
+                    let StartOutcome::Started(t) =
+                        ask(&mut storage, &study, &space, &mut sampler, None, &AskOptions::default())
+                            .unwrap()
+                    else {
+                        panic!("no trial")
+                    };
+                    storage.set_trial_state(t.trial_id, TrialState::Fail, None, &[]).unwrap();
+                    black_box(t.number)
+                })
+            });
+        }
     }
     group.finish();
 

@@ -5,8 +5,11 @@ Builds the history of benches/ask_latency.rs (100 and 1,000 finished trials of t
 space) in Optuna — in memory and in SQLite — times `study.ask(fixed_distributions=space)` (which
 samples all three parameters) followed by failing the trial (so the history stays the same), runs
 `cargo bench --bench ask_latency` for hpo-gpu's numbers, and prints both with the ratio.
+With --postgres URL (a PostgreSQL database both may create studies and databases in), also one
+`ask` + `tell(FAIL)` through RDBStorage on that server beside hpo-gpu's through the same server
+(needs psycopg2: `pip install psycopg2-binary`).
 
-Usage: python scripts/bench_ask_vs_optuna.py [--repeats N] [--skip-cargo]
+Usage: python scripts/bench_ask_vs_optuna.py [--repeats N] [--skip-cargo] [--postgres URL]
 """
 import argparse
 import math
@@ -51,7 +54,7 @@ def history_trial(i):
     )
 
 
-def time_optuna(n, storage, repeats):
+def time_optuna(n, storage, repeats, with_tell=False):
     study = optuna.create_study(
         study_name=f"bench{n}", storage=storage, direction="maximize", sampler=optuna.samplers.TPESampler(seed=0)
     )
@@ -60,17 +63,23 @@ def time_optuna(n, storage, repeats):
     for _ in range(repeats + 2):
         t0 = time.perf_counter()
         trial = study.ask(fixed_distributions=SPACE)
-        times.append(time.perf_counter() - t0)
+        if not with_tell:
+            times.append(time.perf_counter() - t0)
         study.tell(trial, state=TrialState.FAIL)
+        if with_tell:
+            times.append(time.perf_counter() - t0)
     return statistics.median(times[2:])  # the first asks warm caches
 
 
 UNITS = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
-def time_hpo_gpu(repo):
+def time_hpo_gpu(repo, postgres):
+    env = dict(os.environ)
+    if postgres:
+        env["HPO_GPU_POSTGRES_URL"] = postgres
     out = subprocess.run(
-        ["cargo", "bench", "--bench", "ask_latency"], cwd=repo, capture_output=True, text=True, check=True
+        ["cargo", "bench", "--bench", "ask_latency"], cwd=repo, capture_output=True, text=True, check=True, env=env
     ).stdout
     results = {}
     # criterion: "tpe_ask/memory/100\n  time:   [1.2 ms 1.3 ms 1.4 ms]" (name and time may share a line)
@@ -83,12 +92,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--skip-cargo", action="store_true", help="only time Optuna")
+    ap.add_argument("--postgres", help="postgresql://user:password@host:port/db: also ask+tell through it")
     args = ap.parse_args()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     print(f"optuna {optuna.__version__}, python {sys.version.split()[0]}")
     ours = {}
     if not args.skip_cargo:
-        ours, raw = time_hpo_gpu(repo)
+        ours, raw = time_hpo_gpu(repo, args.postgres)
         if not ours:
             sys.exit("could not parse cargo bench output:\n" + raw)
     with tempfile.TemporaryDirectory() as d:
@@ -100,6 +110,25 @@ def main():
                     mine = ours[(kind, n)]
                     line += f"   hpo-gpu {mine * 1e3:9.3f} ms   ratio {theirs / mine:7.1f}x"
                 print(line, flush=True)
+    if args.postgres:
+        import psycopg2  # noqa: F401  (SQLAlchemy's driver for postgresql+psycopg2://)
+
+        base, _ = args.postgres.rsplit("/", 1)
+        for n in (100, 1000):
+            # A database of its own per size, as the Rust side makes.
+            db = f"optuna_ask_{n}"
+            admin = psycopg2.connect(args.postgres)
+            admin.autocommit = True
+            admin.cursor().execute(f"DROP DATABASE IF EXISTS {db}")
+            admin.cursor().execute(f"CREATE DATABASE {db}")
+            admin.close()
+            url = base.replace("postgresql://", "postgresql+psycopg2://", 1) + "/" + db
+            theirs = time_optuna(n, url, args.repeats, with_tell=True)
+            line = f"postgres ask+tell n={n:5}: optuna {theirs * 1e3:9.3f} ms"
+            if ("postgres", n) in ours:
+                mine = ours[("postgres", n)]
+                line += f"   hpo-gpu {mine * 1e3:9.3f} ms   ratio {theirs / mine:7.1f}x"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 # The test command (README, CI): sets up what the tests need, then runs them all.
 # - .venv: torch, transformers, optuna … for the interop tests (created once, ~3 min, ~6 GB)
 # - .cuda: nvcc 13.0 from PyPI, so every CUDA kernel is compiled (scripts/install-nvcc.sh)
+# - a throwaway PostgreSQL server (scripts/postgres.sh, stopped at exit) for the studies on
+#   PostgreSQL (tests/study_postgres.rs), which must not skip (HPO_GPU_REQUIRE_POSTGRES=1)
 # - cargo test: unit, parity, gradient, data, storage, CLI and interop tests
 # - the GPU path (tests/gpu_*.rs) on the virtual CUDA device of vcuda/ (its own tests first), which
 #   runs our kernels on the host: found through LD_LIBRARY_PATH for those tests only, where they
@@ -16,7 +18,7 @@ echo "== free disk space here: ${free_gb} GB"
 if [ "$free_gb" -lt 15 ]; then
   echo "warning: under 15 GB free; the build may fail with 'No space left on device'" >&2
 fi
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import torch, transformers, optuna, matplotlib, sklearn' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import torch, transformers, optuna, matplotlib, sklearn, psycopg2' 2>/dev/null; then
   echo "== setting up .venv (Python test dependencies)"
   python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip
@@ -28,6 +30,12 @@ export HPO_GPU_PYTHON="$PWD/.venv/bin/python"
 echo "== the virtual CUDA device (vcuda/): build and its own tests"
 vcuda_lib=$(scripts/build-vcuda.sh)
 cargo test -q --manifest-path vcuda/Cargo.toml --target-dir target/vcuda
+echo "== PostgreSQL for the storage tests"
+pg_dir=$(mktemp -d /tmp/hpo-gpu-postgres.XXXXXX)
+trap 'scripts/postgres.sh stop "$pg_dir" >/dev/null 2>&1 || true' EXIT
+pg_port=$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+HPO_GPU_POSTGRES_URL=$(scripts/postgres.sh start "$pg_dir" "$pg_port")
+export HPO_GPU_POSTGRES_URL HPO_GPU_POSTGRES_DIR="$pg_dir" HPO_GPU_REQUIRE_POSTGRES=1
 echo "== cargo test"
 cargo test --all-targets "$@"
 echo "== broken kernels must fail on the virtual device"

@@ -1010,12 +1010,12 @@ static CASES: &[Case] = &[
         stderr: "error: --micro-batch 24 does not divide the batch size 16: every batch size the search can choose must be a multiple of the micro-batch size",
     },
     Case {
-        id: "storage-unsupported-scheme",
-        input: "a PostgreSQL URL",
+        id: "storage-postgres-unreachable",
+        input: "a PostgreSQL server nobody listens for",
         setup: none,
-        args: &["search", "@search", "--storage", "postgresql://user@host/optuna"],
+        args: &["search", "@search", "--storage", "postgresql://user:secret@127.0.0.1:1/optuna"],
         exit: 1,
-        stderr: "error: --storage \"postgresql://user@host/optuna\": unsupported database \"postgresql\"; hpo-gpu stores studies in SQLite (expected sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db)",
+        stderr: "error: --storage \"postgresql://user:***@127.0.0.1:1/optuna\": cannot connect to PostgreSQL: Connection refused (os error 111)",
     },
     Case {
         id: "storage-directory-missing",
@@ -1334,7 +1334,7 @@ static CASES: &[Case] = &[
         setup: none,
         args: &["trials", "--storage", "sqlite://study.db", "--study-name", "s"],
         exit: 1,
-        stderr: "error: --storage \"sqlite://study.db\": malformed SQLite URL (expected sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db)",
+        stderr: "error: --storage \"sqlite://study.db\": malformed SQLite URL (expected sqlite:///RELATIVE/PATH.db, sqlite:////ABSOLUTE/PATH.db or postgresql://USER:PASSWORD@HOST:PORT/DATABASE)",
     },
     Case {
         id: "trials-plain-path",
@@ -1342,7 +1342,7 @@ static CASES: &[Case] = &[
         setup: none,
         args: &["trials", "--storage", "study.db", "--study-name", "s"],
         exit: 1,
-        stderr: "error: --storage \"study.db\": not a storage URL (expected sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db, e.g. sqlite:///study.db)",
+        stderr: "error: --storage \"study.db\": not a storage URL (expected sqlite:///RELATIVE/PATH.db, sqlite:////ABSOLUTE/PATH.db or postgresql://USER:PASSWORD@HOST:PORT/DATABASE, e.g. sqlite:///study.db)",
     },
     Case {
         id: "best-no-complete-trial",
@@ -1431,7 +1431,7 @@ static CASES: &[Case] = &[
         setup: none,
         args: &["report", "--storage", "mysql://host/optuna", "--study-name", "s", "--out", "<tmp>/r.html"],
         exit: 1,
-        stderr: "error: --storage \"mysql://host/optuna\": unsupported database \"mysql\"; hpo-gpu stores studies in SQLite (expected sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db)",
+        stderr: "error: --storage \"mysql://host/optuna\": unsupported database \"mysql\"; hpo-gpu stores studies in SQLite or PostgreSQL (expected sqlite:///RELATIVE/PATH.db, sqlite:////ABSOLUTE/PATH.db or postgresql://USER:PASSWORD@HOST:PORT/DATABASE)",
     },
     Case {
         id: "importance-missing-study",

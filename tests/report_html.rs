@@ -204,7 +204,7 @@ fn bad_storage_or_study_name_is_a_clear_error() {
     let msg = format!("{err:#}");
     assert!(msg.contains("nope") && msg.contains("demo"), "{msg}");
     let err = run_report(
-        &ReportArgs { study: select("postgres://x/y", "demo"), out: out.clone(), seed: 0 },
+        &ReportArgs { study: select("mysql://x/y", "demo"), out: out.clone(), seed: 0 },
         &mut Vec::new(),
     )
     .unwrap_err();

@@ -28,7 +28,8 @@ pub const DEFAULT_STORAGE: &str = "sqlite:///optuna_trials.db";
 /// `--storage` and `--study-name`, shared by all study commands.
 #[derive(Args, Clone, Debug)]
 pub struct StudyArgs {
-    /// Database URL: sqlite:///relative/path.db or sqlite:////absolute/path.db
+    /// Database URL: sqlite:///relative/path.db, sqlite:////absolute/path.db, or a PostgreSQL server
+    /// postgresql://user:password@host:port/database (password also from PGPASSWORD / ~/.pgpass)
     #[arg(long, default_value = DEFAULT_STORAGE)]
     pub storage: String,
     /// Name of the study.
@@ -40,7 +41,8 @@ pub struct StudyArgs {
 /// `report`, `importance`): the recipe's database, and the only study in it unless one is named.
 #[derive(Args, Clone, Debug)]
 pub struct StudySelect {
-    /// Database URL: sqlite:///relative/path.db or sqlite:////absolute/path.db
+    /// Database URL: sqlite:///relative/path.db, sqlite:////absolute/path.db, or a PostgreSQL server
+    /// postgresql://user:password@host:port/database (password also from PGPASSWORD / ~/.pgpass)
     #[arg(long, default_value = DEFAULT_STORAGE)]
     pub storage: String,
     /// Name of the study (default: the only study in the database).
@@ -132,7 +134,8 @@ pub struct SearchStudyArgs {
     /// Name of the study (created, or continued if it exists).
     #[arg(long, default_value = "transformers_optuna_study")]
     pub study_name: String,
-    /// Database URL: sqlite:///relative/path.db or sqlite:////absolute/path.db
+    /// Database URL: sqlite:///relative/path.db, sqlite:////absolute/path.db, or a PostgreSQL server
+    /// postgresql://user:password@host:port/database (password also from PGPASSWORD / ~/.pgpass)
     #[arg(long, default_value = DEFAULT_STORAGE)]
     pub storage: String,
     #[arg(long, value_enum, default_value = "maximize")]

@@ -18,6 +18,7 @@ use hpo_gpu::trial::protocol::{EpochMetrics, TrialHost, TrialRunner, Verdict};
 
 use crate::fake_trainer::{epoch as epoch_metrics, one_at_a_time};
 use hpo_gpu::study::StudyRef;
+use hpo_gpu::study::storage::sql::SqlValue;
 use hpo_gpu::study::storage::{NewTrial, Storage};
 use hpo_gpu::trial::{ParamSet, StudyDirection, TrialState, UtcDateTime};
 use rand::rngs::StdRng;
@@ -185,9 +186,9 @@ pub fn write_demo_study(url: &str, name: &str) -> Result<StudyRef> {
     }
     storage.write(|tx| {
         for (id, start, end) in &times {
-            tx.execute(
+            tx.exec(
                 "UPDATE trials SET datetime_start = ?1, datetime_complete = ?2 WHERE trial_id = ?3",
-                rusqlite::params![start.format(), end.format(), id],
+                &[SqlValue::from(start.format()), SqlValue::from(end.format()), SqlValue::from(*id)],
             )?;
         }
         Ok(())

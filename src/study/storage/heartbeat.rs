@@ -4,14 +4,12 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use rusqlite::{Transaction, params};
-
 use super::Storage;
-use super::database::{exec, row};
-use super::trials::{insert_trial, retry_template, upsert_attr};
+use super::sql::{Tx, sql_params};
+use super::trials::{insert_trial, retry_template, trial_for_update, upsert_attr};
 use crate::pyjson;
 use crate::trial::UtcDateTime;
+use anyhow::{Context, Result};
 
 impl Storage {
     /// Records a heartbeat for a RUNNING trial (Optuna's `record_heartbeat`).
@@ -30,14 +28,14 @@ impl Storage {
         max_retry: Option<u32>,
     ) -> Result<Vec<u64>> {
         let stale: Vec<(i64, String)> = self.read(|tx| {
-            let rows = tx
-                .prepare_cached(
-                    "SELECT t.trial_id, h.heartbeat FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id \
-                     WHERE t.study_id = ?1 AND t.state = 'RUNNING' ORDER BY t.trial_id",
-                )?
-                .query_map([study_id], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<rusqlite::Result<Vec<(i64, String)>>>()?;
-            Ok(rows)
+            tx.rows(
+                "SELECT t.trial_id, h.heartbeat FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id \
+                 WHERE t.study_id = ?1 AND t.state = 'RUNNING' ORDER BY t.trial_id",
+                &sql_params![study_id],
+            )?
+            .iter()
+            .map(|r| Ok((r.get(0)?, r.get(1)?)))
+            .collect()
         })?;
         let now = UtcDateTime::now();
         let mut failed = Vec::new();
@@ -88,9 +86,8 @@ impl Storage {
         let trial = self.trial(trial_id)?;
         let done = self.write(|tx| {
             // Another worker may have failed it, or its own worker finished it, since we looked.
-            let state: String =
-                row(tx, "SELECT state FROM trials WHERE trial_id = ?1", [trial_id], |r| r.get(0))?;
-            if state != "RUNNING" {
+            let state = trial_for_update(tx, trial_id)?.map(|(_, _, state)| state);
+            if state != Some(crate::trial::TrialState::Running) {
                 return Ok(false);
             }
             upsert_attr(
@@ -100,10 +97,9 @@ impl Storage {
                 "fail_reason",
                 &pyjson::string_literal(reason),
             )?;
-            exec(
-                tx,
+            tx.exec(
                 "UPDATE trials SET state = 'FAIL', datetime_complete = ?2 WHERE trial_id = ?1",
-                params![trial_id, UtcDateTime::now().format()],
+                &sql_params![trial_id, UtcDateTime::now().format()],
             )?;
             if let Some(retry) = retry_template(&trial, max_retry) {
                 insert_trial(tx, study_id, &retry)?;
@@ -114,12 +110,11 @@ impl Storage {
     }
 }
 
-pub(super) fn upsert_heartbeat(tx: &Transaction, trial_id: i64) -> Result<()> {
-    exec(
-        tx,
+pub(super) fn upsert_heartbeat(tx: &mut Tx, trial_id: i64) -> Result<()> {
+    tx.exec(
         "INSERT INTO trial_heartbeats (trial_id, heartbeat) VALUES (?1, ?2) \
          ON CONFLICT (trial_id) DO UPDATE SET heartbeat = excluded.heartbeat",
-        params![trial_id, UtcDateTime::now().format()],
+        &sql_params![trial_id, UtcDateTime::now().format()],
     )?;
     Ok(())
 }
@@ -143,7 +138,7 @@ mod tests {
             panic!()
         };
         assert!(s.fail_stale_trials(study.study_id, Duration::from_secs(60), None).unwrap().is_empty());
-        s.conn
+        s.sqlite()
             .execute(
                 "UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00' WHERE trial_id = ?1",
                 [t.trial_id],
@@ -170,7 +165,7 @@ mod tests {
         };
         assert_eq!(again.number, 2);
         assert_eq!(again.state, TrialState::Running);
-        s.conn
+        s.sqlite()
             .execute(
                 "UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00' WHERE trial_id = ?1",
                 [again.trial_id],

@@ -31,25 +31,26 @@
 mod database;
 mod heartbeat;
 mod rows;
+pub mod sql;
 mod trials;
 
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Result, anyhow, bail};
-use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
 use super::StudyRef;
 use crate::distributions::Distribution;
 use crate::pyjson;
 use crate::trial::{FrozenTrial, StudyDirection, TrialState, UtcDateTime};
-use database::{exec, row};
+use database::Connected;
 use rows::{TrialFilter, attrs_of, load_trials, study_directions};
 
 pub use database::{
     ALEMBIC_VERSION, BUSY_TIMEOUT, LIBRARY_VERSION, SCHEMA_VERSION, StorageLocation,
-    check_database_directory, parse_storage_url,
+    check_database_directory, parse_storage_url, redact_url,
 };
+use sql::sql_params;
 
 /// What a new trial starts with (Optuna's "template trial" of `create_new_trial`).
 #[derive(Clone, Debug)]
@@ -107,10 +108,11 @@ impl TrialCounts {
     }
 }
 
-/// A connection to one Optuna-schema SQLite database.
+/// A connection to one Optuna-schema database (an SQLite file or a PostgreSQL server).
 pub struct Storage {
-    conn: Connection,
+    conn: Connected,
     location: StorageLocation,
+    /// The storage URL as given, its password hidden (shown in messages).
     url: String,
     /// Trials per study as last read. Finished trials never change (they cannot be updated),
     /// so a refresh only reads new trials and the ones that were unfinished (Optuna's RDB
@@ -119,6 +121,15 @@ pub struct Storage {
 }
 
 impl Storage {
+    /// The SQLite connection, for tests that look at or damage the file directly.
+    #[cfg(test)]
+    pub(super) fn sqlite(&self) -> &rusqlite::Connection {
+        match &self.conn {
+            Connected::Sqlite(c) => c,
+            Connected::Postgres(..) => panic!("not an SQLite storage"),
+        }
+    }
+
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -140,18 +151,16 @@ impl Storage {
             bail!("study name must be 1 to 512 bytes, got {} bytes", name.len());
         }
         let created = self.write(|tx| {
-            let existing: Option<i64> = tx
-                .query_row("SELECT study_id FROM studies WHERE study_name = ?1", [name], |r| r.get(0))
-                .optional()?;
-            if existing.is_some() {
+            if tx.opt_row("SELECT study_id FROM studies WHERE study_name = ?1", &sql_params![name])?.is_some()
+            {
                 return Ok(false);
             }
-            exec(tx, "INSERT INTO studies (study_name) VALUES (?1)", [name])?;
-            let study_id = tx.last_insert_rowid();
-            exec(
-                tx,
+            let study_id: i64 = tx
+                .row("INSERT INTO studies (study_name) VALUES (?1) RETURNING study_id", &sql_params![name])?
+                .get(0)?;
+            tx.exec(
                 "INSERT INTO study_directions (direction, study_id, objective) VALUES (?1, ?2, 0)",
-                params![direction.as_str(), study_id],
+                &sql_params![direction.as_str(), study_id],
             )?;
             Ok(true)
         })?;
@@ -178,14 +187,13 @@ impl Storage {
     pub fn load_study(&mut self, name: &str) -> Result<StudyRef> {
         let url = self.url.clone();
         self.read(|tx| {
-            let id: Option<i64> = tx
-                .query_row("SELECT study_id FROM studies WHERE study_name = ?1", [name], |r| r.get(0))
-                .optional()?;
-            let Some(study_id) = id else {
+            let id = tx.opt_row("SELECT study_id FROM studies WHERE study_name = ?1", &sql_params![name])?;
+            let Some(study_id) = id.map(|r| r.get::<i64>(0)).transpose()? else {
                 let names: Vec<String> = tx
-                    .prepare_cached("SELECT study_name FROM studies ORDER BY study_id")?
-                    .query_map([], |r| r.get(0))?
-                    .collect::<rusqlite::Result<_>>()?;
+                    .rows("SELECT study_name FROM studies ORDER BY study_id", &[])?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect::<Result<_>>()?;
                 if names.is_empty() {
                     bail!("no study named {name:?} in {url} (the storage has no studies)");
                 }
@@ -199,9 +207,10 @@ impl Storage {
     pub fn studies(&mut self) -> Result<Vec<StudyRef>> {
         self.read(|tx| {
             let rows: Vec<(i64, String)> = tx
-                .prepare_cached("SELECT study_id, study_name FROM studies ORDER BY study_id")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<rusqlite::Result<_>>()?;
+                .rows("SELECT study_id, study_name FROM studies ORDER BY study_id", &[])?
+                .iter()
+                .map(|r| Ok((r.get(0)?, r.get(1)?)))
+                .collect::<Result<_>>()?;
             rows.into_iter()
                 .map(|(study_id, name)| {
                     Ok(StudyRef { study_id, name, directions: study_directions(tx, study_id)? })
@@ -214,11 +223,10 @@ impl Storage {
     pub fn set_study_user_attr(&mut self, study_id: i64, key: &str, value: &Value) -> Result<()> {
         let json = pyjson::dumps(value);
         self.write(|tx| {
-            exec(
-                tx,
+            tx.exec(
                 "INSERT INTO study_user_attributes (study_id, \"key\", value_json) VALUES (?1, ?2, ?3) \
                  ON CONFLICT (study_id, \"key\") DO UPDATE SET value_json = excluded.value_json",
-                params![study_id, key, json],
+                &sql_params![study_id, key, &json],
             )?;
             Ok(())
         })
@@ -255,13 +263,12 @@ impl Storage {
     /// One trial by its number within a study.
     pub fn trial_by_number(&mut self, study: &StudyRef, number: u64) -> Result<FrozenTrial> {
         let id: Option<i64> = self.read(|tx| {
-            Ok(tx
-                .query_row(
-                    "SELECT trial_id FROM trials WHERE study_id = ?1 AND number = ?2",
-                    params![study.study_id, number as i64],
-                    |r| r.get(0),
-                )
-                .optional()?)
+            tx.opt_row(
+                "SELECT trial_id FROM trials WHERE study_id = ?1 AND number = ?2",
+                &sql_params![study.study_id, number as i64],
+            )?
+            .map(|r| r.get(0))
+            .transpose()
         })?;
         match id {
             Some(id) => self.trial(id),
@@ -290,7 +297,7 @@ impl Storage {
             let fresh =
                 load_trials(tx, TrialFilter::Refresh { study_id, after, ids_json: ids_json.clone() })?;
             let count: i64 =
-                row(tx, "SELECT COUNT(*) FROM trials WHERE study_id = ?1", [study_id], |r| r.get(0))?;
+                tx.row("SELECT COUNT(*) FROM trials WHERE study_id = ?1", &sql_params![study_id])?.get(0)?;
             Ok((fresh, count))
         })?;
         let mut trials: Vec<FrozenTrial> = cached.into_iter().filter(|t| t.state.is_finished()).collect();
@@ -306,11 +313,12 @@ impl Storage {
     pub fn trial_counts(&mut self, study_id: i64) -> Result<TrialCounts> {
         self.read(|tx| {
             let mut counts = TrialCounts::default();
-            let mut stmt =
-                tx.prepare_cached("SELECT state, COUNT(*) FROM trials WHERE study_id = ?1 GROUP BY state")?;
-            let rows = stmt.query_map([study_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let rows = tx.rows(
+                "SELECT state, COUNT(*) FROM trials WHERE study_id = ?1 GROUP BY state",
+                &sql_params![study_id],
+            )?;
             for row in rows {
-                let (state, n) = row?;
+                let (state, n): (String, i64) = (row.get(0)?, row.get(1)?);
                 let n = n as u64;
                 match TrialState::parse(&state)? {
                     TrialState::Running => counts.running = n,
@@ -435,8 +443,8 @@ mod tests {
         );
         assert_eq!(seen[1].intermediate_values[&1], 0.5);
         // A deletion elsewhere (as `optuna delete-study` does) is noticed too.
-        b.conn.execute("DELETE FROM trial_values WHERE trial_id = 1", []).unwrap();
-        b.conn.execute("DELETE FROM trials WHERE trial_id = 1", []).unwrap();
+        b.sqlite().execute("DELETE FROM trial_values WHERE trial_id = 1", []).unwrap();
+        b.sqlite().execute("DELETE FROM trials WHERE trial_id = 1", []).unwrap();
         let seen = a.study_trials(study.study_id).unwrap();
         assert_eq!(seen.iter().map(|t| t.trial_id).collect::<Vec<_>>(), vec![2, 3]);
     }

@@ -5,16 +5,21 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result, bail};
-use rusqlite::{OptionalExtension, Transaction, params};
 use serde_json::Value;
 
-use super::database::{exec, row};
 use super::heartbeat::upsert_heartbeat;
 use super::rows::value_to_stored;
+use super::sql::{Tx, sql_params};
 use super::{NewTrial, StartOutcome, Storage};
 use crate::distributions::Distribution;
 use crate::pyjson;
 use crate::trial::{FrozenTrial, TrialState, UtcDateTime};
+
+/// A RUNNING trial without a heartbeat still counts towards a target for this long after it
+/// started: an Optuna worker records its first heartbeat a moment after creating the trial, and in
+/// that moment another worker must not take its place. Trials of `ask` that never get one (a user
+/// telling by hand) stop counting after it.
+pub const FRESH_RUNNING_MICROS: i64 = 10_000_000;
 
 impl Storage {
     /// Creates a trial from a template in one transaction (Optuna's `create_new_trial`) and
@@ -25,8 +30,8 @@ impl Storage {
     }
 
     /// Starts a trial for a worker, in one transaction:
-    /// 1. with `target = Some(n)`: if COMPLETE + PRUNED + (RUNNING trials that have a heartbeat)
-    ///    already reach `n`, starts nothing;
+    /// 1. with `target = Some(n)`: if COMPLETE + PRUNED + (RUNNING trials that have a heartbeat
+    ///    or started in the last [`FRESH_RUNNING_MICROS`]) already reach `n`, starts nothing;
     /// 2. otherwise takes the oldest WAITING trial (re-queued or enqueued) and makes it RUNNING,
     ///    or creates a new RUNNING trial;
     /// 3. with `heartbeat`, records the first heartbeat in the same transaction, so a worker that
@@ -38,33 +43,35 @@ impl Storage {
         heartbeat: bool,
     ) -> Result<StartOutcome> {
         let started = self.write(|tx| {
+            // On PostgreSQL, workers start trials of one study one at a time (the study row is
+            // locked): the target count and the WAITING trial taken are then decided by one.
+            lock_study(tx, study_id)?;
             if let Some(target) = target {
-                let (finished, running): (i64, i64) = row(tx,
+                let fresh = UtcDateTime { micros_since_epoch: UtcDateTime::now().micros_since_epoch - FRESH_RUNNING_MICROS };
+                let counts = tx.row(
                     "SELECT \
                        (SELECT COUNT(*) FROM trials WHERE study_id = ?1 AND state IN ('COMPLETE', 'PRUNED')), \
-                       (SELECT COUNT(*) FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id \
-                        WHERE t.study_id = ?1 AND t.state = 'RUNNING')",
-                    [study_id],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                       (SELECT COUNT(*) FROM trials t WHERE t.study_id = ?1 AND t.state = 'RUNNING' AND \
+                        (EXISTS (SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id) OR t.datetime_start > ?2))",
+                    &sql_params![study_id, fresh.format()],
                 )?;
-                let (finished, running) = (finished as u64, running as u64);
+                let (finished, running) = (counts.get::<i64>(0)? as u64, counts.get::<i64>(1)? as u64);
                 if finished + running >= target {
                     return Ok(Err(StartOutcome::TargetReached { finished, running }));
                 }
             }
             let now = UtcDateTime::now().format();
             let waiting: Option<i64> = tx
-                .query_row(
+                .opt_row(
                     "SELECT trial_id FROM trials WHERE study_id = ?1 AND state = 'WAITING' ORDER BY trial_id LIMIT 1",
-                    [study_id],
-                    |r| r.get(0),
-                )
-                .optional()?;
+                    &sql_params![study_id],
+                )?
+                .map(|r| r.get(0))
+                .transpose()?;
             let trial_id = match waiting {
                 Some(id) => {
-                    exec(tx,
-                        "UPDATE trials SET state = 'RUNNING', datetime_start = ?2 WHERE trial_id = ?1",
-                        params![id, now],
+                    tx.exec("UPDATE trials SET state = 'RUNNING', datetime_start = ?2 WHERE trial_id = ?1",
+                        &sql_params![id, now],
                     )?;
                     id
                 }
@@ -143,14 +150,22 @@ impl Storage {
             bail!("objective value NaN cannot be stored; tell the trial FAIL instead");
         }
         self.write(|tx| {
+            if let Some((_, _, current)) = trial_for_update(tx, trial_id)?
+                && current == state
+                && state.is_finished()
+                && stored_values(tx, trial_id)? == values.map(<[f64]>::to_vec).unwrap_or_default()
+            {
+                // Already done: this is a write run again after the server went away with its
+                // reply, when the first run had committed.
+                return Ok(());
+            }
             check_updatable(tx, trial_id)?;
             if let Some(vs) = values {
                 for (objective, v) in vs.iter().enumerate() {
                     let (stored, kind) = value_to_stored(*v);
-                    exec(tx,
-                        "INSERT INTO trial_values (trial_id, objective, value, value_type) VALUES (?1, ?2, ?3, ?4) \
+                    tx.exec("INSERT INTO trial_values (trial_id, objective, value, value_type) VALUES (?1, ?2, ?3, ?4) \
                          ON CONFLICT (trial_id, objective) DO UPDATE SET value = excluded.value, value_type = excluded.value_type",
-                        params![trial_id, objective as i64, stored, kind],
+                        &sql_params![trial_id, objective as i64, stored, kind],
                     )?;
                 }
             }
@@ -159,17 +174,15 @@ impl Storage {
             }
             let now = UtcDateTime::now().format();
             if state == TrialState::Running {
-                exec(tx,
-                    "UPDATE trials SET state = 'RUNNING', datetime_start = ?2 WHERE trial_id = ?1",
-                    params![trial_id, now],
+                tx.exec("UPDATE trials SET state = 'RUNNING', datetime_start = ?2 WHERE trial_id = ?1",
+                    &sql_params![trial_id, now],
                 )?;
             } else if state.is_finished() {
-                exec(tx,
-                    "UPDATE trials SET state = ?2, datetime_complete = ?3 WHERE trial_id = ?1",
-                    params![trial_id, state.as_str(), now],
+                tx.exec("UPDATE trials SET state = ?2, datetime_complete = ?3 WHERE trial_id = ?1",
+                    &sql_params![trial_id, state.as_str(), now],
                 )?;
             } else {
-                exec(tx, "UPDATE trials SET state = ?2 WHERE trial_id = ?1", params![trial_id, state.as_str()])?;
+                tx.exec("UPDATE trials SET state = ?2 WHERE trial_id = ?1", &sql_params![trial_id, state.as_str()])?;
             }
             Ok(())
         })
@@ -232,40 +245,70 @@ pub(super) fn retry_template(trial: &FrozenTrial, max_retry: Option<u32>) -> Opt
     })
 }
 
+/// Locks a study's row until the transaction ends, on PostgreSQL (Optuna's `with_for_update` in
+/// `create_new_trial`): trial numbers and the start of queued trials are decided one worker at a
+/// time. SQLite's `BEGIN IMMEDIATE` already holds the whole database.
+pub(super) fn lock_study(tx: &mut Tx, study_id: i64) -> Result<()> {
+    if tx.is_postgres() {
+        tx.exec("SELECT study_id FROM studies WHERE study_id = ?1 FOR UPDATE", &sql_params![study_id])?;
+    }
+    Ok(())
+}
+
+/// A trial's (study_id, number, state), its row locked until the transaction ends on PostgreSQL
+/// (so a `tell` and another worker failing the trial as stale cannot both go ahead).
+pub(super) fn trial_for_update(tx: &mut Tx, trial_id: i64) -> Result<Option<(i64, i64, TrialState)>> {
+    let sql = if tx.is_postgres() {
+        "SELECT study_id, number, state FROM trials WHERE trial_id = ?1 FOR UPDATE"
+    } else {
+        "SELECT study_id, number, state FROM trials WHERE trial_id = ?1"
+    };
+    let Some(r) = tx.opt_row(sql, &sql_params![trial_id])? else { return Ok(None) };
+    Ok(Some((r.get(0)?, r.get::<Option<i64>>(1)?.unwrap_or(-1), TrialState::parse(&r.get::<String>(2)?)?)))
+}
+
+/// A trial's objective values as stored, in objective order.
+fn stored_values(tx: &mut Tx, trial_id: i64) -> Result<Vec<f64>> {
+    tx.rows(
+        "SELECT value, value_type FROM trial_values WHERE trial_id = ?1 ORDER BY objective",
+        &sql_params![trial_id],
+    )?
+    .iter()
+    .map(|r| super::rows::stored_to_value(r.get(0)?, &r.get::<String>(1)?))
+    .collect()
+}
+
 /// (study_id, state) of a trial that may still be written to.
-fn check_updatable(tx: &Transaction, trial_id: i64) -> Result<(i64, TrialState)> {
-    let row: Option<(i64, i64, String)> = tx
-        .query_row("SELECT study_id, number, state FROM trials WHERE trial_id = ?1", [trial_id], |r| {
-            Ok((r.get(0)?, r.get::<_, Option<i64>>(1)?.unwrap_or(-1), r.get(2)?))
-        })
-        .optional()?;
-    let Some((study_id, number, state)) = row else { bail!("no trial with trial_id {trial_id}") };
-    let state = TrialState::parse(&state)?;
+fn check_updatable(tx: &mut Tx, trial_id: i64) -> Result<(i64, TrialState)> {
+    let Some((study_id, number, state)) = trial_for_update(tx, trial_id)? else {
+        bail!("no trial with trial_id {trial_id}")
+    };
     if state.is_finished() {
         bail!("trial {number} is already finished with state {state} and cannot be updated");
     }
     Ok((study_id, state))
 }
 
-pub(super) fn insert_trial(tx: &Transaction, study_id: i64, t: &NewTrial) -> Result<i64> {
-    exec(
-        tx,
-        "INSERT INTO trials (number, study_id, state, datetime_start, datetime_complete) VALUES (NULL, ?1, ?2, ?3, ?4)",
-        params![
+pub(super) fn insert_trial(tx: &mut Tx, study_id: i64, t: &NewTrial) -> Result<i64> {
+    lock_study(tx, study_id)?;
+    let trial_id: i64 = tx
+        .row(
+        "INSERT INTO trials (number, study_id, state, datetime_start, datetime_complete) VALUES (NULL, ?1, ?2, ?3, ?4) \
+         RETURNING trial_id",
+        &sql_params![
             study_id,
             t.state.as_str(),
             t.datetime_start.map(UtcDateTime::format),
             t.datetime_complete.map(UtcDateTime::format)
         ],
-    )?;
-    let trial_id = tx.last_insert_rowid();
+    )?
+    .get(0)?;
     if let Some(values) = &t.values {
         for (objective, v) in values.iter().enumerate() {
             let (stored, kind) = value_to_stored(*v);
-            exec(
-                tx,
+            tx.exec(
                 "INSERT INTO trial_values (trial_id, objective, value, value_type) VALUES (?1, ?2, ?3, ?4)",
-                params![trial_id, objective as i64, stored, kind],
+                &sql_params![trial_id, objective as i64, stored, kind],
             )?;
         }
     }
@@ -282,18 +325,18 @@ pub(super) fn insert_trial(tx: &Transaction, study_id: i64, t: &NewTrial) -> Res
         upsert_intermediate(tx, trial_id, *step, *v)?;
     }
     // Optuna's count_past_trials, inside the write transaction: unique and gap-free.
-    let number: i64 = row(
-        tx,
-        "SELECT COUNT(trial_id) FROM trials WHERE study_id = ?1 AND trial_id < ?2",
-        params![study_id, trial_id],
-        |r| r.get(0),
-    )?;
-    exec(tx, "UPDATE trials SET number = ?2 WHERE trial_id = ?1", params![trial_id, number])?;
+    let number: i64 = tx
+        .row(
+            "SELECT COUNT(trial_id) FROM trials WHERE study_id = ?1 AND trial_id < ?2",
+            &sql_params![study_id, trial_id],
+        )?
+        .get(0)?;
+    tx.exec("UPDATE trials SET number = ?2 WHERE trial_id = ?1", &sql_params![trial_id, number])?;
     Ok(trial_id)
 }
 
 fn insert_param(
-    tx: &Transaction,
+    tx: &mut Tx,
     study_id: i64,
     trial_id: i64,
     name: &str,
@@ -304,27 +347,41 @@ fn insert_param(
         bail!("parameter {name:?}: value {internal} is outside {}", dist.to_json());
     }
     let previous: Option<String> = tx
-        .query_row(
+        .opt_row(
             "SELECT p.distribution_json FROM trial_params p JOIN trials t ON t.trial_id = p.trial_id \
              WHERE t.study_id = ?1 AND p.param_name = ?2 LIMIT 1",
-            params![study_id, name],
-            |r| r.get(0),
-        )
-        .optional()?;
+            &sql_params![study_id, name],
+        )?
+        .map(|r| r.get(0))
+        .transpose()?;
     if let Some(prev) = previous {
         let prev =
             Distribution::from_json(&prev).with_context(|| format!("stored distribution of {name:?}"))?;
         crate::distributions::check_distribution_compatibility(name, &prev, dist)?;
     }
-    exec(tx,
-        "INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json) VALUES (?1, ?2, ?3, ?4)",
-        params![trial_id, name, internal, dist.to_json()],
-    )
-    .with_context(|| format!("storing parameter {name:?}"))?;
+    let inserted = tx
+        .exec(
+            "INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (trial_id, param_name) DO NOTHING",
+            &sql_params![trial_id, name, internal, dist.to_json()],
+        )
+        .with_context(|| format!("storing parameter {name:?}"))?;
+    if inserted == 0 {
+        // Set before: the same value again is a write run again after a lost reply; another is an error.
+        let stored: f64 = tx
+            .row(
+                "SELECT param_value FROM trial_params WHERE trial_id = ?1 AND param_name = ?2",
+                &sql_params![trial_id, name],
+            )?
+            .get(0)?;
+        if stored != internal {
+            bail!("parameter {name:?} is already set to {stored}, cannot set it to {internal}");
+        }
+    }
     Ok(())
 }
 
-pub(super) fn upsert_attr(tx: &Transaction, table: &str, trial_id: i64, key: &str, json: &str) -> Result<()> {
+pub(super) fn upsert_attr(tx: &mut Tx, table: &str, trial_id: i64, key: &str, json: &str) -> Result<()> {
     if key.len() > 512 {
         bail!("attribute key {key:?} is longer than 512 bytes");
     }
@@ -332,18 +389,16 @@ pub(super) fn upsert_attr(tx: &Transaction, table: &str, trial_id: i64, key: &st
         "INSERT INTO {table} (trial_id, \"key\", value_json) VALUES (?1, ?2, ?3) \
          ON CONFLICT (trial_id, \"key\") DO UPDATE SET value_json = excluded.value_json"
     );
-    exec(tx, &sql, params![trial_id, key, json])?;
+    tx.exec(&sql, &sql_params![trial_id, key, json])?;
     Ok(())
 }
 
-fn upsert_intermediate(tx: &Transaction, trial_id: i64, step: i64, value: f64) -> Result<()> {
+fn upsert_intermediate(tx: &mut Tx, trial_id: i64, step: i64, value: f64) -> Result<()> {
     let (stored, kind) = value_to_stored(value);
-    exec(
-        tx,
-        "INSERT INTO trial_intermediate_values (trial_id, step, intermediate_value, intermediate_value_type) \
+    tx.exec("INSERT INTO trial_intermediate_values (trial_id, step, intermediate_value, intermediate_value_type) \
          VALUES (?1, ?2, ?3, ?4) ON CONFLICT (trial_id, step) DO UPDATE SET \
          intermediate_value = excluded.intermediate_value, intermediate_value_type = excluded.intermediate_value_type",
-        params![trial_id, step, stored, kind],
+        &sql_params![trial_id, step, stored, kind],
     )?;
     Ok(())
 }
@@ -378,7 +433,7 @@ mod tests {
         assert!(t.datetime_complete.is_some());
         // Raw encodings as Optuna writes them.
         let kinds: Vec<String> = s
-            .conn
+            .sqlite()
             .prepare("SELECT intermediate_value_type FROM trial_intermediate_values ORDER BY step")
             .unwrap()
             .query_map([], |r| r.get(0))
@@ -387,7 +442,7 @@ mod tests {
             .unwrap();
         assert_eq!(kinds, ["FINITE", "NAN", "INF_NEG"]);
         let (pv, vt): (f64, String) = s
-            .conn
+            .sqlite()
             .query_row("SELECT p.param_value, v.value_type FROM trial_params p, trial_values v WHERE p.param_name='bs'", [], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
