@@ -1,5 +1,6 @@
-//! SQLite storage in exactly Optuna 5.0's RDB schema, so `optuna.load_study`, Optuna's plots and
-//! optuna-dashboard read our studies unchanged and we continue studies Python started.
+//! Storage in exactly Optuna 5.0's RDB schema, in an SQLite file or on a PostgreSQL server, so
+//! `optuna.load_study`, Optuna's plots, optuna-dashboard and Optuna workers read and extend our
+//! studies unchanged and we continue studies Python started.
 //!
 //! What "exactly" means here, checked against a database written by Optuna 5.0.0:
 //! - the same `CREATE` statements (SQLAlchemy's DDL text, so `sqlite3 .schema` matches), with
@@ -12,11 +13,14 @@
 //! - a trial's `number` is the count of the study's trials with a smaller `trial_id`, computed in
 //!   the transaction that inserts it.
 //!
-//! Concurrency: every write is one `BEGIN IMMEDIATE` transaction (the database write lock is taken
-//! up front, so two processes never both read a count and then both insert), the journal is WAL
-//! (with `synchronous=NORMAL`: durable across process crashes, and a power cut can only lose the
-//! last commits), and a 30 s busy timeout plus a few retries let several worker processes share
-//! one file.
+//! Concurrency on SQLite: every write is one `BEGIN IMMEDIATE` transaction (the database write
+//! lock is taken up front, so two processes never both read a count and then both insert), the
+//! journal is WAL (with `synchronous=NORMAL`: durable across process crashes, and a power cut can
+//! only lose the last commits), and a 30 s busy timeout plus a few retries let several worker
+//! processes share one file. On PostgreSQL (Optuna's own way there): READ COMMITTED writes that
+//! lock the study row while a trial is numbered or a queued trial taken and a trial's row while
+//! it is updated, REPEATABLE READ snapshots for reads, retries on serialization failures, and a
+//! reconnect when the server goes away.
 //!
 //! Heartbeats (`trial_heartbeats`) follow Optuna's RDBStorage: a RUNNING trial whose heartbeat is
 //! older than the grace period is stale; [`Storage::fail_stale_trials`] marks it FAIL and, like
@@ -24,9 +28,10 @@
 //! system attributes `failed_trial` and `retry_history`. RUNNING trials without any heartbeat
 //! (from `ask`, or Python without heartbeats) are never considered stale, as in Optuna.
 //!
-//! Files: `database.rs` opens the database (URLs, schema, transactions), `trials.rs` writes the
-//! trial lifecycle, `heartbeat.rs` fails and re-queues stale trials, `rows.rs` decodes rows into
-//! trials; this file holds the types, the study operations and the (cached) trial reads.
+//! Files: `sql.rs` runs a statement on either database, `database.rs` opens the database (URLs,
+//! schema, transactions), `trials.rs` writes the trial lifecycle, `heartbeat.rs` fails and
+//! re-queues stale trials, `rows.rs` decodes rows into trials; this file holds the types, the
+//! study operations and the (cached) trial reads.
 
 mod database;
 mod heartbeat;
