@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::Storage;
 use super::sql::{Tx, sql_params};
-use super::trials::{insert_trial, retry_template, trial_for_update, upsert_attr};
+use super::trials::{insert_trial, lock_study, retry_template, trial_for_update, upsert_attr};
 use crate::pyjson;
 use crate::trial::UtcDateTime;
 use anyhow::{Context, Result};
@@ -102,6 +102,7 @@ impl Storage {
                 &sql_params![trial_id, UtcDateTime::now().format()],
             )?;
             if let Some(retry) = retry_template(&trial, max_retry) {
+                lock_study(tx, study_id)?;
                 insert_trial(tx, study_id, &retry)?;
             }
             Ok(true)

@@ -25,7 +25,10 @@ impl Storage {
     /// Creates a trial from a template in one transaction (Optuna's `create_new_trial`) and
     /// returns it as stored.
     pub fn create_trial(&mut self, study_id: i64, template: &NewTrial) -> Result<FrozenTrial> {
-        let trial_id = self.write(|tx| insert_trial(tx, study_id, template))?;
+        let trial_id = self.write(|tx| {
+            lock_study(tx, study_id)?;
+            insert_trial(tx, study_id, template)
+        })?;
         self.trial(trial_id)
     }
 
@@ -150,7 +153,8 @@ impl Storage {
             bail!("objective value NaN cannot be stored; tell the trial FAIL instead");
         }
         self.write(|tx| {
-            if let Some((_, _, current)) = trial_for_update(tx, trial_id)?
+            let row = trial_for_update(tx, trial_id)?;
+            if let Some((_, _, current)) = row
                 && current == state
                 && state.is_finished()
                 && stored_values(tx, trial_id)? == values.map(<[f64]>::to_vec).unwrap_or_default()
@@ -159,7 +163,7 @@ impl Storage {
                 // reply, when the first run had committed.
                 return Ok(());
             }
-            check_updatable(tx, trial_id)?;
+            require_updatable(trial_id, row)?;
             if let Some(vs) = values {
                 for (objective, v) in vs.iter().enumerate() {
                     let (stored, kind) = value_to_stored(*v);
@@ -193,7 +197,10 @@ impl Storage {
     /// of its worker, not its parameters (e.g. evicted from a trial array that ran out of memory).
     pub fn requeue_trial(&mut self, study_id: i64, trial: &FrozenTrial) -> Result<()> {
         let Some(retry) = retry_template(trial, None) else { return Ok(()) };
-        self.write(|tx| insert_trial(tx, study_id, &retry).map(|_| ()))
+        self.write(|tx| {
+            lock_study(tx, study_id)?;
+            insert_trial(tx, study_id, &retry).map(|_| ())
+        })
     }
 }
 
@@ -280,17 +287,21 @@ fn stored_values(tx: &mut Tx, trial_id: i64) -> Result<Vec<f64>> {
 
 /// (study_id, state) of a trial that may still be written to.
 fn check_updatable(tx: &mut Tx, trial_id: i64) -> Result<(i64, TrialState)> {
-    let Some((study_id, number, state)) = trial_for_update(tx, trial_id)? else {
-        bail!("no trial with trial_id {trial_id}")
-    };
+    require_updatable(trial_id, trial_for_update(tx, trial_id)?)
+}
+
+/// (study_id, state) of the trial whose row [`trial_for_update`] read, if it may still be written.
+fn require_updatable(trial_id: i64, row: Option<(i64, i64, TrialState)>) -> Result<(i64, TrialState)> {
+    let Some((study_id, number, state)) = row else { bail!("no trial with trial_id {trial_id}") };
     if state.is_finished() {
         bail!("trial {number} is already finished with state {state} and cannot be updated");
     }
     Ok((study_id, state))
 }
 
+/// Inserts a trial and numbers it; the caller has locked the study ([`lock_study`]), so the count
+/// that numbers it cannot race another worker's.
 pub(super) fn insert_trial(tx: &mut Tx, study_id: i64, t: &NewTrial) -> Result<i64> {
-    lock_study(tx, study_id)?;
     let trial_id: i64 = tx
         .row(
         "INSERT INTO trials (number, study_id, state, datetime_start, datetime_complete) VALUES (NULL, ?1, ?2, ?3, ?4) \
