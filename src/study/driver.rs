@@ -40,7 +40,7 @@ use crate::search::pruner::Pruner;
 use crate::search::sampler::{Sampler, StudyView, suggest_params};
 use crate::search::space::SearchSpace;
 use crate::trial::protocol::{EpochMetrics, TrialEnd, TrialHost, TrialRunner, Verdict};
-use crate::trial::{FrozenTrial, ParamSet, StudyDirection, TrialParam, TrialState};
+use crate::trial::{FrozenTrial, ParamSet, StudyDirection, TrialState};
 
 /// Driver settings.
 #[derive(Clone, Debug)]
@@ -236,36 +236,21 @@ pub fn ask(
     opts: &AskOptions,
 ) -> Result<StartOutcome> {
     let direction = study.direction()?;
-    let trial = match storage.start_trial(study.study_id, opts.target, opts.heartbeat)? {
-        StartOutcome::Started(t) => t,
-        reached => return Ok(reached),
-    };
-    if let Some(seed) = opts.seed {
-        sampler.reseed(trial_seed(seed, trial.number));
-    }
-    let params = {
-        let trials = storage.study_trials(study.study_id)?;
+    let mut choose = |trial: &FrozenTrial, trials: &[FrozenTrial]| {
+        if let Some(seed) = opts.seed {
+            sampler.reseed(trial_seed(seed, trial.number));
+        }
         let view = StudyView { study_name: &study.name, direction, trials };
-        let filtered = pruner.and_then(|p| p.filter_trials_for_sampler(&view, &trial));
+        let filtered = pruner.and_then(|p| p.filter_trials_for_sampler(&view, trial));
         let view = match &filtered {
             Some(ts) => StudyView { trials: ts, ..view },
             None => view,
         };
-        suggest_params(sampler, &view, &trial, space)
-            .with_context(|| format!("sampling parameters for trial {}", trial.number))?
+        suggest_params(sampler, &view, trial, space)
+            .with_context(|| format!("sampling parameters for trial {}", trial.number))
     };
-    let new: Vec<_> = params.into_iter().filter(|(name, _, _)| trial.param(name).is_none()).collect();
-    if new.is_empty() {
-        return Ok(StartOutcome::Started(trial));
-    }
-    storage.set_trial_params(trial.trial_id, &new)?;
-    // The stored trial is the started one plus these params; no need to read it back.
-    let mut trial = trial;
-    for (name, internal, distribution) in new {
-        let value = distribution.to_external(internal)?;
-        trial.params.push(TrialParam { name, internal, value, distribution });
-    }
-    Ok(StartOutcome::Started(trial))
+    // One transaction: start, read the history, sample, store the parameters.
+    storage.start_trial_with_params(study.study_id, opts.target, opts.heartbeat, &mut choose)
 }
 
 /// Asks `k` trials at once. Each sees the previous ones as RUNNING, so with constant liar (TPE's

@@ -246,6 +246,14 @@ fn is_disconnect(err: &anyhow::Error) -> bool {
     })
 }
 
+/// How [`Storage::transaction`] opens its transaction.
+#[derive(Clone, Copy)]
+enum Access {
+    Write,
+    Read,
+    OneStatement,
+}
+
 /// An open connection to either database.
 pub(super) enum Connected {
     Sqlite(Connection),
@@ -308,7 +316,13 @@ impl Storage {
                 StatementCache::new(),
             ),
         };
-        let mut storage = Storage { conn, location, url: shown.clone(), cache: HashMap::new() };
+        let mut storage = Storage {
+            conn,
+            location,
+            url: shown.clone(),
+            cache: HashMap::new(),
+            verified_distributions: HashMap::new(),
+        };
         if let Err(e) = storage.configure() {
             // SQLite only looks at the file on the first statement, so this is where a file that
             // is not a database (a CSV, a JSON journal passed by mistake) shows up.
@@ -426,33 +440,41 @@ impl Storage {
     /// with retries on serialization failures and deadlocks, and a reconnect when the server went
     /// away.
     pub fn write<T>(&mut self, mut f: impl FnMut(&mut Tx) -> Result<T>) -> Result<T> {
-        self.transaction(false, &mut f)
+        self.transaction(Access::Write, &mut f)
     }
 
     /// Runs `f` in one read transaction, so that several queries see one snapshot.
     pub(super) fn read<T>(&mut self, mut f: impl FnMut(&mut Tx) -> Result<T>) -> Result<T> {
-        self.transaction(true, &mut f)
+        self.transaction(Access::Read, &mut f)
     }
 
-    fn transaction<T>(&mut self, read_only: bool, f: &mut dyn FnMut(&mut Tx) -> Result<T>) -> Result<T> {
+    /// Runs `f`, which makes exactly one read statement: on PostgreSQL without BEGIN/COMMIT
+    /// (a statement is its own snapshot), so it costs one round trip.
+    pub(super) fn read_statement<T>(&mut self, mut f: impl FnMut(&mut Tx) -> Result<T>) -> Result<T> {
+        self.transaction(Access::OneStatement, &mut f)
+    }
+
+    fn transaction<T>(&mut self, access: Access, f: &mut dyn FnMut(&mut Tx) -> Result<T>) -> Result<T> {
         let mut attempt = 0;
         loop {
             let result = (|| {
                 let mut tx = match &mut self.conn {
-                    Connected::Sqlite(conn) => Tx::Sqlite(conn.transaction_with_behavior(if read_only {
-                        TransactionBehavior::Deferred
-                    } else {
-                        TransactionBehavior::Immediate
+                    Connected::Sqlite(conn) => Tx::Sqlite(conn.transaction_with_behavior(match access {
+                        Access::Write => TransactionBehavior::Immediate,
+                        Access::Read | Access::OneStatement => TransactionBehavior::Deferred,
                     })?),
-                    Connected::Postgres(client, cache) => {
-                        let mut builder = client.build_transaction();
-                        if read_only {
-                            builder = builder
+                    Connected::Postgres(client, cache) => match access {
+                        Access::Write => Tx::Postgres(client.transaction()?, cache),
+                        Access::Read => Tx::Postgres(
+                            client
+                                .build_transaction()
                                 .read_only(true)
-                                .isolation_level(postgres::IsolationLevel::RepeatableRead);
-                        }
-                        Tx::Postgres(builder.start()?, cache)
-                    }
+                                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                                .start()?,
+                            cache,
+                        ),
+                        Access::OneStatement => Tx::PostgresAutocommit(client, cache),
+                    },
                 };
                 let out = f(&mut tx)?;
                 tx.commit()?;

@@ -55,7 +55,7 @@ pub use database::{
     ALEMBIC_VERSION, BUSY_TIMEOUT, LIBRARY_VERSION, SCHEMA_VERSION, StorageLocation,
     check_database_directory, parse_storage_url, redact_url,
 };
-use sql::sql_params;
+use sql::{Tx, sql_params};
 
 /// What a new trial starts with (Optuna's "template trial" of `create_new_trial`).
 #[derive(Clone, Debug)]
@@ -123,6 +123,9 @@ pub struct Storage {
     /// so a refresh only reads new trials and the ones that were unfinished (Optuna's RDB
     /// storage caches the same way).
     cache: HashMap<i64, Vec<FrozenTrial>>,
+    /// (study_id, parameter name) → the distribution JSON checked against the study's stored
+    /// one: checked once per connection, not on every `set_trial_params`.
+    verified_distributions: HashMap<(i64, String), String>,
 }
 
 impl Storage {
@@ -261,7 +264,7 @@ impl Storage {
 
     /// One trial by its database id.
     pub fn trial(&mut self, trial_id: i64) -> Result<FrozenTrial> {
-        let mut trials = self.read(|tx| load_trials(tx, TrialFilter::Id(trial_id)))?;
+        let mut trials = self.read_statement(|tx| load_trials(tx, TrialFilter::Id(trial_id)))?.trials;
         trials.pop().ok_or_else(|| anyhow!("no trial with trial_id {trial_id}"))
     }
 
@@ -293,25 +296,10 @@ impl Storage {
     /// All trials of a study ordered by `trial_id`, borrowed from the cache after bringing it up
     /// to date: only trials added since the last read and those that were unfinished are read.
     pub fn study_trials(&mut self, study_id: i64) -> Result<&[FrozenTrial]> {
-        let cached = self.cache.remove(&study_id).unwrap_or_default();
-        let after = cached.iter().map(|t| t.trial_id).max().unwrap_or(0);
-        let unfinished: Vec<i64> =
-            cached.iter().filter(|t| !t.state.is_finished()).map(|t| t.trial_id).collect();
-        let ids_json = format!("[{}]", unfinished.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
-        let (fresh, count) = self.read(|tx| {
-            let fresh =
-                load_trials(tx, TrialFilter::Refresh { study_id, after, ids_json: ids_json.clone() })?;
-            let count: i64 =
-                tx.row("SELECT COUNT(*) FROM trials WHERE study_id = ?1", &sql_params![study_id])?.get(0)?;
-            Ok((fresh, count))
-        })?;
-        let mut trials: Vec<FrozenTrial> = cached.into_iter().filter(|t| t.state.is_finished()).collect();
-        trials.extend(fresh);
-        trials.sort_unstable_by_key(|t| t.trial_id);
-        if trials.len() as i64 != count {
-            // Trials were deleted behind our back (e.g. `optuna delete-study`): read everything.
-            trials = self.read(|tx| load_trials(tx, TrialFilter::Study(study_id)))?;
-        }
+        // A retried read starts from an empty cache (the first try consumed it).
+        let mut cached = self.cache.remove(&study_id);
+        let trials =
+            self.read_statement(|tx| refresh_cached(tx, study_id, cached.take().unwrap_or_default(), None))?;
         Ok(self.cache.entry(study_id).or_insert(trials))
     }
 
@@ -345,7 +333,30 @@ impl Storage {
     }
 }
 
-/// The best COMPLETE trial among `trials`.
+/// `cached` (a study's trials as last read, by trial_id) brought up to date: only trials added
+/// since and those that were unfinished are read, in one statement. If the study then holds
+/// another number of trials than were read (`study_trial_count` when the caller knows it, counted
+/// in the same statement otherwise), trials were deleted behind our back (e.g. `optuna
+/// delete-study`) and everything is read again.
+pub(super) fn refresh_cached(
+    tx: &mut Tx,
+    study_id: i64,
+    cached: Vec<FrozenTrial>,
+    study_trial_count: Option<i64>,
+) -> Result<Vec<FrozenTrial>> {
+    let after = cached.iter().map(|t| t.trial_id).max().unwrap_or(0);
+    let unfinished: Vec<i64> = cached.iter().filter(|t| !t.state.is_finished()).map(|t| t.trial_id).collect();
+    let count = study_trial_count.is_none();
+    let fresh = load_trials(tx, TrialFilter::Refresh { study_id, after, unfinished, count })?;
+    let mut trials: Vec<FrozenTrial> = cached.into_iter().filter(|t| t.state.is_finished()).collect();
+    trials.extend(fresh.trials);
+    trials.sort_unstable_by_key(|t| t.trial_id);
+    if Some(trials.len() as i64) != study_trial_count.or(fresh.study_trial_count) {
+        trials = load_trials(tx, TrialFilter::Study(study_id))?.trials;
+    }
+    Ok(trials)
+}
+
 pub fn best_of(trials: &[FrozenTrial], direction: StudyDirection) -> Option<&FrozenTrial> {
     let mut best: Option<(&FrozenTrial, f64)> = None;
     for t in trials.iter().filter(|t| t.state == TrialState::Complete) {

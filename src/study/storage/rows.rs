@@ -1,4 +1,4 @@
-//! Decoding rows: trials into [`FrozenTrial`]s (one query per table), study directions, attribute
+//! Decoding rows: trials into [`FrozenTrial`]s (one statement for all tables), study directions, attribute
 //! maps, and Optuna's column encodings of values (`FINITE`/`INF_POS`/`INF_NEG`/`NAN`, both ways)
 //! and datetimes.
 
@@ -64,140 +64,172 @@ pub(super) fn attrs_of(tx: &mut Tx, sql: &str, id: i64) -> Result<BTreeMap<Strin
 pub(super) enum TrialFilter {
     Id(i64),
     Study(i64),
-    /// The study's trials with `trial_id > after`, plus those listed (JSON array of ids).
+    /// The study's trials with `trial_id > after`, plus those listed (the ones the cache holds
+    /// unfinished); with `count`, the rows also carry the study's trial count.
     Refresh {
         study_id: i64,
         after: i64,
-        ids_json: String,
+        unfinished: Vec<i64>,
+        count: bool,
     },
 }
 
-/// Loads trials with one query per table (not one per trial), grouping rows by trial_id.
-pub(super) fn load_trials(tx: &mut Tx, filter: TrialFilter) -> Result<Vec<FrozenTrial>> {
-    let (cond, params) = match filter {
-        TrialFilter::Id(id) => ("t.trial_id = ?1", sql_params![id].to_vec()),
-        TrialFilter::Study(id) => ("t.study_id = ?1", sql_params![id].to_vec()),
-        TrialFilter::Refresh { study_id, after, ids_json } if tx.is_postgres() => (
-            "t.study_id = ?1 AND (t.trial_id > ?2 OR t.trial_id IN \
-             (SELECT CAST(value AS INTEGER) FROM json_array_elements_text(CAST(?3 AS json))))",
-            sql_params![study_id, after, ids_json].to_vec(),
-        ),
-        TrialFilter::Refresh { study_id, after, ids_json } => (
-            // `+` keeps SQLite off the study_id index: the rowid range and lookups touch only the
-            // few rows that can have changed instead of scanning the whole study.
-            // `(SELECT ?2)` rather than `?2`: with a bare parameter, SQLite (built with STAT4)
-            // re-plans the statement every time a new value is bound.
-            "+t.study_id = ?1 AND (t.trial_id > (SELECT ?2) OR t.trial_id IN (SELECT value FROM json_each(?3)))",
-            sql_params![study_id, after, ids_json].to_vec(),
-        ),
+/// What [`load_trials`] read: the trials, and the study's trial count if it was asked for.
+pub(super) struct LoadedTrials {
+    pub trials: Vec<FrozenTrial>,
+    pub study_trial_count: Option<i64>,
+}
+
+/// Which table a row of [`load_trials`]' statement comes from (its first column).
+const TRIAL_ROW: i64 = 0;
+const PARAM_ROW: i64 = 1;
+const VALUE_ROW: i64 = 2;
+const INTERMEDIATE_ROW: i64 = 3;
+const USER_ATTR_ROW: i64 = 4;
+const SYSTEM_ATTR_ROW: i64 = 5;
+const COUNT_ROW: i64 = 6;
+
+/// Loads trials in one statement: the trials' rows and their params, values, intermediate values
+/// and attributes as one `UNION ALL` (columns: kind, trial_id, order, name, integer, number, text,
+/// start, complete). One statement is one round trip and, on PostgreSQL, one snapshot even
+/// outside a transaction.
+pub(super) fn load_trials(tx: &mut Tx, filter: TrialFilter) -> Result<LoadedTrials> {
+    let postgres = tx.is_postgres();
+    let (cond, params, count) = match filter {
+        TrialFilter::Id(id) => ("t.trial_id = ?1", sql_params![id].to_vec(), false),
+        TrialFilter::Study(id) => ("t.study_id = ?1", sql_params![id].to_vec(), false),
+        TrialFilter::Refresh { study_id, after, unfinished, count } => {
+            let ids = unfinished.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+            if postgres {
+                // `= ANY(array)` keeps both branches on the primary key (a bitmap OR).
+                (
+                    "t.study_id = ?1 AND (t.trial_id > ?2 OR t.trial_id = ANY(CAST(CAST(?3 AS TEXT) AS BIGINT[])))",
+                    sql_params![study_id, after, format!("{{{ids}}}")].to_vec(),
+                    count,
+                )
+            } else {
+                (
+                    // `+` keeps SQLite off the study_id index: the rowid range and lookups touch
+                    // only the few rows that can have changed instead of scanning the whole study.
+                    // `(SELECT ?2)` rather than `?2`: with a bare parameter, SQLite (built with
+                    // STAT4) re-plans the statement every time a new value is bound.
+                    "+t.study_id = ?1 AND (t.trial_id > (SELECT ?2) OR t.trial_id IN (SELECT value FROM json_each(?3)))",
+                    sql_params![study_id, after, format!("[{ids}]")].to_vec(),
+                    count,
+                )
+            }
+        }
     };
-    let mut trials = Vec::new();
-    let mut index: HashMap<i64, usize> = HashMap::new();
-    let sql = format!(
-        "SELECT t.trial_id, t.number, t.state, t.datetime_start, t.datetime_complete FROM trials t \
-         WHERE {cond} ORDER BY t.trial_id"
-    );
-    for r in tx.rows(&sql, &params)? {
-        let trial_id: i64 = r.get(0)?;
-        let number: Option<i64> = r.get(1)?;
-        let state: String = r.get(2)?;
-        let ctx = || format!("trial_id {trial_id}");
-        let trial = FrozenTrial {
-            trial_id,
-            number: number
-                .and_then(|n| u64::try_from(n).ok())
-                .ok_or_else(|| anyhow!("trial_id {trial_id} has no valid number"))?,
-            state: TrialState::parse(&state).with_context(ctx)?,
-            values: None,
-            datetime_start: parse_datetime(r.get(3)?).with_context(ctx)?,
-            datetime_complete: parse_datetime(r.get(4)?).with_context(ctx)?,
-            params: Vec::new(),
-            user_attrs: BTreeMap::new(),
-            system_attrs: BTreeMap::new(),
-            intermediate_values: BTreeMap::new(),
-        };
-        index.insert(trial_id, trials.len());
-        trials.push(trial);
-    }
-    if trials.is_empty() {
-        return Ok(trials);
-    }
     // `IN (subquery)` rather than a join: SQLite then looks rows up through the (trial_id, ...)
     // unique index for just the selected trials, where a join would scan the whole table.
-    let join = |table: &str, cols: &str, order: &str| {
+    let of_trials = format!("x.trial_id IN (SELECT t.trial_id FROM trials t WHERE {cond})");
+    let count_arm = if count {
         format!(
-            "SELECT x.trial_id, {cols} FROM {table} x \
-             WHERE x.trial_id IN (SELECT t.trial_id FROM trials t WHERE {cond}) ORDER BY {order}"
+            " UNION ALL SELECT {COUNT_ROW}, COUNT(*), 0, NULL, NULL, NULL, NULL, NULL, NULL FROM trials WHERE study_id = ?1"
         )
+    } else {
+        String::new()
     };
-    let mut dist_cache: HashMap<String, Distribution> = HashMap::new();
-    let sql = join("trial_params", "x.param_name, x.param_value, x.distribution_json", "x.param_id");
-    for r in tx.rows(&sql, &params)? {
-        let trial_id: i64 = r.get(0)?;
-        let name: String = r.get(1)?;
-        let internal: f64 = r.get(2)?;
-        let json: String = r.get(3)?;
-        let dist = match dist_cache.get(&json) {
-            Some(d) => d.clone(),
-            None => {
-                let d = Distribution::from_json(&json)
-                    .with_context(|| format!("trial_id {trial_id}: parameter {name:?}"))?;
-                dist_cache.insert(json, d.clone());
-                d
-            }
-        };
-        let value =
-            dist.to_external(internal).with_context(|| format!("trial_id {trial_id}: parameter {name:?}"))?;
-        if let Some(&i) = index.get(&trial_id) {
-            trials[i].params.push(TrialParam { name, internal, value, distribution: dist });
-        }
-    }
-    let sql = join("trial_values", "x.objective, x.value, x.value_type", "x.trial_id, x.objective");
-    for r in tx.rows(&sql, &params)? {
-        let trial_id: i64 = r.get(0)?;
-        let objective: i64 = r.get(1)?;
-        let v = stored_to_value(r.get(2)?, &r.get::<String>(3)?)
-            .with_context(|| format!("trial_values of trial_id {trial_id}"))?;
-        if let Some(&i) = index.get(&trial_id) {
-            let values = trials[i].values.get_or_insert_with(Vec::new);
-            let objective = usize::try_from(objective).map_err(|_| anyhow!("negative objective index"))?;
-            if values.len() <= objective {
-                values.resize(objective + 1, 0.0);
-            }
-            values[objective] = v;
-        }
-    }
-    let sql = join(
-        "trial_intermediate_values",
-        "x.step, x.intermediate_value, x.intermediate_value_type",
-        "x.trial_intermediate_value_id",
+    let sql = format!(
+        "SELECT {TRIAL_ROW} AS kind, t.trial_id, t.trial_id AS ord, CAST(t.state AS TEXT), CAST(t.number AS BIGINT), \
+           CAST(NULL AS DOUBLE PRECISION), CAST(NULL AS TEXT), t.datetime_start, t.datetime_complete \
+           FROM trials t WHERE {cond} \
+         UNION ALL SELECT {PARAM_ROW}, x.trial_id, x.param_id, x.param_name, NULL, x.param_value, x.distribution_json, NULL, NULL \
+           FROM trial_params x WHERE {of_trials} \
+         UNION ALL SELECT {VALUE_ROW}, x.trial_id, x.trial_value_id, CAST(x.value_type AS TEXT), CAST(x.objective AS BIGINT), x.value, NULL, NULL, NULL \
+           FROM trial_values x WHERE {of_trials} \
+         UNION ALL SELECT {INTERMEDIATE_ROW}, x.trial_id, x.trial_intermediate_value_id, CAST(x.intermediate_value_type AS TEXT), \
+           CAST(x.step AS BIGINT), x.intermediate_value, NULL, NULL, NULL \
+           FROM trial_intermediate_values x WHERE {of_trials} \
+         UNION ALL SELECT {USER_ATTR_ROW}, x.trial_id, x.trial_user_attribute_id, x.\"key\", NULL, NULL, x.value_json, NULL, NULL \
+           FROM trial_user_attributes x WHERE {of_trials} \
+         UNION ALL SELECT {SYSTEM_ATTR_ROW}, x.trial_id, x.trial_system_attribute_id, x.\"key\", NULL, NULL, x.value_json, NULL, NULL \
+           FROM trial_system_attributes x WHERE {of_trials}{count_arm} \
+         ORDER BY 1, 3"
     );
+    let mut trials: Vec<FrozenTrial> = Vec::new();
+    let mut index: HashMap<i64, usize> = HashMap::new();
+    let mut study_trial_count = None;
+    let mut dist_cache: HashMap<String, Distribution> = HashMap::new();
     for r in tx.rows(&sql, &params)? {
-        let trial_id: i64 = r.get(0)?;
-        let step: i64 = r.get(1)?;
-        let v = stored_to_value(r.get(2)?, &r.get::<String>(3)?)
-            .with_context(|| format!("trial_intermediate_values of trial_id {trial_id}"))?;
-        if let Some(&i) = index.get(&trial_id) {
-            trials[i].intermediate_values.insert(step, v);
+        let kind: i64 = r.get(0)?;
+        let trial_id: i64 = r.get(1)?;
+        if kind == TRIAL_ROW {
+            let number: Option<i64> = r.get(4)?;
+            let ctx = || format!("trial_id {trial_id}");
+            index.insert(trial_id, trials.len());
+            trials.push(FrozenTrial {
+                trial_id,
+                number: number
+                    .and_then(|n| u64::try_from(n).ok())
+                    .ok_or_else(|| anyhow!("trial_id {trial_id} has no valid number"))?,
+                state: TrialState::parse(&r.get::<String>(3)?).with_context(ctx)?,
+                values: None,
+                datetime_start: parse_datetime(r.get(7)?).with_context(ctx)?,
+                datetime_complete: parse_datetime(r.get(8)?).with_context(ctx)?,
+                params: Vec::new(),
+                user_attrs: BTreeMap::new(),
+                system_attrs: BTreeMap::new(),
+                intermediate_values: BTreeMap::new(),
+            });
+            continue;
         }
-    }
-    for (table, id, system) in [
-        ("trial_user_attributes", "x.trial_user_attribute_id", false),
-        ("trial_system_attributes", "x.trial_system_attribute_id", true),
-    ] {
-        for r in tx.rows(&join(table, "x.\"key\", x.value_json", id), &params)? {
-            let trial_id: i64 = r.get(0)?;
-            let key: String = r.get(1)?;
-            let json: Option<String> = r.get(2)?;
-            let value = pyjson::loads(json.as_deref().unwrap_or("null"))
-                .with_context(|| format!("{table} {key:?} of trial_id {trial_id}"))?;
-            if let Some(&i) = index.get(&trial_id) {
-                let map = if system { &mut trials[i].system_attrs } else { &mut trials[i].user_attrs };
+        if kind == COUNT_ROW {
+            study_trial_count = Some(trial_id);
+            continue;
+        }
+        // Rows come ordered by kind, so every trial is indexed before its first child row.
+        let Some(&i) = index.get(&trial_id) else { continue };
+        let trial = &mut trials[i];
+        match kind {
+            PARAM_ROW => {
+                let name: String = r.get(3)?;
+                let internal: f64 = r.get(5)?;
+                let json: String = r.get(6)?;
+                let ctx = || format!("trial_id {trial_id}: parameter {name:?}");
+                let distribution = match dist_cache.get(&json) {
+                    Some(d) => d.clone(),
+                    None => {
+                        let d = Distribution::from_json(&json).with_context(ctx)?;
+                        dist_cache.insert(json, d.clone());
+                        d
+                    }
+                };
+                let value = distribution.to_external(internal).with_context(ctx)?;
+                trial.params.push(TrialParam { name, internal, value, distribution });
+            }
+            VALUE_ROW => {
+                let objective: i64 = r.get(4)?;
+                let v = stored_to_value(r.get(5)?, &r.get::<String>(3)?)
+                    .with_context(|| format!("trial_values of trial_id {trial_id}"))?;
+                let values = trial.values.get_or_insert_with(Vec::new);
+                let objective =
+                    usize::try_from(objective).map_err(|_| anyhow!("negative objective index"))?;
+                if values.len() <= objective {
+                    values.resize(objective + 1, 0.0);
+                }
+                values[objective] = v;
+            }
+            INTERMEDIATE_ROW => {
+                let step: i64 = r.get(4)?;
+                let v = stored_to_value(r.get(5)?, &r.get::<String>(3)?)
+                    .with_context(|| format!("trial_intermediate_values of trial_id {trial_id}"))?;
+                trial.intermediate_values.insert(step, v);
+            }
+            USER_ATTR_ROW | SYSTEM_ATTR_ROW => {
+                let key: String = r.get(3)?;
+                let json: Option<String> = r.get(6)?;
+                let table =
+                    if kind == USER_ATTR_ROW { "trial_user_attributes" } else { "trial_system_attributes" };
+                let value = pyjson::loads(json.as_deref().unwrap_or("null"))
+                    .with_context(|| format!("{table} {key:?} of trial_id {trial_id}"))?;
+                let map = if kind == USER_ATTR_ROW { &mut trial.user_attrs } else { &mut trial.system_attrs };
                 map.insert(key, value);
             }
+            other => bail!("unexpected row kind {other} while loading trials"),
         }
     }
-    Ok(trials)
+    Ok(LoadedTrials { trials, study_trial_count })
 }
 
 #[cfg(test)]

@@ -125,11 +125,14 @@ pub type StatementCache = std::collections::HashMap<String, postgres::Statement>
 pub enum Tx<'c> {
     Sqlite(rusqlite::Transaction<'c>),
     Postgres(postgres::Transaction<'c>, &'c mut StatementCache),
+    /// No transaction: each statement commits on its own (and reads its own snapshot). For
+    /// reads made of one statement, which then cost one round trip instead of three.
+    PostgresAutocommit(&'c mut postgres::Client, &'c mut StatementCache),
 }
 
 impl Tx<'_> {
     pub fn is_postgres(&self) -> bool {
-        matches!(self, Tx::Postgres(..))
+        !matches!(self, Tx::Sqlite(..))
     }
 
     /// Runs a statement; the number of rows it changed.
@@ -142,6 +145,10 @@ impl Tx<'_> {
             Tx::Postgres(tx, cache) => {
                 let stmt = prepared(tx, cache, sql)?;
                 Ok(tx.execute(&stmt, &pg_params(params))?)
+            }
+            Tx::PostgresAutocommit(client, cache) => {
+                let stmt = prepared(*client, cache, sql)?;
+                Ok(client.execute(&stmt, &pg_params(params))?)
             }
         }
     }
@@ -163,14 +170,11 @@ impl Tx<'_> {
             }
             Tx::Postgres(tx, cache) => {
                 let stmt = prepared(tx, cache, sql)?;
-                tx.query(&stmt, &pg_params(params))?
-                    .iter()
-                    .map(|r| {
-                        Ok(SqlRow(
-                            (0..r.len()).map(|i| r.try_get::<_, SqlValue>(i)).collect::<Result<_, _>>()?,
-                        ))
-                    })
-                    .collect()
+                pg_rows(tx.query(&stmt, &pg_params(params))?)
+            }
+            Tx::PostgresAutocommit(client, cache) => {
+                let stmt = prepared(*client, cache, sql)?;
+                pg_rows(client.query(&stmt, &pg_params(params))?)
             }
         }
     }
@@ -189,14 +193,21 @@ impl Tx<'_> {
         match self {
             Tx::Sqlite(tx) => tx.commit()?,
             Tx::Postgres(tx, _) => tx.commit()?,
+            Tx::PostgresAutocommit(..) => {}
         }
         Ok(())
     }
 }
 
 /// The prepared statement for `sql` on this connection, prepared once.
+fn pg_rows(rows: Vec<postgres::Row>) -> Result<Vec<SqlRow>> {
+    rows.iter()
+        .map(|r| Ok(SqlRow((0..r.len()).map(|i| r.try_get::<_, SqlValue>(i)).collect::<Result<_, _>>()?)))
+        .collect()
+}
+
 fn prepared(
-    tx: &mut postgres::Transaction<'_>,
+    tx: &mut impl postgres::GenericClient,
     cache: &mut StatementCache,
     sql: &str,
 ) -> Result<postgres::Statement> {

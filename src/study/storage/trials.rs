@@ -2,18 +2,18 @@
 //! state changes, re-queueing a trial with Optuna's retry template, and the insert helpers they
 //! share.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
 use super::heartbeat::upsert_heartbeat;
-use super::rows::value_to_stored;
-use super::sql::{Tx, sql_params};
-use super::{NewTrial, StartOutcome, Storage};
+use super::rows::{TrialFilter, load_trials, value_to_stored};
+use super::sql::{SqlValue, Tx, sql_params};
+use super::{NewTrial, StartOutcome, Storage, refresh_cached};
 use crate::distributions::Distribution;
 use crate::pyjson;
-use crate::trial::{FrozenTrial, TrialState, UtcDateTime};
+use crate::trial::{FrozenTrial, TrialParam, TrialState, UtcDateTime};
 
 /// A RUNNING trial without a heartbeat still counts towards a target for this long after it
 /// started: an Optuna worker records its first heartbeat a moment after creating the trial, and in
@@ -21,13 +21,18 @@ use crate::trial::{FrozenTrial, TrialState, UtcDateTime};
 /// telling by hand) stop counting after it.
 pub const FRESH_RUNNING_MICROS: i64 = 10_000_000;
 
+/// Picks a starting trial's parameters from it (a WAITING trial may carry some) and the study's
+/// trials: (name, internal value, distribution) for each.
+pub type ChooseParams<'a> =
+    dyn FnMut(&FrozenTrial, &[FrozenTrial]) -> Result<Vec<(String, f64, Distribution)>> + 'a;
+
 impl Storage {
     /// Creates a trial from a template in one transaction (Optuna's `create_new_trial`) and
     /// returns it as stored.
     pub fn create_trial(&mut self, study_id: i64, template: &NewTrial) -> Result<FrozenTrial> {
         let trial_id = self.write(|tx| {
             lock_study(tx, study_id)?;
-            insert_trial(tx, study_id, template)
+            insert_trial(tx, study_id, template).map(|(trial_id, _)| trial_id)
         })?;
         self.trial(trial_id)
     }
@@ -45,6 +50,33 @@ impl Storage {
         target: Option<u64>,
         heartbeat: bool,
     ) -> Result<StartOutcome> {
+        self.start(study_id, target, heartbeat, None)
+    }
+
+    /// [`Storage::start_trial`], and in the same transaction the study's trials brought up to
+    /// date (the new one included) and the parameters `choose` picks from them stored for the new
+    /// trial: one commit and a few round trips for an `ask`. On SQLite the database, on PostgreSQL
+    /// the study's row, stays locked while `choose` runs. `choose` may run again when the
+    /// transaction is retried; an error from it starts no trial.
+    pub fn start_trial_with_params(
+        &mut self,
+        study_id: i64,
+        target: Option<u64>,
+        heartbeat: bool,
+        choose: &mut ChooseParams,
+    ) -> Result<StartOutcome> {
+        self.start(study_id, target, heartbeat, Some(choose))
+    }
+
+    fn start(
+        &mut self,
+        study_id: i64,
+        target: Option<u64>,
+        heartbeat: bool,
+        mut choose: Option<&mut ChooseParams>,
+    ) -> Result<StartOutcome> {
+        let mut cached = if choose.is_some() { self.cache.remove(&study_id) } else { None };
+        let verified = std::mem::take(&mut self.verified_distributions);
         let started = self.write(|tx| {
             // On PostgreSQL, workers start trials of one study one at a time (the study row is
             // locked): the target count and the WAITING trial taken are then decided by one.
@@ -71,36 +103,94 @@ impl Storage {
                 )?
                 .map(|r| r.get(0))
                 .transpose()?;
-            let trial_id = match waiting {
+            let inserted = waiting.is_none();
+            let trial = match waiting {
                 Some(id) => {
                     tx.exec("UPDATE trials SET state = 'RUNNING', datetime_start = ?2 WHERE trial_id = ?1",
                         &sql_params![id, now],
                     )?;
-                    id
+                    let mut loaded = load_trials(tx, TrialFilter::Id(id))?.trials;
+                    loaded.pop().ok_or_else(|| anyhow!("trial_id {id} vanished while starting it"))?
                 }
-                None => insert_trial(tx, study_id, &NewTrial::new(TrialState::Running))?,
+                None => {
+                    // A new trial is all in the template: no need to read it back.
+                    let template = NewTrial::new(TrialState::Running);
+                    let (trial_id, number) = insert_trial(tx, study_id, &template)?;
+                    FrozenTrial {
+                        trial_id,
+                        number,
+                        state: TrialState::Running,
+                        values: None,
+                        datetime_start: template.datetime_start,
+                        datetime_complete: None,
+                        params: Vec::new(),
+                        user_attrs: BTreeMap::new(),
+                        system_attrs: BTreeMap::new(),
+                        intermediate_values: BTreeMap::new(),
+                    }
+                }
             };
             if heartbeat {
-                upsert_heartbeat(tx, trial_id)?;
+                upsert_heartbeat(tx, trial.trial_id)?;
             }
-            Ok(Ok(trial_id))
-        })?;
-        match started {
-            Ok(trial_id) => Ok(StartOutcome::Started(self.trial(trial_id)?)),
-            Err(outcome) => Ok(outcome),
+            let Some(choose) = choose.as_deref_mut() else { return Ok(Ok((trial, None))) };
+            // A retried transaction starts from an empty cache (the first try consumed it).
+            // A new trial's number is the count of the study's trials before it (the study is locked).
+            let count = inserted.then(|| trial.number as i64 + 1);
+            let trials = refresh_cached(tx, study_id, cached.take().unwrap_or_default(), count)?;
+            let mut trial = trial;
+            let new: Vec<_> = choose(&trial, &trials)?
+                .into_iter()
+                .filter(|(name, _, _)| trial.param(name).is_none())
+                .collect();
+            for param in &new {
+                check_param(tx, study_id, param, &verified)?;
+            }
+            insert_params(tx, trial.trial_id, &new)?;
+            for (name, internal, distribution) in new {
+                let value = distribution.to_external(internal)?;
+                trial.params.push(TrialParam { name, internal, value, distribution });
+            }
+            Ok(Ok((trial, Some(trials))))
+        });
+        self.verified_distributions = verified;
+        match started? {
+            Ok((trial, trials)) => {
+                for p in &trial.params {
+                    self.verified_distributions.insert((study_id, p.name.clone()), p.distribution.to_json());
+                }
+                if let Some(trials) = trials {
+                    self.cache.insert(study_id, trials);
+                }
+                Ok(StartOutcome::Started(trial))
+            }
+            Err(outcome) => {
+                if let Some(trials) = cached {
+                    self.cache.insert(study_id, trials);
+                }
+                Ok(outcome)
+            }
         }
     }
 
     /// Stores several parameters of a not-yet-finished trial in one transaction, checking each
     /// against the distribution the study already uses for that name.
     pub fn set_trial_params(&mut self, trial_id: i64, items: &[(String, f64, Distribution)]) -> Result<()> {
-        self.write(|tx| {
+        let verified = std::mem::take(&mut self.verified_distributions);
+        let stored = self.write(|tx| {
             let (study_id, _) = check_updatable(tx, trial_id)?;
-            for (name, internal, dist) in items {
-                insert_param(tx, study_id, trial_id, name, *internal, dist)?;
+            for param in items {
+                check_param(tx, study_id, param, &verified)?;
             }
-            Ok(())
-        })
+            insert_params(tx, trial_id, items)?;
+            Ok(study_id)
+        });
+        self.verified_distributions = verified;
+        let study_id = stored?;
+        for (name, _, dist) in items {
+            self.verified_distributions.insert((study_id, name.clone()), dist.to_json());
+        }
+        Ok(())
     }
 
     /// Records one intermediate value and user attributes (JSON text) in one transaction.
@@ -153,17 +243,40 @@ impl Storage {
             bail!("objective value NaN cannot be stored; tell the trial FAIL instead");
         }
         self.write(|tx| {
-            let row = trial_for_update(tx, trial_id)?;
-            if let Some((_, _, current)) = row
-                && current == state
-                && state.is_finished()
-                && stored_values(tx, trial_id)? == values.map(<[f64]>::to_vec).unwrap_or_default()
-            {
-                // Already done: this is a write run again after the server went away with its
-                // reply, when the first run had committed.
-                return Ok(());
+            // The update comes first: it locks the row and tells whether the trial could still
+            // be changed, in one round trip.
+            let now = UtcDateTime::now().format();
+            let unfinished = "state NOT IN ('COMPLETE', 'PRUNED', 'FAIL')";
+            let updated = if state == TrialState::Running {
+                tx.exec(
+                    &format!("UPDATE trials SET state = 'RUNNING', datetime_start = ?2 WHERE trial_id = ?1 AND {unfinished}"),
+                    &sql_params![trial_id, now],
+                )?
+            } else if state.is_finished() {
+                tx.exec(
+                    &format!("UPDATE trials SET state = ?2, datetime_complete = ?3 WHERE trial_id = ?1 AND {unfinished}"),
+                    &sql_params![trial_id, state.as_str(), now],
+                )?
+            } else {
+                tx.exec(
+                    &format!("UPDATE trials SET state = ?2 WHERE trial_id = ?1 AND {unfinished}"),
+                    &sql_params![trial_id, state.as_str()],
+                )?
+            };
+            if updated == 0 {
+                let row = trial_for_update(tx, trial_id)?;
+                if let Some((_, _, current)) = row
+                    && current == state
+                    && state.is_finished()
+                    && stored_values(tx, trial_id)? == values.map(<[f64]>::to_vec).unwrap_or_default()
+                {
+                    // Already done: this is a write run again after the server went away with
+                    // its reply, when the first run had committed.
+                    return Ok(());
+                }
+                require_updatable(trial_id, row)?;
+                bail!("trial_id {trial_id} could not be updated");
             }
-            require_updatable(trial_id, row)?;
             if let Some(vs) = values {
                 for (objective, v) in vs.iter().enumerate() {
                     let (stored, kind) = value_to_stored(*v);
@@ -175,18 +288,6 @@ impl Storage {
             }
             for (k, v) in system_attrs {
                 upsert_attr(tx, "trial_system_attributes", trial_id, k, v)?;
-            }
-            let now = UtcDateTime::now().format();
-            if state == TrialState::Running {
-                tx.exec("UPDATE trials SET state = 'RUNNING', datetime_start = ?2 WHERE trial_id = ?1",
-                    &sql_params![trial_id, now],
-                )?;
-            } else if state.is_finished() {
-                tx.exec("UPDATE trials SET state = ?2, datetime_complete = ?3 WHERE trial_id = ?1",
-                    &sql_params![trial_id, state.as_str(), now],
-                )?;
-            } else {
-                tx.exec("UPDATE trials SET state = ?2 WHERE trial_id = ?1", &sql_params![trial_id, state.as_str()])?;
             }
             Ok(())
         })
@@ -301,19 +402,21 @@ fn require_updatable(trial_id: i64, row: Option<(i64, i64, TrialState)>) -> Resu
 
 /// Inserts a trial and numbers it; the caller has locked the study ([`lock_study`]), so the count
 /// that numbers it cannot race another worker's.
-pub(super) fn insert_trial(tx: &mut Tx, study_id: i64, t: &NewTrial) -> Result<i64> {
-    let trial_id: i64 = tx
-        .row(
-        "INSERT INTO trials (number, study_id, state, datetime_start, datetime_complete) VALUES (NULL, ?1, ?2, ?3, ?4) \
-         RETURNING trial_id",
+pub(super) fn insert_trial(tx: &mut Tx, study_id: i64, t: &NewTrial) -> Result<(i64, u64)> {
+    // The number is Optuna's count_past_trials (the study's trials with a smaller trial_id),
+    // computed in the statement that inserts: with the study locked, every trial of the study
+    // already has a smaller trial_id, so the count is unique and gap-free.
+    let row = tx.row(
+        "INSERT INTO trials (number, study_id, state, datetime_start, datetime_complete) \
+         VALUES ((SELECT COUNT(*) FROM trials WHERE study_id = ?1), ?1, ?2, ?3, ?4) RETURNING trial_id, number",
         &sql_params![
             study_id,
             t.state.as_str(),
             t.datetime_start.map(UtcDateTime::format),
             t.datetime_complete.map(UtcDateTime::format)
         ],
-    )?
-    .get(0)?;
+    )?;
+    let (trial_id, number): (i64, i64) = (row.get(0)?, row.get(1)?);
     if let Some(values) = &t.values {
         for (objective, v) in values.iter().enumerate() {
             let (stored, kind) = value_to_stored(*v);
@@ -323,9 +426,10 @@ pub(super) fn insert_trial(tx: &mut Tx, study_id: i64, t: &NewTrial) -> Result<i
             )?;
         }
     }
-    for (name, internal, dist) in &t.params {
-        insert_param(tx, study_id, trial_id, name, *internal, dist)?;
+    for param in &t.params {
+        check_param(tx, study_id, param, &HashMap::new())?;
     }
+    insert_params(tx, trial_id, &t.params)?;
     for (k, v) in &t.user_attrs {
         upsert_attr(tx, "trial_user_attributes", trial_id, k, v)?;
     }
@@ -335,33 +439,31 @@ pub(super) fn insert_trial(tx: &mut Tx, study_id: i64, t: &NewTrial) -> Result<i
     for (step, v) in &t.intermediate_values {
         upsert_intermediate(tx, trial_id, *step, *v)?;
     }
-    // Optuna's count_past_trials, inside the write transaction: unique and gap-free.
-    let number: i64 = tx
-        .row(
-            "SELECT COUNT(trial_id) FROM trials WHERE study_id = ?1 AND trial_id < ?2",
-            &sql_params![study_id, trial_id],
-        )?
-        .get(0)?;
-    tx.exec("UPDATE trials SET number = ?2 WHERE trial_id = ?1", &sql_params![trial_id, number])?;
-    Ok(trial_id)
+    Ok((trial_id, u64::try_from(number)?))
 }
 
-fn insert_param(
+/// Checks a parameter before it is stored: its value lies in its distribution, and the
+/// distribution is compatible with the one the study already stores for that name (Optuna's
+/// `check_distribution_compatibility`). `verified` holds the (study, name) → distribution JSON
+/// already checked on this connection: a study's first stored distribution of a name never
+/// changes, so each is looked up once.
+fn check_param(
     tx: &mut Tx,
     study_id: i64,
-    trial_id: i64,
-    name: &str,
-    internal: f64,
-    dist: &Distribution,
+    (name, internal, dist): &(String, f64, Distribution),
+    verified: &HashMap<(i64, String), String>,
 ) -> Result<()> {
-    if !dist.contains(internal) {
+    if !dist.contains(*internal) {
         bail!("parameter {name:?}: value {internal} is outside {}", dist.to_json());
+    }
+    if verified.get(&(study_id, name.clone())).is_some_and(|json| *json == dist.to_json()) {
+        return Ok(());
     }
     let previous: Option<String> = tx
         .opt_row(
             "SELECT p.distribution_json FROM trial_params p JOIN trials t ON t.trial_id = p.trial_id \
              WHERE t.study_id = ?1 AND p.param_name = ?2 LIMIT 1",
-            &sql_params![study_id, name],
+            &sql_params![study_id, name.as_str()],
         )?
         .map(|r| r.get(0))
         .transpose()?;
@@ -370,22 +472,38 @@ fn insert_param(
             Distribution::from_json(&prev).with_context(|| format!("stored distribution of {name:?}"))?;
         crate::distributions::check_distribution_compatibility(name, &prev, dist)?;
     }
-    let inserted = tx
-        .exec(
-            "INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT (trial_id, param_name) DO NOTHING",
-            &sql_params![trial_id, name, internal, dist.to_json()],
-        )
-        .with_context(|| format!("storing parameter {name:?}"))?;
-    if inserted == 0 {
-        // Set before: the same value again is a write run again after a lost reply; another is an error.
+    Ok(())
+}
+
+/// Stores checked parameters of one trial with one statement. A parameter set before keeps its
+/// value: the same value again is a write run again after a lost reply; another is an error.
+fn insert_params(tx: &mut Tx, trial_id: i64, items: &[(String, f64, Distribution)]) -> Result<()> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<String> =
+        (0..items.len()).map(|i| format!("(?1, ?{}, ?{}, ?{})", 3 * i + 2, 3 * i + 3, 3 * i + 4)).collect();
+    let sql = format!(
+        "INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json) VALUES {} \
+         ON CONFLICT (trial_id, param_name) DO NOTHING",
+        rows.join(", ")
+    );
+    let mut params = vec![SqlValue::from(trial_id)];
+    for (name, internal, dist) in items {
+        params.extend([SqlValue::from(name), SqlValue::from(*internal), SqlValue::from(dist.to_json())]);
+    }
+    let inserted = tx.exec(&sql, &params).context("storing parameters")?;
+    if inserted as usize == items.len() {
+        return Ok(());
+    }
+    for (name, internal, _) in items {
         let stored: f64 = tx
             .row(
                 "SELECT param_value FROM trial_params WHERE trial_id = ?1 AND param_name = ?2",
-                &sql_params![trial_id, name],
+                &sql_params![trial_id, name.as_str()],
             )?
             .get(0)?;
-        if stored != internal {
+        if stored != *internal {
             bail!("parameter {name:?} is already set to {stored}, cannot set it to {internal}");
         }
     }
@@ -475,5 +593,68 @@ mod tests {
         let err =
             s.set_trial_params(t2.trial_id, &[("learning_rate".into(), 0.5, lr())]).unwrap_err().to_string();
         assert!(err.contains("outside"), "{err}");
+    }
+
+    #[test]
+    fn an_ask_starts_reads_and_stores_its_params_in_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:///{}", dir.path().join("ask.db").display());
+        let (mut a, mut b) = (Storage::open(&url).unwrap(), Storage::open(&url).unwrap());
+        let study = a.create_study("s", StudyDirection::Maximize, false).unwrap();
+        a.study_trials(study.study_id).unwrap(); // `a` caches the empty study
+        // Another worker finishes a trial and enqueues one with a fixed batch size.
+        let StartOutcome::Started(done) = b.start_trial(study.study_id, None, false).unwrap() else {
+            panic!()
+        };
+        b.set_trial_state(done.trial_id, TrialState::Complete, Some(&[0.7]), &[]).unwrap();
+        let mut queued = NewTrial::new(TrialState::Waiting);
+        queued.params.push(("bs".into(), 2.0, batch()));
+        b.create_trial(study.study_id, &queued).unwrap();
+
+        // The queued trial is taken; the sampler sees the other worker's trial and the started one,
+        // and only its parameters that the trial lacks are stored.
+        let mut seen = Vec::new();
+        let mut choose = |t: &FrozenTrial, trials: &[FrozenTrial]| {
+            seen = trials.iter().map(|x| (x.number, x.state)).collect();
+            assert_eq!(t.param("bs").unwrap().value, ParamValue::Int(64));
+            Ok(vec![("learning_rate".to_string(), 3e-5, lr()), ("bs".to_string(), 0.0, batch())])
+        };
+        let StartOutcome::Started(t) =
+            a.start_trial_with_params(study.study_id, None, false, &mut choose).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(seen, [(0, TrialState::Complete), (1, TrialState::Running)]);
+        assert_eq!((t.number, t.params.len()), (1, 2));
+        let stored = b.trial(t.trial_id).unwrap();
+        assert_eq!(stored.param("bs").unwrap().value, ParamValue::Int(64));
+        assert_eq!(stored.param("learning_rate").unwrap().internal, 3e-5);
+
+        // A sampler error rolls the start back: no trial is left RUNNING without parameters.
+        let err = a
+            .start_trial_with_params(study.study_id, None, false, &mut |_, _| anyhow::bail!("no proposal"))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("no proposal"), "{err:#}");
+        assert_eq!(b.trial_counts(study.study_id).unwrap().running, 1);
+        // The next ask numbers on without a gap, from a history that holds both trials.
+        let StartOutcome::Started(next) = a
+            .start_trial_with_params(study.study_id, None, false, &mut |_, trials| {
+                assert_eq!(trials.len(), 3);
+                Ok(vec![("learning_rate".to_string(), 1e-5, lr())])
+            })
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(next.number, 2);
+
+        // Telling a finished trial again with the same outcome is a no-op (a write retried after a
+        // lost reply); with another outcome it is refused.
+        a.set_trial_state(next.trial_id, TrialState::Complete, Some(&[0.5]), &[]).unwrap();
+        a.set_trial_state(next.trial_id, TrialState::Complete, Some(&[0.5]), &[]).unwrap();
+        let err = a.set_trial_state(next.trial_id, TrialState::Fail, None, &[]).unwrap_err().to_string();
+        assert!(err.contains("trial 2 is already finished with state COMPLETE"), "{err}");
+        let err = a.set_trial_state(999, TrialState::Fail, None, &[]).unwrap_err().to_string();
+        assert!(err.contains("no trial with trial_id 999"), "{err}");
     }
 }
