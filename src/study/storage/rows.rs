@@ -120,9 +120,11 @@ pub(super) fn load_trials(tx: &mut Tx, filter: TrialFilter) -> Result<LoadedTria
             }
         }
     };
-    // `IN (subquery)` rather than a join: SQLite then looks rows up through the (trial_id, ...)
-    // unique index for just the selected trials, where a join would scan the whole table.
-    let of_trials = format!("x.trial_id IN (SELECT t.trial_id FROM trials t WHERE {cond})");
+    // The selected trial ids are found once (`ids`), and every table is read through
+    // `IN (SELECT trial_id FROM ids)` rather than a join: SQLite then looks rows up through the
+    // (trial_id, ...) unique index for just the selected trials, where a join would scan the
+    // whole table; PostgreSQL plans and runs the selection once instead of once per table.
+    let of_trials = "x.trial_id IN (SELECT trial_id FROM ids)";
     let count_arm = if count {
         format!(
             " UNION ALL SELECT {COUNT_ROW}, COUNT(*), 0, NULL, NULL, NULL, NULL, NULL, NULL FROM trials WHERE study_id = ?1"
@@ -131,9 +133,10 @@ pub(super) fn load_trials(tx: &mut Tx, filter: TrialFilter) -> Result<LoadedTria
         String::new()
     };
     let sql = format!(
-        "SELECT {TRIAL_ROW} AS kind, t.trial_id, t.trial_id AS ord, CAST(t.state AS TEXT), CAST(t.number AS BIGINT), \
+        "WITH ids AS (SELECT t.trial_id FROM trials t WHERE {cond}) \
+         SELECT {TRIAL_ROW} AS kind, t.trial_id, t.trial_id AS ord, CAST(t.state AS TEXT), CAST(t.number AS BIGINT), \
            CAST(NULL AS DOUBLE PRECISION), CAST(NULL AS TEXT), t.datetime_start, t.datetime_complete \
-           FROM trials t WHERE {cond} \
+           FROM trials t WHERE t.trial_id IN (SELECT trial_id FROM ids) \
          UNION ALL SELECT {PARAM_ROW}, x.trial_id, x.param_id, x.param_name, NULL, x.param_value, x.distribution_json, NULL, NULL \
            FROM trial_params x WHERE {of_trials} \
          UNION ALL SELECT {VALUE_ROW}, x.trial_id, x.trial_value_id, CAST(x.value_type AS TEXT), CAST(x.objective AS BIGINT), x.value, NULL, NULL, NULL \
