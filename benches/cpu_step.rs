@@ -1,11 +1,14 @@
 //! CPU reference throughput: one training step (forward + backward) and one evaluation forward of
 //! bert-tiny on a synthetic IMDB-shaped batch (16 sequences, 259 tokens on average, one of 512),
-//! reported in examples/s by criterion.
+//! reported in examples/s by criterion; and the matrix multiply on the shapes the models use, by
+//! each library available (OpenBLAS, `matrixmultiply`), in FLOP/s ("elem/s").
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use hpo_gpu::config::BertConfig;
 use hpo_gpu::cpu::bert::{self, Batch, Dropout};
+use hpo_gpu::cpu::blas::{GemmLibrary, gemm_library_name, use_gemm_library};
 use hpo_gpu::cpu::philox::DropoutRng;
+use hpo_gpu::cpu::real::{Mat, gemm};
 use hpo_gpu::model::BertModel;
 
 fn imdb_like_batch() -> Batch {
@@ -48,5 +51,54 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// The products of one layer, forward and backward, for `tokens` packed tokens of a model with
+/// hidden size `h` and feed-forward size `f`, plus one head's attention scores at sequence length
+/// `len` and head size `d`: (name, m, k, n, A transposed, B transposed).
+fn model_shapes(
+    model: &str,
+    tokens: usize,
+    h: usize,
+    f: usize,
+    len: usize,
+    d: usize,
+) -> Vec<(String, usize, usize, usize, bool, bool)> {
+    vec![
+        (format!("{model}/qkv_fwd"), tokens, h, 3 * h, false, true),
+        (format!("{model}/ffn_up_fwd"), tokens, h, f, false, true),
+        (format!("{model}/ffn_down_fwd"), tokens, f, h, false, true),
+        (format!("{model}/ffn_down_dx"), tokens, h, f, false, false),
+        (format!("{model}/ffn_down_dw"), h, tokens, f, true, false),
+        (format!("{model}/scores"), len, d, len, false, true),
+        (format!("{model}/context"), len, len, d, false, false),
+    ]
+}
+
+fn bench_gemm(c: &mut Criterion) {
+    let mut shapes = model_shapes("bert_tiny_4096_tokens", 4096, 128, 512, 512, 64);
+    shapes.extend(model_shapes("minilm_2048_tokens", 2048, 384, 1536, 128, 32));
+    let mut libraries = vec![GemmLibrary::MatrixMultiply];
+    if use_gemm_library(GemmLibrary::OpenBlas).is_ok() {
+        libraries.push(GemmLibrary::OpenBlas);
+    }
+    let mut g = c.benchmark_group("cpu_gemm");
+    g.sample_size(10)
+        .measurement_time(std::time::Duration::from_secs(2))
+        .warm_up_time(std::time::Duration::from_millis(300));
+    for (name, m, k, n, ta, tb) in shapes {
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 104_729) % 1000) as f32 * 1e-3 - 0.5).collect();
+        let mut out = vec![0.0f32; m * n];
+        let a = if ta { Mat::rm_t(&a, k, m) } else { Mat::rm(&a, m, k) };
+        let b = if tb { Mat::rm_t(&b, n, k) } else { Mat::rm(&b, k, n) };
+        g.throughput(Throughput::Elements((2 * m * k * n) as u64));
+        for &library in &libraries {
+            use_gemm_library(library).expect("checked above");
+            let id = BenchmarkId::new(format!("{name}_{m}x{k}x{n}"), gemm_library_name());
+            g.bench_function(id, |bench| bench.iter(|| gemm(1.0, a, b, 0.0, &mut out, n)));
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_gemm);
 criterion_main!(benches);

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Side-by-side CPU throughput: transformers Trainer vs the hpo-gpu binary, same workload, one run.
 
-Workload (the recipe's, scaled down): IMDB train/test seed-42 subsets, bert-tiny shape
-(random init: the Hub is unreachable), WordPiece uncased, max_length 512, 1 epoch, one batch
-size at a time. transformers pads every example to max_length exactly as the recipe does
+Workload (the recipe's, scaled down): IMDB train/test seed-42 subsets, a model (--model:
+"bert-tiny" = the bert-tiny shape with random init, the Hub being unreachable; or a local model
+folder such as ../shared/data/all-MiniLM-L6-v2, loaded on both sides with a new classifier head
+and its own tokenizer), max_length --max-length (512), 1 epoch, one batch size at a time. transformers pads every example to max_length exactly as the recipe does
 (padding="max_length"); hpo-gpu does whatever it does (that difference is the point).
 
 For each batch size b:
@@ -16,7 +17,12 @@ and report train / eval examples per second and the ratio hpo-gpu / transformers
 If the binary is missing or fails, the transformers side is still reported and the script
 exits with status 1, saying so.
 
+hpo-gpu's CPU matrix multiply follows HPO_GPU_GEMM (openblas | matrixmultiply) from the
+environment; the run records which library it used.
+
   /work/main/.venv/bin/python scripts/bench_vs_transformers.py --batch-sizes 16,64
+  /work/main/.venv/bin/python scripts/bench_vs_transformers.py --model ../shared/data/all-MiniLM-L6-v2 \
+      --max-length 128 --batch-sizes 16
 """
 
 from __future__ import annotations
@@ -78,7 +84,7 @@ def run_transformers(args, train_rows, eval_rows, batch_size: int) -> dict:
                               TrainingArguments)
 
     tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(args.data / "bert-base-uncased" / "tokenizer.json"),
+        tokenizer_file=str(tokenizer_file(args)),
         pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
         model_max_length=args.max_length, model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )
@@ -97,9 +103,12 @@ def run_transformers(args, train_rows, eval_rows, batch_size: int) -> dict:
     real_tokens = sum(sum(x["attention_mask"]) for x in train_ds)
 
     torch.manual_seed(42)
-    config = BertConfig(vocab_size=30522, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=512, num_labels=2)
-    model = BertForSequenceClassification(config)
+    if args.model == "bert-tiny":
+        config = BertConfig(vocab_size=30522, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=512, num_labels=2)
+        model = BertForSequenceClassification(config)
+    else:
+        model = BertForSequenceClassification.from_pretrained(str(args.model), num_labels=2)
 
     def accuracy(pred):
         return {"accuracy": float((np.argmax(pred.predictions, axis=-1) == pred.label_ids).mean())}
@@ -144,6 +153,19 @@ def run_transformers(args, train_rows, eval_rows, batch_size: int) -> dict:
     }
 
 
+def tokenizer_file(args) -> Path:
+    """bert-tiny uses the uncased BERT vocabulary of the shared data; a model folder its own."""
+    if args.model == "bert-tiny":
+        return args.data / "bert-base-uncased" / "tokenizer.json"
+    return Path(args.model) / "tokenizer.json"
+
+
+def model_flags(args) -> list[str]:
+    if args.model == "bert-tiny":
+        return ["--model", str(REPO / "configs" / "bert-tiny"), "--random-init"]
+    return ["--model", str(args.model)]
+
+
 def run_hpo_gpu(args, batch_size: int) -> dict:
     binary = args.hpo_gpu
     if not binary.is_file():
@@ -151,8 +173,8 @@ def run_hpo_gpu(args, batch_size: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
             str(binary), "train",
-            "--model", str(REPO / "configs" / "bert-tiny"), "--random-init",
-            "--tokenizer", str(args.data / "bert-base-uncased" / "tokenizer.json"),
+            *model_flags(args),
+            "--tokenizer", str(tokenizer_file(args)),
             "--dataset", str(args.data),
             "--train-samples", str(args.train_samples), "--eval-samples", str(args.eval_samples),
             "--batch-size", str(batch_size), "--epochs", str(args.epochs),
@@ -193,6 +215,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hpo-gpu", type=Path, default=REPO / "target" / "release" / "hpo-gpu")
     ap.add_argument("--data", type=Path, default=REPO / ".." / "shared" / "data")
+    ap.add_argument("--model", default="bert-tiny",
+                    help='"bert-tiny" (its shape, random init) or a local model folder (config.json, '
+                         'model.safetensors, tokenizer.json)')
     ap.add_argument("--train-samples", type=int, default=256)
     ap.add_argument("--eval-samples", type=int, default=256)
     ap.add_argument("--batch-sizes", default="16,64")
@@ -203,6 +228,13 @@ def main() -> int:
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-hpo-gpu", action="store_true")
     args = ap.parse_args()
+    if args.model != "bert-tiny":
+        folder = Path(args.model)
+        missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (folder / f).is_file()]
+        if missing:
+            ap.error(f"--model {args.model}: not a model folder (missing {', '.join(missing)})")
+    if args.max_length < 8:
+        ap.error(f"--max-length: expected at least 8, got {args.max_length}")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     if not batch_sizes or min(batch_sizes) < 1:
         ap.error(f"--batch-sizes: expected positive integers, got {args.batch_sizes!r}")
@@ -243,7 +275,8 @@ def main() -> int:
             "dataset": "IMDB, HF shuffle(seed=42) subsets: train[:N] of train, test[:M] of test",
             "train_samples": args.train_samples, "eval_samples": args.eval_samples,
             "epochs": args.epochs, "max_length": args.max_length, "batch_sizes": batch_sizes,
-            "model": "bert-tiny shape (hidden 128, 2 layers, 2 heads, FFN 512, vocab 30522), random init",
+            "model": ("bert-tiny shape (hidden 128, 2 layers, 2 heads, FFN 512, vocab 30522), random init"
+                      if args.model == "bert-tiny" else f"{args.model} (pretrained encoder, new classifier head)"),
             "transformers_padding": "max_length (every example padded to max_length, as the recipe)",
             "eval_batch_size": "equal to the train batch size on both sides",
         },
@@ -259,6 +292,7 @@ def main() -> int:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "hpo_gpu_binary": str(args.hpo_gpu),
+            "hpo_gpu_gemm": os.environ.get("HPO_GPU_GEMM") or "matrixmultiply (the default)",
             "repo_commit": git_commit(),
         },
         "results": results,
@@ -270,8 +304,8 @@ def main() -> int:
     print()
     print(f"CPU: {doc['machine']['cpu_model']}, {doc['machine']['logical_cores']} cores, "
           f"torch threads {doc['machine']['torch_threads']}; {doc['date_utc']}")
-    print(f"workload: {args.train_samples} train / {args.eval_samples} eval examples, {args.epochs} epoch(s), "
-          f"max_length {args.max_length}")
+    print(f"workload: {args.model}, {args.train_samples} train / {args.eval_samples} eval examples, "
+          f"{args.epochs} epoch(s), max_length {args.max_length}; HPO_GPU_GEMM={os.environ.get('HPO_GPU_GEMM', '')}")
     print(f"{'batch':>5} | {'train ex/s':^27} | {'eval ex/s':^27}")
     print(f"{'':>5} | {'transformers':>12} {'hpo-gpu':>8} {'ratio':>5} | {'transformers':>12} {'hpo-gpu':>8} {'ratio':>5}")
     for row in results:

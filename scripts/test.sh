@@ -4,6 +4,9 @@
 # - .cuda: nvcc 13.0 from PyPI, so every CUDA kernel is compiled (scripts/install-nvcc.sh)
 # - a throwaway PostgreSQL server (scripts/postgres.sh, stopped at exit) for the studies on
 #   PostgreSQL (tests/study_postgres.rs), which must not skip (HPO_GPU_REQUIRE_POSTGRES=1)
+# - OpenBLAS (Debian's libopenblas0-pthread, installed as root when missing): the CPU's optional
+#   matrix multiply (HPO_GPU_GEMM=openblas), checked against matrixmultiply, which must not skip
+#   (HPO_GPU_REQUIRE_OPENBLAS=1)
 # - cargo test: unit, parity, gradient, data, storage, CLI and interop tests
 # - the GPU path (tests/gpu_*.rs) on the virtual CUDA device of vcuda/ (its own tests first), which
 #   runs our kernels on the host: found through LD_LIBRARY_PATH for those tests only, where they
@@ -30,6 +33,17 @@ export HPO_GPU_PYTHON="$PWD/.venv/bin/python"
 echo "== the virtual CUDA device (vcuda/): build and its own tests"
 vcuda_lib=$(scripts/build-vcuda.sh)
 cargo test -q --manifest-path vcuda/Cargo.toml --target-dir target/vcuda
+echo "== OpenBLAS for the CPU matrix multiply"
+has_openblas() { .venv/bin/python -c 'import ctypes; ctypes.CDLL("libopenblas.so.0")' 2>/dev/null; }
+if ! has_openblas && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libopenblas0-pthread; } >/dev/null \
+    || { echo "error: apt-get install -y libopenblas0-pthread failed" >&2; exit 1; }
+fi
+if has_openblas; then
+  export HPO_GPU_REQUIRE_OPENBLAS=1
+else
+  echo "note: libopenblas.so.0 is missing (not root, or no apt-get): the CPU tests run on matrixmultiply only" >&2
+fi
 echo "== PostgreSQL for the storage tests"
 pg_dir=$(mktemp -d /tmp/hpo-gpu-postgres.XXXXXX)
 trap 'scripts/postgres.sh stop "$pg_dir" >/dev/null 2>&1 || true' EXIT

@@ -16,6 +16,15 @@ pub enum Device {
 /// Resolves `--device` to the backend that will run: `cuda` must be usable; `auto` takes the GPU
 /// when it is usable and falls back to the CPU otherwise (saying why on stderr).
 pub fn resolve_device(requested: Device) -> Result<Device> {
+    let device = resolve(requested)?;
+    if device == Device::Cpu {
+        // A bad HPO_GPU_GEMM is one line here, before any work.
+        crate::cpu::blas::gemm_library()?;
+    }
+    Ok(device)
+}
+
+fn resolve(requested: Device) -> Result<Device> {
     match requested {
         Device::Cpu => Ok(Device::Cpu),
         Device::Cuda => {

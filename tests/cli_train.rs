@@ -14,35 +14,83 @@ fn stderr(o: &Output) -> String {
 }
 
 fn train_tiny(dir: &Path) -> (PathBuf, Output) {
+    train_tiny_with(dir, &[])
+}
+
+/// [`train_tiny`] with extra environment variables.
+fn train_tiny_with(dir: &Path, env: &[(&str, &str)]) -> (PathBuf, Output) {
     let model = tiny_model(dir);
     let data = tiny_data(dir);
     let out = dir.join("final");
-    let o = run(&[
-        "train",
-        "--model",
-        model.to_str().unwrap(),
-        "--random-init",
-        "--dataset",
-        data.to_str().unwrap(),
-        "--train-samples",
-        "0",
-        "--eval-samples",
-        "0",
-        "--learning-rate",
-        "2e-2",
-        "--batch-size",
-        "8",
-        "--epochs",
-        "5",
-        "--max-length",
-        "16",
-        "--output",
-        out.to_str().unwrap(),
-        "--quiet",
-        "--device",
-        "cpu",
-    ]);
+    let o = Command::new(env!("CARGO_BIN_EXE_hpo-gpu"))
+        .envs(env.iter().copied())
+        .args([
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--random-init",
+            "--dataset",
+            data.to_str().unwrap(),
+            "--train-samples",
+            "0",
+            "--eval-samples",
+            "0",
+            "--learning-rate",
+            "2e-2",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "5",
+            "--max-length",
+            "16",
+            "--output",
+            out.to_str().unwrap(),
+            "--quiet",
+            "--device",
+            "cpu",
+        ])
+        .output()
+        .expect("run hpo-gpu");
     (out, o)
+}
+
+fn epoch_losses(out: &Path) -> Vec<f64> {
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("training_metrics.json")).unwrap()).unwrap();
+    metrics["epochs"].as_array().unwrap().iter().map(|e| e["train_loss"].as_f64().unwrap()).collect()
+}
+
+/// `HPO_GPU_GEMM` picks the CPU's matrix-multiply library: OpenBLAS (where libopenblas.so.0
+/// loads) and matrixmultiply train the same model to the same losses up to rounding; a name that
+/// is neither is one clear line.
+#[test]
+fn the_gemm_library_is_chosen_by_hpo_gpu_gemm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rust_dir = tmp.path().join("rust");
+    let (out, o) = train_tiny_with(&rust_dir, &[("HPO_GPU_GEMM", "matrixmultiply")]);
+    assert!(o.status.success(), "train failed: {}", stderr(&o));
+    let reference = epoch_losses(&out);
+    let blas_dir = tmp.path().join("blas");
+    let (out, o) = train_tiny_with(&blas_dir, &[("HPO_GPU_GEMM", "openblas")]);
+    if o.status.success() {
+        let losses = epoch_losses(&out);
+        for (epoch, (a, b)) in losses.iter().zip(&reference).enumerate() {
+            assert!((a - b).abs() <= 1e-3 * b.abs(), "epoch {epoch}: OpenBLAS loss {a}, matrixmultiply {b}");
+        }
+    } else {
+        let err = stderr(&o);
+        assert!(std::env::var_os("HPO_GPU_REQUIRE_OPENBLAS").is_none(), "OpenBLAS is required here: {err}");
+        assert_eq!(
+            err.trim_end(),
+            "error: HPO_GPU_GEMM=openblas but libopenblas.so.0 cannot be loaded (apt-get install libopenblas0-pthread)"
+        );
+    }
+    let (_, o) = train_tiny_with(&tmp.path().join("bad"), &[("HPO_GPU_GEMM", "mkl")]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).trim_end(),
+        "error: HPO_GPU_GEMM=\"mkl\" is not a GEMM library (use openblas or matrixmultiply)"
+    );
 }
 
 #[test]

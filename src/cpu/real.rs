@@ -1,5 +1,5 @@
 //! The floating-point type the CPU reference is generic over (f32 for training, f64 for
-//! finite-difference gradient checks), and its matrix multiply.
+//! finite-difference gradient checks), and its matrix multiply (the library behind it: `blas`).
 
 use std::fmt::Debug;
 use std::iter::Sum;
@@ -24,7 +24,8 @@ pub trait Real:
     fn to_f64(self) -> f64;
     fn erf(self) -> Self;
     /// C = alpha·A·B + beta·C for strided row/column layouts (matrixmultiply's convention:
-    /// `rs*` is the row stride, `cs*` the column stride; A is m×k, B is k×n, C is m×n).
+    /// `rs*` is the row stride, `cs*` the column stride; A is m×k, B is k×n, C is m×n), by
+    /// OpenBLAS or `matrixmultiply` ([`super::blas`]).
     ///
     /// # Safety
     /// The strides must keep every addressed element inside the given slices.
@@ -73,6 +74,22 @@ impl Real for f32 {
         rsc: isize,
         csc: isize,
     ) {
+        if let Some(lib) = super::blas::openblas() {
+            let done = unsafe {
+                super::blas::cblas_gemm(
+                    lib.sgemm,
+                    (m, k, n),
+                    alpha,
+                    (a, rsa, csa),
+                    (b, rsb, csb),
+                    beta,
+                    (c, rsc, csc),
+                )
+            };
+            if done {
+                return;
+            }
+        }
         unsafe { matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
     }
 }
@@ -103,6 +120,22 @@ impl Real for f64 {
         rsc: isize,
         csc: isize,
     ) {
+        if let Some(lib) = super::blas::openblas() {
+            let done = unsafe {
+                super::blas::cblas_gemm(
+                    lib.dgemm,
+                    (m, k, n),
+                    alpha,
+                    (a, rsa, csa),
+                    (b, rsb, csb),
+                    beta,
+                    (c, rsc, csc),
+                )
+            };
+            if done {
+                return;
+            }
+        }
         unsafe { matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
     }
 }
