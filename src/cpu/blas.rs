@@ -32,7 +32,8 @@ pub enum GemmLibrary {
     MatrixMultiply,
 }
 
-type CblasGemm<F> = unsafe extern "C" fn(
+/// A CBLAS `?gemm` entry point.
+pub type CblasGemm<F> = unsafe extern "C" fn(
     c_int, // order
     c_int, // trans A
     c_int, // trans B
@@ -49,7 +50,8 @@ type CblasGemm<F> = unsafe extern "C" fn(
     c_int, // ldc
 );
 
-pub(crate) struct OpenBlas {
+/// The loaded library's entry points.
+pub struct OpenBlas {
     pub(crate) sgemm: CblasGemm<f32>,
     pub(crate) dgemm: CblasGemm<f64>,
     /// `openblas_get_corename()`: the kernel family picked for this CPU.
@@ -86,15 +88,20 @@ fn open_openblas() -> Option<OpenBlas> {
         if sgemm.is_null() || dgemm.is_null() || set_threads.is_null() {
             return None;
         }
-        let set_threads: unsafe extern "C" fn(c_int) = std::mem::transmute(set_threads);
+        let set_threads = std::mem::transmute::<*mut c_void, unsafe extern "C" fn(c_int)>(set_threads);
         set_threads(1);
         let core = if corename.is_null() {
             String::from("unknown")
         } else {
-            let corename: unsafe extern "C" fn() -> *const c_char = std::mem::transmute(corename);
+            let corename =
+                std::mem::transmute::<*mut c_void, unsafe extern "C" fn() -> *const c_char>(corename);
             CStr::from_ptr(corename()).to_string_lossy().into_owned()
         };
-        Some(OpenBlas { sgemm: std::mem::transmute(sgemm), dgemm: std::mem::transmute(dgemm), core })
+        Some(OpenBlas {
+            sgemm: std::mem::transmute::<*mut c_void, CblasGemm<f32>>(sgemm),
+            dgemm: std::mem::transmute::<*mut c_void, CblasGemm<f64>>(dgemm),
+            core,
+        })
     }
 }
 

@@ -7,6 +7,8 @@ use std::ops::{AddAssign, DivAssign, MulAssign, SubAssign};
 
 use rayon::prelude::*;
 
+use super::blas::{self, CblasGemm, OpenBlas};
+
 pub trait Real:
     num_traits::Float
     + Default
@@ -25,7 +27,7 @@ pub trait Real:
     fn erf(self) -> Self;
     /// C = alpha·A·B + beta·C for strided row/column layouts (matrixmultiply's convention:
     /// `rs*` is the row stride, `cs*` the column stride; A is m×k, B is k×n, C is m×n), by
-    /// OpenBLAS or `matrixmultiply` ([`super::blas`]).
+    /// `matrixmultiply`.
     ///
     /// # Safety
     /// The strides must keep every addressed element inside the given slices.
@@ -46,6 +48,8 @@ pub trait Real:
         rsc: isize,
         csc: isize,
     );
+    /// OpenBLAS's GEMM for this type.
+    fn cblas_gemm(lib: &OpenBlas) -> CblasGemm<Self>;
 }
 
 impl Real for f32 {
@@ -57,6 +61,9 @@ impl Real for f32 {
     }
     fn erf(self) -> Self {
         sys_erf::erff(self)
+    }
+    fn cblas_gemm(lib: &OpenBlas) -> CblasGemm<Self> {
+        lib.sgemm
     }
     unsafe fn gemm_raw(
         m: usize,
@@ -74,22 +81,6 @@ impl Real for f32 {
         rsc: isize,
         csc: isize,
     ) {
-        if let Some(lib) = super::blas::openblas() {
-            let done = unsafe {
-                super::blas::cblas_gemm(
-                    lib.sgemm,
-                    (m, k, n),
-                    alpha,
-                    (a, rsa, csa),
-                    (b, rsb, csb),
-                    beta,
-                    (c, rsc, csc),
-                )
-            };
-            if done {
-                return;
-            }
-        }
         unsafe { matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
     }
 }
@@ -103,6 +94,9 @@ impl Real for f64 {
     }
     fn erf(self) -> Self {
         sys_erf::erf(self)
+    }
+    fn cblas_gemm(lib: &OpenBlas) -> CblasGemm<Self> {
+        lib.dgemm
     }
     unsafe fn gemm_raw(
         m: usize,
@@ -120,22 +114,6 @@ impl Real for f64 {
         rsc: isize,
         csc: isize,
     ) {
-        if let Some(lib) = super::blas::openblas() {
-            let done = unsafe {
-                super::blas::cblas_gemm(
-                    lib.dgemm,
-                    (m, k, n),
-                    alpha,
-                    (a, rsa, csa),
-                    (b, rsb, csb),
-                    beta,
-                    (c, rsc, csc),
-                )
-            };
-            if done {
-                return;
-            }
-        }
         unsafe { matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
     }
 }
@@ -258,6 +236,17 @@ unsafe fn gemm_block<F: Real>(
     r: std::ops::Range<usize>,
     cr: std::ops::Range<usize>,
 ) {
+    // OpenBLAS when it is chosen and takes this layout ([`blas`]), matrixmultiply otherwise.
+    if let Some(lib) = blas::openblas() {
+        let (a_ptr, b_ptr) =
+            unsafe { (a.data.as_ptr().add(r.start * a.rs), b.data.as_ptr().add(cr.start * b.cs)) };
+        let operands = ((a_ptr, a.rs as isize, a.cs as isize), (b_ptr, b.rs as isize, b.cs as isize));
+        let out = (unsafe { c.add(r.start * ldc + cr.start) }, ldc as isize, 1);
+        let dims = (r.len(), a.cols, cr.len());
+        if unsafe { blas::cblas_gemm(F::cblas_gemm(lib), dims, alpha, operands.0, operands.1, beta, out) } {
+            return;
+        }
+    }
     unsafe {
         F::gemm_raw(
             r.len(),

@@ -19,8 +19,10 @@
 //! only lose the last commits), and a 30 s busy timeout plus a few retries let several worker
 //! processes share one file. On PostgreSQL (Optuna's own way there): READ COMMITTED writes that
 //! lock the study row while a trial is numbered or a queued trial taken and a trial's row while
-//! it is updated, REPEATABLE READ snapshots for reads, retries on serialization failures, and a
-//! reconnect when the server goes away.
+//! it is updated, reads in one statement (trials and all their rows: one snapshot, one round trip)
+//! or in REPEATABLE READ transactions, retries on serialization failures, and a reconnect when the
+//! server goes away. An `ask` is one transaction: start the trial, bring the cached history up to
+//! date, sample, store the parameters ([`Storage::start_trial_with_params`]).
 //!
 //! Heartbeats (`trial_heartbeats`) follow Optuna's RDBStorage: a RUNNING trial whose heartbeat is
 //! older than the grace period is stale; [`Storage::fail_stale_trials`] marks it FAIL and, like
