@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
-use hpo_gpu::study::storage::Storage;
+use hpo_gpu::study::storage::{StartOutcome, Storage};
 use hpo_gpu::trial::{StudyDirection, TrialState};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -276,6 +276,53 @@ fn the_password_may_come_from_pgpassword() {
     let mut storage = Storage::open(&url).unwrap();
     let study = storage.load_study("p").unwrap();
     assert_eq!(storage.trials(study.study_id, None).unwrap().len(), 1);
+}
+
+/// Heartbeats follow the server's clock, as Optuna's do (`now()` into a TIMESTAMP column: the
+/// server's local time). On databases whose time zone is 14 h ahead of and 11 h behind UTC, a
+/// heartbeat an Optuna worker just wrote is fresh for hpo-gpu, one two minutes old is stale, and
+/// hpo-gpu's own heartbeats are in the server's time.
+#[test]
+fn heartbeats_follow_the_servers_clock_like_optunas() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(url) = fresh_database("heartbeat_clock") else { return };
+    let db = url.rsplit_once('/').unwrap().1.to_string();
+    for (i, zone) in ["Pacific/Kiritimati", "Pacific/Pago_Pago"].iter().enumerate() {
+        let mut raw = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        raw.batch_execute(&format!("ALTER DATABASE {db} SET timezone = '{zone}'")).unwrap();
+        let mut raw = postgres::Client::connect(&url, postgres::NoTls).unwrap(); // sees the new zone
+        let mut storage = Storage::open(&url).unwrap();
+        let study = storage.create_study(&format!("clock_{i}"), StudyDirection::Maximize, false).unwrap();
+        let StartOutcome::Started(ours) = storage.start_trial(study.study_id, None, true).unwrap() else {
+            panic!("no trial")
+        };
+        let StartOutcome::Started(theirs) = storage.start_trial(study.study_id, None, false).unwrap() else {
+            panic!("no trial")
+        };
+        let their_id = i32::try_from(theirs.trial_id).unwrap();
+        raw.execute("INSERT INTO trial_heartbeats (trial_id, heartbeat) VALUES ($1, now())", &[&their_id])
+            .unwrap();
+        let skew: f64 = raw
+            .query_one(
+                "SELECT CAST(abs(extract(epoch FROM heartbeat - LOCALTIMESTAMP)) AS float8) \
+                 FROM trial_heartbeats WHERE trial_id = $1",
+                &[&i32::try_from(ours.trial_id).unwrap()],
+            )
+            .unwrap()
+            .get(0);
+        assert!(skew < 30.0, "{zone}: our heartbeat is {skew} s away from the server's clock");
+        let failed =
+            storage.fail_stale_trials(study.study_id, std::time::Duration::from_secs(60), Some(0)).unwrap();
+        assert!(failed.is_empty(), "{zone}: fresh heartbeats judged stale: trials {failed:?}");
+        raw.execute(
+            "UPDATE trial_heartbeats SET heartbeat = now() - interval '2 minutes' WHERE trial_id = $1",
+            &[&their_id],
+        )
+        .unwrap();
+        let failed =
+            storage.fail_stale_trials(study.study_id, std::time::Duration::from_secs(60), Some(0)).unwrap();
+        assert_eq!(failed, vec![theirs.number], "{zone}: the two-minute-old heartbeat");
+    }
 }
 
 /// A COMPLETE trial's value and intermediate values.

@@ -27,26 +27,27 @@ impl Storage {
         grace: Duration,
         max_retry: Option<u32>,
     ) -> Result<Vec<u64>> {
-        let stale: Vec<(i64, String)> = self.read(|tx| {
-            tx.rows(
+        // Heartbeats are judged by the clock that wrote them: ours in UTC on SQLite (as Optuna's
+        // CURRENT_TIMESTAMP there), the server's on PostgreSQL ([`upsert_heartbeat`]).
+        let (running, now): (Vec<(i64, String)>, UtcDateTime) = self.read(|tx| {
+            let now = heartbeat_clock(tx)?;
+            let rows = tx.rows(
                 "SELECT t.trial_id, h.heartbeat FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id \
                  WHERE t.study_id = ?1 AND t.state = 'RUNNING' ORDER BY t.trial_id",
                 &sql_params![study_id],
-            )?
-            .iter()
-            .map(|r| Ok((r.get(0)?, r.get(1)?)))
-            .collect()
+            )?;
+            let running = rows.iter().map(|r| Ok((r.get(0)?, r.get(1)?))).collect::<Result<_>>()?;
+            Ok((running, now))
         })?;
-        let now = UtcDateTime::now();
         let mut failed = Vec::new();
-        for (trial_id, beat) in stale {
+        for (trial_id, beat) in running {
             let beat = UtcDateTime::parse(&beat)
                 .with_context(|| format!("trial_heartbeats of trial_id {trial_id}"))?;
             if now.seconds_since(beat) <= grace.as_secs_f64() {
                 continue;
             }
             let reason = format!(
-                "stale heartbeat: last heartbeat at {} UTC, more than {} s before {} UTC",
+                "stale heartbeat: last heartbeat at {}, more than {} s before {} (the database's clock)",
                 beat.format(),
                 grace.as_secs(),
                 now.format()
@@ -111,12 +112,26 @@ impl Storage {
     }
 }
 
+/// "Now" for heartbeats, as Optuna's RDBStorage has it (`func.now()`): on PostgreSQL the server's
+/// clock in its time zone (`LOCALTIMESTAMP`, what `now()` becomes in a TIMESTAMP column), so that
+/// hpo-gpu and Optuna workers judge each other's heartbeats alike on a server that is not on UTC;
+/// on SQLite (`CURRENT_TIMESTAMP`, UTC) this process's UTC clock.
+fn heartbeat_clock(tx: &mut Tx) -> Result<UtcDateTime> {
+    if tx.is_postgres() {
+        UtcDateTime::parse(&tx.row("SELECT LOCALTIMESTAMP", &[])?.get::<String>(0)?)
+    } else {
+        Ok(UtcDateTime::now())
+    }
+}
+
 pub(super) fn upsert_heartbeat(tx: &mut Tx, trial_id: i64) -> Result<()> {
-    tx.exec(
-        "INSERT INTO trial_heartbeats (trial_id, heartbeat) VALUES (?1, ?2) \
-         ON CONFLICT (trial_id) DO UPDATE SET heartbeat = excluded.heartbeat",
-        &sql_params![trial_id, UtcDateTime::now().format()],
-    )?;
+    let sql = "INSERT INTO trial_heartbeats (trial_id, heartbeat) VALUES (?1, ?2) \
+               ON CONFLICT (trial_id) DO UPDATE SET heartbeat = excluded.heartbeat";
+    if tx.is_postgres() {
+        tx.exec(&sql.replace("?2", "LOCALTIMESTAMP"), &sql_params![trial_id])?;
+    } else {
+        tx.exec(sql, &sql_params![trial_id, UtcDateTime::now().format()])?;
+    }
     Ok(())
 }
 
