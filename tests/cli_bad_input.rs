@@ -1746,6 +1746,26 @@ fn render_docs() -> String {
             ));
         }
     }
+    doc.push_str(
+        "\n## PostgreSQL storages\n\n\
+         Run against the test server by `tests/study_postgres.rs` (the table above runs without one).\n\
+         `<user>`, `<password>`, `<host>` are the server's, `<db>` a database of the test's own.\n\n\
+         | id | bad input | command line | exit | error |\n|---|---|---|---|---|\n",
+    );
+    for c in common::postgres_errors::POSTGRES_CASES {
+        let line = std::iter::once("hpo-gpu")
+            .chain(common::postgres_errors::postgres_case_args(c))
+            .map(shell_word)
+            .collect::<Vec<_>>()
+            .join(" ");
+        doc.push_str(&format!(
+            "| {} | {} | {} | 1 | {} |\n",
+            code(c.id),
+            c.input,
+            code(&line),
+            code(c.stderr)
+        ));
+    }
     doc
 }
 

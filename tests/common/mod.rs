@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use hpo_gpu::model::tensor::RawTensor;
 
+pub mod postgres_errors;
 pub mod running;
 
 pub fn repo() -> PathBuf {
