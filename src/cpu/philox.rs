@@ -51,19 +51,121 @@ impl DropoutRng {
         }
         let threshold = p as f32;
         let scale = F::of(1.0 / (1.0 - p));
+        let keep = |word: u32, x: F| {
+            let u = (word >> 8) as f32 * (1.0 / 16_777_216.0);
+            if u >= threshold { x * scale } else { F::zero() }
+        };
         let mut i = 0;
         while i < data.len() {
             let idx = base + i;
+            // Whole groups of LANES blocks at once (the same words, computed side by side).
+            if idx % 4 == 0 && data.len() - i >= 4 * LANES {
+                let words = self.blocks(site, (idx / 4) as u32);
+                let mut in_order = [0u32; 4 * LANES];
+                for (l, w) in in_order.iter_mut().enumerate() {
+                    *w = words[l % 4][l / 4];
+                }
+                for (x, w) in data[i..i + 4 * LANES].iter_mut().zip(in_order) {
+                    *x = keep(w, *x);
+                }
+                i += 4 * LANES;
+                continue;
+            }
             let words = self.block(site, (idx / 4) as u32);
             let lane0 = idx % 4;
             let take = (4 - lane0).min(data.len() - i);
             for l in 0..take {
-                let u = (words[lane0 + l] >> 8) as f32 * (1.0 / 16_777_216.0);
-                data[i + l] = if u >= threshold { data[i + l] * scale } else { F::zero() };
+                data[i + l] = keep(words[lane0 + l], data[i + l]);
             }
             i += take;
         }
     }
+
+    /// [`DropoutRng::block`] for blocks `first .. first + LANES`: `words[j][b]` is word `j` of
+    /// block `first + b`. With AVX2 the lanes run in vector registers.
+    fn blocks(&self, site: u32, first: u32) -> [[u32; LANES]; 4] {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { philox_lanes_avx2(first, site, self.step, self.stream, self.key()) };
+        }
+        philox_lanes(first, site, self.step, self.stream, self.key())
+    }
+}
+
+/// How many Philox blocks [`DropoutRng::apply`] computes side by side.
+const LANES: usize = 8;
+
+/// [`philox_lanes`] in AVX2 registers: the 32×32→64-bit products of eight lanes at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn philox_lanes_avx2(first: u32, site: u32, step: u32, stream: u32, key: [u32; 2]) -> [[u32; LANES]; 4] {
+    use std::arch::x86_64::*;
+    const ODD: i32 = 0b1010_1010;
+    // (high, low) 32-bit halves of m·a in each of the eight lanes.
+    let mul_hi_lo = |a: __m256i, m: __m256i| {
+        let even = _mm256_mul_epu32(a, m);
+        let odd = _mm256_mul_epu32(_mm256_srli_epi64::<32>(a), m);
+        let hi = _mm256_blend_epi32::<ODD>(_mm256_srli_epi64::<32>(even), odd);
+        let lo = _mm256_blend_epi32::<ODD>(even, _mm256_slli_epi64::<32>(odd));
+        (hi, lo)
+    };
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let mut c0 = _mm256_add_epi32(_mm256_set1_epi32(first as i32), lanes);
+    let mut c1 = _mm256_set1_epi32(site as i32);
+    let mut c2 = _mm256_set1_epi32(step as i32);
+    let mut c3 = _mm256_set1_epi32(stream as i32);
+    let (m0, m1) = (_mm256_set1_epi32(M0 as i32), _mm256_set1_epi32(M1 as i32));
+    let mut k = key;
+    for round in 0..10 {
+        if round > 0 {
+            k = [k[0].wrapping_add(W0), k[1].wrapping_add(W1)];
+        }
+        let (hi0, lo0) = mul_hi_lo(c0, m0);
+        let (hi1, lo1) = mul_hi_lo(c2, m1);
+        let k0 = _mm256_set1_epi32(k[0] as i32);
+        let k1 = _mm256_set1_epi32(k[1] as i32);
+        c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), k0);
+        c1 = lo1;
+        c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), k1);
+        c3 = lo0;
+    }
+    let mut out = [[0u32; LANES]; 4];
+    for (row, v) in out.iter_mut().zip([c0, c1, c2, c3]) {
+        // SAFETY: `row` is 8 u32 = 32 bytes; storeu has no alignment requirement.
+        unsafe { _mm256_storeu_si256(row.as_mut_ptr().cast(), v) };
+    }
+    out
+}
+
+/// [`philox4x32_10`] on the counters `[first + b, site, step, stream]` for b < LANES, laid out
+/// by word then lane so the compiler can vectorize across blocks.
+#[inline(always)]
+fn philox_lanes(first: u32, site: u32, step: u32, stream: u32, key: [u32; 2]) -> [[u32; LANES]; 4] {
+    let mut c = [[0u32; LANES]; 4];
+    for b in 0..LANES {
+        c[0][b] = first.wrapping_add(b as u32);
+    }
+    c[1] = [site; LANES];
+    c[2] = [step; LANES];
+    c[3] = [stream; LANES];
+    let mut k = key;
+    for round in 0..10 {
+        if round > 0 {
+            k = [k[0].wrapping_add(W0), k[1].wrapping_add(W1)];
+        }
+        let mut next = [[0u32; LANES]; 4];
+        for b in 0..LANES {
+            let p0 = (M0 as u64) * (c[0][b] as u64);
+            let p1 = (M1 as u64) * (c[2][b] as u64);
+            next[0][b] = ((p1 >> 32) as u32) ^ c[1][b] ^ k[0];
+            next[1][b] = p1 as u32;
+            next[2][b] = ((p0 >> 32) as u32) ^ c[3][b] ^ k[1];
+            next[3][b] = p0 as u32;
+        }
+        c = next;
+    }
+    c
 }
 
 #[cfg(test)]
@@ -96,6 +198,24 @@ mod tests {
         let mut part = vec![1.0f32; 37];
         rng.apply(0.1, 5, 1001, &mut part);
         assert_eq!(&part[..], &x[1001..1038]);
+        // The blocks computed side by side are the scalar ones, at every offset and length.
+        for (base, len) in [(0usize, 100usize), (3, 61), (32, 32), (4, 4 * LANES + 5), (1023, 200)] {
+            let mut fast = vec![1.0f32; len];
+            rng.apply(0.1, 5, base, &mut fast);
+            let scalar: Vec<f32> = (base..base + len)
+                .map(|i| {
+                    let u = (rng.block(5, (i / 4) as u32)[i % 4] >> 8) as f32 / 16_777_216.0;
+                    if u >= 0.1 { 1.0 / 0.9 } else { 0.0 }
+                })
+                .collect();
+            assert_eq!(fast, scalar, "base {base}, len {len}");
+        }
+        let lanes = rng.blocks(9, 77);
+        assert_eq!(philox_lanes(77, 9, rng.step, rng.stream, rng.key()), lanes, "portable and vector lanes");
+        for b in 0..LANES {
+            let one = rng.block(9, 77 + b as u32);
+            assert_eq!([lanes[0][b], lanes[1][b], lanes[2][b], lanes[3][b]], one, "block {b}");
+        }
         // Another site, step or stream gives another mask.
         let mut y = vec![1.0f32; 1000];
         rng.apply(0.1, 6, 0, &mut y);
