@@ -125,10 +125,13 @@ pub struct Storage {
     /// so a refresh only reads new trials and the ones that were unfinished (Optuna's RDB
     /// storage caches the same way).
     cache: HashMap<i64, Vec<FrozenTrial>>,
-    /// (study_id, parameter name) → the distribution JSON checked against the study's stored
-    /// one: checked once per connection, not on every `set_trial_params`.
-    verified_distributions: HashMap<(i64, String), String>,
+    /// Distributions checked against the study's stored ones: once per connection, not on every
+    /// `set_trial_params`.
+    verified_distributions: VerifiedDistributions,
 }
+
+/// study_id → parameter name → the distribution JSON checked for it.
+type VerifiedDistributions = HashMap<i64, HashMap<String, String>>;
 
 impl Storage {
     /// The SQLite connection, for tests that look at or damage the file directly.

@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::heartbeat::upsert_heartbeat;
 use super::rows::{TrialFilter, load_trials, value_to_stored};
 use super::sql::{SqlValue, Tx, sql_params};
-use super::{NewTrial, StartOutcome, Storage, refresh_cached};
+use super::{NewTrial, StartOutcome, Storage, VerifiedDistributions, refresh_cached};
 use crate::distributions::Distribution;
 use crate::pyjson;
 use crate::trial::{FrozenTrial, TrialParam, TrialState, UtcDateTime};
@@ -143,10 +143,7 @@ impl Storage {
                 .into_iter()
                 .filter(|(name, _, _)| trial.param(name).is_none())
                 .collect();
-            for param in &new {
-                check_param(tx, study_id, param, &verified)?;
-            }
-            insert_params(tx, trial.trial_id, &new)?;
+            store_params(tx, study_id, trial.trial_id, &new, &verified)?;
             for (name, internal, distribution) in new {
                 let value = distribution.to_external(internal)?;
                 trial.params.push(TrialParam { name, internal, value, distribution });
@@ -156,9 +153,10 @@ impl Storage {
         self.verified_distributions = verified;
         match started? {
             Ok((trial, trials)) => {
-                for p in &trial.params {
-                    self.verified_distributions.insert((study_id, p.name.clone()), p.distribution.to_json());
-                }
+                self.remember_distributions(
+                    study_id,
+                    trial.params.iter().map(|p| (&p.name, &p.distribution)),
+                );
                 if let Some(trials) = trials {
                     self.cache.insert(study_id, trials);
                 }
@@ -179,18 +177,27 @@ impl Storage {
         let verified = std::mem::take(&mut self.verified_distributions);
         let stored = self.write(|tx| {
             let (study_id, _) = check_updatable(tx, trial_id)?;
-            for param in items {
-                check_param(tx, study_id, param, &verified)?;
-            }
-            insert_params(tx, trial_id, items)?;
+            store_params(tx, study_id, trial_id, items, &verified)?;
             Ok(study_id)
         });
         self.verified_distributions = verified;
         let study_id = stored?;
-        for (name, _, dist) in items {
-            self.verified_distributions.insert((study_id, name.clone()), dist.to_json());
-        }
+        self.remember_distributions(study_id, items.iter().map(|(name, _, dist)| (name, dist)));
         Ok(())
+    }
+
+    /// Records distributions just stored (so checked) for `study_id`, for [`check_param`].
+    fn remember_distributions<'a>(
+        &mut self,
+        study_id: i64,
+        params: impl Iterator<Item = (&'a String, &'a Distribution)>,
+    ) {
+        let known = self.verified_distributions.entry(study_id).or_default();
+        for (name, dist) in params {
+            if !known.contains_key(name) {
+                known.insert(name.clone(), dist.to_json());
+            }
+        }
     }
 
     /// Records one intermediate value and user attributes (JSON text) in one transaction.
@@ -426,10 +433,7 @@ pub(super) fn insert_trial(tx: &mut Tx, study_id: i64, t: &NewTrial) -> Result<(
             )?;
         }
     }
-    for param in &t.params {
-        check_param(tx, study_id, param, &HashMap::new())?;
-    }
-    insert_params(tx, trial_id, &t.params)?;
+    store_params(tx, study_id, trial_id, &t.params, &HashMap::new())?;
     for (k, v) in &t.user_attrs {
         upsert_attr(tx, "trial_user_attributes", trial_id, k, v)?;
     }
@@ -451,12 +455,13 @@ fn check_param(
     tx: &mut Tx,
     study_id: i64,
     (name, internal, dist): &(String, f64, Distribution),
-    verified: &HashMap<(i64, String), String>,
+    verified: &VerifiedDistributions,
 ) -> Result<()> {
     if !dist.contains(*internal) {
         bail!("parameter {name:?}: value {internal} is outside {}", dist.to_json());
     }
-    if verified.get(&(study_id, name.clone())).is_some_and(|json| *json == dist.to_json()) {
+    let known = verified.get(&study_id).and_then(|names| names.get(name));
+    if known.is_some_and(|json| *json == dist.to_json()) {
         return Ok(());
     }
     let previous: Option<String> = tx
@@ -473,6 +478,20 @@ fn check_param(
         crate::distributions::check_distribution_compatibility(name, &prev, dist)?;
     }
     Ok(())
+}
+
+/// Checks parameters ([`check_param`]) and stores them for one trial ([`insert_params`]).
+fn store_params(
+    tx: &mut Tx,
+    study_id: i64,
+    trial_id: i64,
+    items: &[(String, f64, Distribution)],
+    verified: &VerifiedDistributions,
+) -> Result<()> {
+    for param in items {
+        check_param(tx, study_id, param, verified)?;
+    }
+    insert_params(tx, trial_id, items)
 }
 
 /// Stores checked parameters of one trial with one statement. A parameter set before keeps its
