@@ -1,6 +1,7 @@
 //! CPU reference throughput: one training step (forward + backward) and one evaluation forward of
 //! bert-tiny on a synthetic IMDB-shaped batch (16 sequences, 259 tokens on average, one of 512),
-//! reported in examples/s by criterion; and the matrix multiply on the shapes the models use, by
+//! and of all-MiniLM-L6-v2's shape on 16 full sequences of 128 tokens, reported in examples/s by
+//! criterion; each op of a layer alone (`cpu_ops`, elements per second); and the matrix multiply on the shapes the models use, by
 //! each library available (OpenBLAS, `matrixmultiply`), in FLOP/s ("elem/s").
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -100,5 +101,85 @@ fn bench_gemm(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench, bench_gemm);
+/// all-MiniLM-L6-v2's shape (384 hidden, 12 heads, 6 layers) on 16 IMDB reviews cut at 128
+/// tokens: every sequence is full, so packing skips nothing and the step is all arithmetic.
+fn bench_minilm(c: &mut Criterion) {
+    hpo_gpu::tune_allocator();
+    let config = BertConfig::from_file(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/configs/all-MiniLM-L6-v2/config.json"
+    )))
+    .expect("configs/all-MiniLM-L6-v2/config.json");
+    let model = BertModel::random_init(&config, 0);
+    let seqs: Vec<Vec<u32>> = (0..16)
+        .map(|i| (0..128).map(|j| 1000 + ((i * 7919 + j * 104_729) % 29_000) as u32).collect())
+        .collect();
+    let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
+    let labels: Vec<usize> = (0..seqs.len()).map(|i| i % 2).collect();
+    let batch = Batch::packed(&refs, &labels);
+    let mut g = c.benchmark_group("minilm_cpu");
+    g.sample_size(10)
+        .measurement_time(std::time::Duration::from_secs(4))
+        .warm_up_time(std::time::Duration::from_millis(500));
+    g.throughput(Throughput::Elements(batch.seqs.len() as u64));
+    let drop = Dropout::from_config(&config, DropoutRng { seed: 1, stream: 0, step: 0 });
+    let mut grads = vec![0.0f32; model.layout.len];
+    g.bench_function("train_step_16x128", |b| {
+        b.iter(|| {
+            let fwd = bert::forward(&model.config, &model.layout, &model.params, &batch, Some(drop));
+            bert::backward(&model.config, &model.layout, &model.params, &batch, &fwd, 1.0 / 16.0, &mut grads);
+        })
+    });
+    g.bench_function("eval_forward_16x128", |b| {
+        b.iter(|| bert::forward(&model.config, &model.layout, &model.params, &batch, None).logits)
+    });
+    g.finish();
+}
+
+/// One op at a time on the activations of one MiniLM layer (2,048 tokens: 16 sequences of 128)
+/// and of one bert-tiny layer (the IMDB-shaped batch above): elements per second.
+fn bench_ops(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu_ops");
+    g.sample_size(10)
+        .measurement_time(std::time::Duration::from_secs(2))
+        .warm_up_time(std::time::Duration::from_millis(300));
+    let fill = |n: usize, seed: usize| -> Vec<f32> {
+        (0..n).map(|i| (((i * 7919 + seed * 104_729) % 2000) as f32 * 1e-3 - 1.0) * 2.0).collect()
+    };
+    let minilm: Vec<Vec<u32>> = (0..16).map(|_| vec![1000; 128]).collect();
+    let minilm: Vec<&[u32]> = minilm.iter().map(|s| s.as_slice()).collect();
+    let bert_tiny = imdb_like_batch();
+    for (name, batch, h, heads, inter) in
+        [("minilm", Batch::packed(&minilm, &[]), 384, 12, 1536), ("bert_tiny", bert_tiny, 128, 2, 512)]
+    {
+        let n = batch.rows();
+        let (x, w, b) = (fill(n * h, 1), fill(3 * h * h, 2), fill(3 * h, 3));
+        let (q, k, v) = (fill(n * h, 4), fill(n * h, 5), fill(n * h, 6));
+        let mut y = vec![0.0f32; n * h];
+        g.throughput(Throughput::Elements((n * h) as u64));
+        g.bench_function(format!("{name}/linear_{n}x{h}x{h}"), |bch| {
+            bch.iter(|| bert::linear_forward(&x, &w[..h * h], &b[..h], n, h, h, &mut y))
+        });
+        let (gamma, beta) = (fill(h, 7), fill(h, 8));
+        let (mut xhat, mut rstd) = (vec![0.0f32; n * h], vec![0.0f32; n]);
+        g.bench_function(format!("{name}/layernorm_{n}x{h}"), |bch| {
+            bch.iter(|| bert::layernorm_forward(&x, &gamma, &beta, 1e-12, h, &mut y, &mut xhat, &mut rstd))
+        });
+        let pre = fill(n * inter, 9);
+        let mut act = vec![0.0f32; n * inter];
+        g.throughput(Throughput::Elements((n * inter) as u64));
+        g.bench_function(format!("{name}/gelu_{n}x{inter}"), |bch| {
+            bch.iter(|| bert::gelu_forward(&pre, &mut act))
+        });
+        let (attn, nprobs) = bert::attention_layout(&batch.seqs, heads, false);
+        let mut probs = vec![0.0f32; nprobs];
+        g.throughput(Throughput::Elements(nprobs as u64));
+        g.bench_function(format!("{name}/attention_{heads}_heads"), |bch| {
+            bch.iter(|| bert::attention_forward(&q, &k, &v, &attn, heads, h, &mut probs, &mut y, None))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_minilm, bench_ops, bench_gemm);
 criterion_main!(benches);

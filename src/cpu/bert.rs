@@ -376,29 +376,18 @@ pub fn layernorm_backward<F: Real>(
 // GELU (exact, erf-based, as BERT's "gelu")
 // ---------------------------------------------------------------------------------------------
 
-pub fn gelu<F: Real>(x: F) -> F {
-    F::of(0.5) * x * (F::one() + (x * F::of(std::f64::consts::FRAC_1_SQRT_2)).erf())
-}
-
-pub fn gelu_grad<F: Real>(x: F) -> F {
-    let cdf = F::of(0.5) * (F::one() + (x * F::of(std::f64::consts::FRAC_1_SQRT_2)).erf());
-    let pdf = (-F::of(0.5) * x * x).exp() * F::of(1.0 / (2.0 * std::f64::consts::PI).sqrt());
-    cdf + x * pdf
-}
+pub use super::real::{gelu, gelu_grad};
 
 pub fn gelu_forward<F: Real>(x: &[F], y: &mut [F]) {
-    y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(y, x)| {
-        y.iter_mut().zip(x).for_each(|(y, x)| *y = gelu(*x));
-    });
+    y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(y, x)| F::gelu_slice(x, y));
 }
 
 /// dx = dy · gelu'(x) (overwrites dx).
 pub fn gelu_backward<F: Real>(x: &[F], dy: &[F], dx: &mut [F]) {
-    dx.par_chunks_mut(4096).zip(x.par_chunks(4096)).zip(dy.par_chunks(4096)).for_each(|((dx, x), dy)| {
-        for i in 0..dx.len() {
-            dx[i] = dy[i] * gelu_grad(x[i]);
-        }
-    });
+    dx.par_chunks_mut(4096)
+        .zip(x.par_chunks(4096))
+        .zip(dy.par_chunks(4096))
+        .for_each(|((dx, x), dy)| F::gelu_grad_slice(x, dy, dx));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -463,15 +452,7 @@ pub fn attention_forward<F: Real>(
         let qv = Mat { data: &q[sq.q_start * h + a * d..], rows: lq, cols: d, rs: h, cs: 1 };
         let kt = Mat { data: &k[sq.k_start * h + a * d..], rows: d, cols: lk, rs: 1, cs: h };
         gemm(scale, qv, kt, F::zero(), p, lk);
-        for row in p.chunks_exact_mut(lk) {
-            let max = row.iter().copied().fold(F::neg_infinity(), F::max);
-            let mut sum = F::zero();
-            for x in row.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            row.iter_mut().for_each(|x| *x /= sum);
-        }
+        p.chunks_exact_mut(lk).for_each(F::softmax_row);
         let mut pd;
         let pv: &[F] = match dropout {
             Some(d) if d.p > 0.0 => {

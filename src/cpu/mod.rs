@@ -1,8 +1,10 @@
 //! CPU reference backend: the model (`bert`), its optimizer (`adamw`), the dropout generator
-//! (`philox`) and the matrix multiply it is built on (`real`, with the library behind it in `blas`).
+//! (`philox`), the matrix multiply it is built on (`real`, with the library behind it in `blas`) and
+//! its vectorized f32 exp/erf/GELU/softmax (`vmath`).
 
 pub mod adamw;
 pub mod bert;
 pub mod blas;
 pub mod philox;
 pub mod real;
+pub mod vmath;

@@ -1,5 +1,6 @@
 //! The floating-point type the CPU reference is generic over (f32 for training, f64 for
-//! finite-difference gradient checks), and its matrix multiply (the library behind it: `blas`).
+//! finite-difference gradient checks), its matrix multiply (the library behind it: `blas`) and
+//! its elementwise GELU and softmax (f32's vectorized in `vmath`).
 
 use std::fmt::Debug;
 use std::iter::Sum;
@@ -8,6 +9,7 @@ use std::ops::{AddAssign, DivAssign, MulAssign, SubAssign};
 use rayon::prelude::*;
 
 use super::blas::{self, CblasGemm, OpenBlas};
+use super::vmath;
 
 pub trait Real:
     num_traits::Float
@@ -50,6 +52,38 @@ pub trait Real:
     );
     /// OpenBLAS's GEMM for this type.
     fn cblas_gemm(lib: &OpenBlas) -> CblasGemm<Self>;
+    /// y = GELU(x) elementwise (exact, erf-based, as BERT's "gelu").
+    fn gelu_slice(x: &[Self], y: &mut [Self]) {
+        y.iter_mut().zip(x).for_each(|(y, x)| *y = gelu(*x));
+    }
+    /// dx = dy · GELU'(x) elementwise.
+    fn gelu_grad_slice(x: &[Self], dy: &[Self], dx: &mut [Self]) {
+        for ((dx, x), dy) in dx.iter_mut().zip(x).zip(dy) {
+            *dx = *dy * gelu_grad(*x);
+        }
+    }
+    /// row = softmax(row) in place.
+    fn softmax_row(row: &mut [Self]) {
+        let max = row.iter().copied().fold(Self::neg_infinity(), Self::max);
+        let mut sum = Self::zero();
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        row.iter_mut().for_each(|x| *x /= sum);
+    }
+}
+
+/// GELU(x) = x·Φ(x) = ½x(1 + erf(x/√2)).
+pub fn gelu<F: Real>(x: F) -> F {
+    F::of(0.5) * x * (F::one() + (x * F::of(std::f64::consts::FRAC_1_SQRT_2)).erf())
+}
+
+/// GELU'(x) = Φ(x) + x·φ(x).
+pub fn gelu_grad<F: Real>(x: F) -> F {
+    let cdf = F::of(0.5) * (F::one() + (x * F::of(std::f64::consts::FRAC_1_SQRT_2)).erf());
+    let pdf = (-F::of(0.5) * x * x).exp() * F::of(1.0 / (2.0 * std::f64::consts::PI).sqrt());
+    cdf + x * pdf
 }
 
 impl Real for f32 {
@@ -64,6 +98,15 @@ impl Real for f32 {
     }
     fn cblas_gemm(lib: &OpenBlas) -> CblasGemm<Self> {
         lib.sgemm
+    }
+    fn gelu_slice(x: &[f32], y: &mut [f32]) {
+        vmath::gelu(x, y)
+    }
+    fn gelu_grad_slice(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        vmath::gelu_grad(x, dy, dx)
+    }
+    fn softmax_row(row: &mut [f32]) {
+        vmath::softmax(row)
     }
     unsafe fn gemm_raw(
         m: usize,
