@@ -225,21 +225,16 @@ fn layernorm_case<A: Act>(g: &Gpu, r: &mut StdRng, trials: usize, n: usize, h: u
         (vec![0f32; trials * n * h], vec![0f32; trials * n * h], vec![0f32; trials * n]);
     for t in 0..trials {
         let a = t * n * h..(t + 1) * n * h;
-        let s: Vec<f32> = x[a.clone()]
-            .iter()
-            .zip(&res[a.clone()])
-            .map(|(u, v)| if with_residual { u + v } else { *u })
-            .collect();
         let pt = &params[t * p..(t + 1) * p];
         bert::layernorm_forward(
-            &s,
+            &x[a.clone()],
+            with_residual.then(|| &res[a.clone()]),
             &pt[gamma_off..gamma_off + h],
             &pt[beta_off..beta_off + h],
             eps,
             h,
             &mut y_cpu[a.clone()],
-            &mut xh_cpu[a],
-            &mut rs_cpu[t * n..(t + 1) * n],
+            Some((&mut xh_cpu[a], &mut rs_cpu[t * n..(t + 1) * n])),
         );
     }
     let sh = LayerNormShape {
@@ -537,7 +532,7 @@ fn attention_case<A: Act>(g: &Gpu, r: &mut StdRng, c: &AttnCase) {
             layout,
             heads,
             h,
-            &mut probs,
+            Some(&mut probs),
             &mut ctx_cpu[qa.clone()],
             drop,
         );

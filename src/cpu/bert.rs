@@ -2,8 +2,11 @@
 //! in plain Rust, generic over f32 (training) and f64 (finite-difference checks).
 //!
 //! This file is the model. It is meant to be read in one sitting and is the oracle every GPU kernel
-//! is checked against, so it favours clarity over speed: no processor-specific code, only
-//! multithreaded GEMMs (`real::gemm`) and rayon over rows or (sequence, head) pairs.
+//! is checked against, so it favours clarity over speed: no processor-specific code here — the
+//! multithreaded GEMM (`real::gemm`) and the vectorized GELU/softmax (`Real`'s slice functions, in
+//! `vmath` for f32) live beside it — and rayon over rows or (sequence, head) pairs. Evaluation
+//! keeps nothing for a backward pass (no LayerNorm xhat, no attention probabilities, GELU in
+//! place); it computes the same bits as training with dropout off.
 //!
 //! Shapes legend: B = sequences in the batch, N = packed token rows (the sum of the sequences'
 //! lengths), H = hidden size, A = attention heads, D = H/A head size, I = intermediate (FFN) size,
@@ -32,6 +35,28 @@ use crate::model::layout::{LayerParams, ParamLayout};
 /// partial sums are formed per fixed chunk and added in order, so results do not depend on how
 /// rayon schedules the work.
 const REDUCE_CHUNK: usize = 64;
+
+/// Rows per parallel work item in row-wise passes that are cheap per row (filling biases).
+const ROW_BLOCK: usize = 32;
+
+/// Σ f(x) in a fixed order: eight running sums side by side (which the compiler keeps in one
+/// vector register), added pairwise at the end, then the remainder in order. The order depends
+/// only on the length, never on where the slice sits.
+fn lane_sum<F: Real>(x: &[F], f: impl Fn(F) -> F) -> F {
+    let mut acc = [F::zero(); 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += f(*v);
+        }
+    }
+    let mut sum = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    for v in rest {
+        sum += f(*v);
+    }
+    sum
+}
 
 /// One sequence of a packed batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -234,10 +259,30 @@ pub fn site_pooled(layers: usize) -> u32 {
 // Linear: y = x·Wᵀ + b
 // ---------------------------------------------------------------------------------------------
 
-/// x is (n, k), w is (m, k), b is (m), y is (n, m).
+/// x is (n, k), w is (m, k), b is (m), y is (n, m). The bias is written first and the product
+/// added onto it (one pass over y fewer than adding the bias after).
 pub fn linear_forward<F: Real>(x: &[F], w: &[F], b: &[F], n: usize, k: usize, m: usize, y: &mut [F]) {
-    gemm(F::one(), Mat::rm(x, n, k), Mat::rm_t(w, m, k), F::zero(), y, m);
-    y.par_chunks_mut(m).for_each(|row| row.iter_mut().zip(b).for_each(|(v, bb)| *v += *bb));
+    y[..n * m]
+        .par_chunks_mut(m * ROW_BLOCK)
+        .for_each(|rows| rows.chunks_mut(m).for_each(|r| r.copy_from_slice(b)));
+    gemm(F::one(), Mat::rm(x, n, k), Mat::rm_t(w, m, k), F::one(), y, m);
+}
+
+/// `linear_forward` into a fresh (n, m) buffer, which is never zero-filled: its rows start as
+/// copies of the bias.
+pub fn linear_new<F: Real>(x: &[F], w: &[F], b: &[F], n: usize, k: usize, m: usize) -> Vec<F> {
+    let mut y = Vec::with_capacity(n * m);
+    y.spare_capacity_mut()[..n * m].par_chunks_mut(m * ROW_BLOCK).for_each(|rows| {
+        for row in rows.chunks_mut(m) {
+            row.iter_mut().zip(b).for_each(|(y, b)| {
+                y.write(*b);
+            });
+        }
+    });
+    // SAFETY: every one of the n·m elements was written just above.
+    unsafe { y.set_len(n * m) };
+    gemm(F::one(), Mat::rm(x, n, k), Mat::rm_t(w, m, k), F::one(), &mut y, m);
+    y
 }
 
 /// Accumulates dw += dyᵀ·x and db += Σ rows of dy; writes dx = dy·w when asked
@@ -283,43 +328,75 @@ fn add_column_sums<F: Real>(x: &[F], m: usize, out: &mut [F]) {
 // LayerNorm
 // ---------------------------------------------------------------------------------------------
 
-/// x, y, xhat are (n, h); rstd is (n). y = xhat·γ + β with xhat = (x − mean)·rstd.
+/// x, residual, y, xhat are (n, h); rstd is (n). y = xhat·γ + β with xhat = (s − mean)·rstd and
+/// s = x + residual (or x). `keep` receives (xhat, rstd) for the backward pass; evaluation passes
+/// `None` and y is the same.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_forward<F: Real>(
     x: &[F],
+    residual: Option<&[F]>,
     gamma: &[F],
     beta: &[F],
     eps: f64,
     h: usize,
     y: &mut [F],
-    xhat: &mut [F],
-    rstd: &mut [F],
+    keep: Option<(&mut [F], &mut [F])>,
 ) {
     let hf = F::of(h as f64);
-    y.par_chunks_mut(h).zip(xhat.par_chunks_mut(h)).zip(rstd.par_iter_mut()).zip(x.par_chunks(h)).for_each(
-        |(((y, xh), rs), x)| {
-            let mean = x.iter().copied().sum::<F>() / hf;
-            let var = x.iter().map(|v| (*v - mean) * (*v - mean)).sum::<F>() / hf;
-            *rs = F::one() / (var + F::of(eps)).sqrt();
+    // y = s, then returns (mean, rstd) of the row.
+    let stats = |i: usize, y: &mut [F]| {
+        let x = &x[i * h..(i + 1) * h];
+        match residual {
+            Some(r) => y.iter_mut().zip(x).zip(&r[i * h..(i + 1) * h]).for_each(|((y, x), r)| *y = *x + *r),
+            None => y.copy_from_slice(x),
+        }
+        let mean = lane_sum(y, |v| v) / hf;
+        let var = lane_sum(y, |v| (v - mean) * (v - mean)) / hf;
+        (mean, F::one() / (var + F::of(eps)).sqrt())
+    };
+    let n = x.len() / h;
+    match keep {
+        Some((xhat, rstd)) => y[..n * h]
+            .par_chunks_mut(h)
+            .zip(xhat.par_chunks_mut(h))
+            .zip(rstd.par_iter_mut())
+            .enumerate()
+            .for_each(|(i, ((y, xh), rs))| {
+                let (mean, r) = stats(i, y);
+                *rs = r;
+                for j in 0..h {
+                    xh[j] = (y[j] - mean) * r;
+                    y[j] = xh[j] * gamma[j] + beta[j];
+                }
+            }),
+        None => y[..n * h].par_chunks_mut(h).enumerate().for_each(|(i, y)| {
+            let (mean, r) = stats(i, y);
             for j in 0..h {
-                xh[j] = (x[j] - mean) * *rs;
-                y[j] = xh[j] * gamma[j] + beta[j];
+                y[j] = ((y[j] - mean) * r) * gamma[j] + beta[j];
             }
-        },
-    );
+        }),
+    }
 }
 
-/// `layernorm_forward` into fresh buffers: returns (y, xhat, rstd).
+/// `layernorm_forward` into fresh buffers: returns (y, xhat, rstd), the last two empty unless
+/// `keep` (training).
 pub fn layernorm_new<F: Real>(
     x: &[F],
+    residual: Option<&[F]>,
     gamma: &[F],
     beta: &[F],
     eps: f64,
     h: usize,
+    keep: bool,
 ) -> (Vec<F>, Vec<F>, Vec<F>) {
     let n = x.len() / h;
-    let (mut y, mut xhat, mut rstd) = (vec![F::zero(); n * h], vec![F::zero(); n * h], vec![F::zero(); n]);
-    layernorm_forward(x, gamma, beta, eps, h, &mut y, &mut xhat, &mut rstd);
+    let mut y = vec![F::zero(); n * h];
+    if !keep {
+        layernorm_forward(x, residual, gamma, beta, eps, h, &mut y, None);
+        return (y, Vec::new(), Vec::new());
+    }
+    let (mut xhat, mut rstd) = (vec![F::zero(); n * h], vec![F::zero(); n]);
+    layernorm_forward(x, residual, gamma, beta, eps, h, &mut y, Some((&mut xhat, &mut rstd)));
     (y, xhat, rstd)
 }
 
@@ -382,6 +459,10 @@ pub fn gelu_forward<F: Real>(x: &[F], y: &mut [F]) {
     y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(y, x)| F::gelu_slice(x, y));
 }
 
+pub fn gelu_in_place<F: Real>(x: &mut [F]) {
+    x.par_chunks_mut(4096).for_each(F::gelu_in_place);
+}
+
 /// dx = dy · gelu'(x) (overwrites dx).
 pub fn gelu_backward<F: Real>(x: &[F], dy: &[F], dx: &mut [F]) {
     dx.par_chunks_mut(4096)
@@ -420,8 +501,9 @@ pub fn attention_layout(seqs: &[Sequence], heads: usize, cls_only: bool) -> (Vec
     (out, p)
 }
 
-/// q and ctx are (Nq, H); k and v are (N, H); probs holds each sequence's `[A, q_len, k_len]`
-/// softmax(q·kᵀ/√D) block (before dropout). ctx = dropout(probs)·v per head.
+/// q and ctx are (Nq, H); k and v are (N, H); probs, when given (training), receives each
+/// sequence's `[A, q_len, k_len]` softmax(q·kᵀ/√D) block (before dropout). ctx = dropout(probs)·v
+/// per head.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward<F: Real>(
     q: &[F],
@@ -430,25 +512,34 @@ pub fn attention_forward<F: Real>(
     seqs: &[AttnSeq],
     heads: usize,
     h: usize,
-    probs: &mut [F],
+    probs: Option<&mut [F]>,
     ctx: &mut [F],
     dropout: Option<AttentionDropout<'_>>,
 ) {
     let d = h / heads;
     let scale = F::of(1.0 / (d as f64).sqrt());
-    let (pp, cp) = (SendPtr(probs.as_mut_ptr()), SendPtr(ctx.as_mut_ptr()));
-    let (plen, clen) = (probs.len(), ctx.len());
+    let (plen, pp) = match probs {
+        Some(p) => (p.len(), Some(SendPtr(p.as_mut_ptr()))),
+        None => (usize::MAX, None),
+    };
+    let (cp, clen) = (SendPtr(ctx.as_mut_ptr()), ctx.len());
     assert!(seqs.iter().all(|s| s.q_len > 0 && s.k_len > 0), "every sequence needs a query and a key");
     let work: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|s| (0..heads).map(move |a| (s, a))).collect();
-    work.into_par_iter().for_each(|(s, a)| {
+    work.into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<F>, (s, a)| {
         let sq = seqs[s];
         let (lq, lk) = (sq.q_len, sq.k_len);
         let off = sq.p_offset + a * lq * lk;
-        assert!(off + lq * lk <= plen && (sq.q_start + lq) * h <= clen);
+        assert!(off.saturating_add(lq * lk) <= plen && (sq.q_start + lq) * h <= clen);
         // SAFETY: each (sequence, head) owns its probability block and the head's columns of its
         // own query rows in ctx; no two work items touch the same elements, and ctx is only
         // reached through raw pointers.
-        let p = unsafe { std::slice::from_raw_parts_mut(pp.get().add(off), lq * lk) };
+        let p = match pp {
+            Some(pp) => unsafe { std::slice::from_raw_parts_mut(pp.get().add(off), lq * lk) },
+            None => {
+                scratch.resize(lq * lk, F::zero());
+                &mut scratch[..lq * lk]
+            }
+        };
         let qv = Mat { data: &q[sq.q_start * h + a * d..], rows: lq, cols: d, rs: h, cs: 1 };
         let kt = Mat { data: &k[sq.k_start * h + a * d..], rows: d, cols: lk, rs: 1, cs: h };
         gemm(scale, qv, kt, F::zero(), p, lk);
@@ -694,7 +785,7 @@ pub fn forward<F: Real>(
     embedding_forward(p, layout, batch, h, &mut emb);
     let e = &layout.embeddings;
     let (mut x, emb_xhat, emb_rstd) =
-        layernorm_new(&emb, &p[e.ln_weight.clone()], &p[e.ln_bias.clone()], c.layer_norm_eps, h);
+        layernorm_new(&emb, None, &p[e.ln_weight.clone()], &p[e.ln_bias.clone()], c.layer_norm_eps, h, train);
     apply_dropout(dr, |p| p.hidden, site_embeddings(), SiteRows::Tokens, h, &mut x);
 
     let mut layer_inputs = Vec::new();
@@ -713,8 +804,7 @@ pub fn forward<F: Real>(
     let cls = x;
 
     // Pooler: tanh(dense(cls)) → dropout → classifier
-    let mut pooled = vec![F::zero(); b * h];
-    linear_forward(&cls, &p[layout.pooler_w.clone()], &p[layout.pooler_b.clone()], b, h, h, &mut pooled);
+    let mut pooled = linear_new(&cls, &p[layout.pooler_w.clone()], &p[layout.pooler_b.clone()], b, h, h);
     pooled.iter_mut().for_each(|v| *v = v.tanh());
     let mut pooled_dropped = pooled.clone();
     apply_dropout(
@@ -725,15 +815,13 @@ pub fn forward<F: Real>(
         h,
         &mut pooled_dropped,
     );
-    let mut logits = vec![F::zero(); b * nl];
-    linear_forward(
+    let logits = linear_new(
         &pooled_dropped,
         &p[layout.classifier_w.clone()],
         &p[layout.classifier_b.clone()],
         b,
         h,
         nl,
-        &mut logits,
     );
     let losses = cross_entropy(&logits, &batch.labels, nl);
 
@@ -743,8 +831,8 @@ pub fn forward<F: Real>(
     Forward {
         logits,
         losses,
-        emb_xhat: if train { emb_xhat } else { Vec::new() },
-        emb_rstd: if train { emb_rstd } else { Vec::new() },
+        emb_xhat,
+        emb_rstd,
         layer_inputs,
         layers,
         pooled: if train { pooled } else { Vec::new() },
@@ -784,40 +872,56 @@ fn layer_forward<F: Real>(
     let xq = if last { gather_rows(x, batch.seqs.iter().map(|s| s.start), h) } else { x.to_vec() };
     let nq = xq.len() / h;
 
-    let mut q = vec![F::zero(); nq * h];
-    let mut k = vec![F::zero(); n * h];
-    let mut v = vec![F::zero(); n * h];
-    linear_forward(&xq, &p[lp.query_w.clone()], &p[lp.query_b.clone()], nq, h, h, &mut q);
-    linear_forward(x, &p[lp.key_w.clone()], &p[lp.key_b.clone()], n, h, h, &mut k);
-    linear_forward(x, &p[lp.value_w.clone()], &p[lp.value_b.clone()], n, h, h, &mut v);
+    let q = linear_new(&xq, &p[lp.query_w.clone()], &p[lp.query_b.clone()], nq, h, h);
+    let k = linear_new(x, &p[lp.key_w.clone()], &p[lp.key_b.clone()], n, h, h);
+    let v = linear_new(x, &p[lp.value_w.clone()], &p[lp.value_b.clone()], n, h, h);
 
+    let train = dropout.is_some();
     let (attn, nprobs) = attention_layout(&batch.seqs, heads, last);
-    let mut probs = vec![F::zero(); nprobs];
+    // Evaluation keeps no probabilities: each (sequence, head) uses scratch space instead.
+    let mut probs = vec![F::zero(); if train { nprobs } else { 0 }];
     let mut ctx = vec![F::zero(); nq * h];
     let attn_drop = dropout.map(|d| d.attention(l, last));
-    attention_forward(&q, &k, &v, &attn, heads, h, &mut probs, &mut ctx, attn_drop);
+    let keep_probs = if train { Some(probs.as_mut_slice()) } else { None };
+    attention_forward(&q, &k, &v, &attn, heads, h, keep_probs, &mut ctx, attn_drop);
 
     // Attention output: dense → dropout → + residual → LayerNorm
-    let mut y = vec![F::zero(); nq * h];
-    linear_forward(&ctx, &p[lp.attn_out_w.clone()], &p[lp.attn_out_b.clone()], nq, h, h, &mut y);
+    let mut y = linear_new(&ctx, &p[lp.attn_out_w.clone()], &p[lp.attn_out_b.clone()], nq, h, h);
     apply_dropout(dropout, |p| p.hidden, site_attn_out(l), layer_rows(last), h, &mut y);
-    y.iter_mut().zip(&xq).for_each(|(a, b)| *a += *b);
-    let (h1, ln1_xhat, ln1_rstd) =
-        layernorm_new(&y, &p[lp.attn_ln_weight.clone()], &p[lp.attn_ln_bias.clone()], c.layer_norm_eps, h);
+    let (h1, ln1_xhat, ln1_rstd) = layernorm_new(
+        &y,
+        Some(&xq),
+        &p[lp.attn_ln_weight.clone()],
+        &p[lp.attn_ln_bias.clone()],
+        c.layer_norm_eps,
+        h,
+        train,
+    );
 
     // FFN: dense → GELU → dense → dropout → + residual → LayerNorm
-    let mut inter_pre = vec![F::zero(); nq * inter];
-    linear_forward(&h1, &p[lp.inter_w.clone()], &p[lp.inter_b.clone()], nq, h, inter, &mut inter_pre);
-    let mut inter_act = vec![F::zero(); nq * inter];
-    gelu_forward(&inter_pre, &mut inter_act);
-    let mut z = vec![F::zero(); nq * h];
-    linear_forward(&inter_act, &p[lp.out_w.clone()], &p[lp.out_b.clone()], nq, inter, h, &mut z);
+    let mut inter_pre = linear_new(&h1, &p[lp.inter_w.clone()], &p[lp.inter_b.clone()], nq, h, inter);
+    let inter_act = if train {
+        let mut act = vec![F::zero(); nq * inter];
+        gelu_forward(&inter_pre, &mut act);
+        act
+    } else {
+        // Evaluation needs no pre-activation: GELU in place.
+        gelu_in_place(&mut inter_pre);
+        std::mem::take(&mut inter_pre)
+    };
+    let mut z = linear_new(&inter_act, &p[lp.out_w.clone()], &p[lp.out_b.clone()], nq, inter, h);
     apply_dropout(dropout, |p| p.hidden, site_ffn_out(l), layer_rows(last), h, &mut z);
-    z.iter_mut().zip(&h1).for_each(|(a, b)| *a += *b);
-    let (out, ln2_xhat, ln2_rstd) =
-        layernorm_new(&z, &p[lp.out_ln_weight.clone()], &p[lp.out_ln_bias.clone()], c.layer_norm_eps, h);
+    let (out, ln2_xhat, ln2_rstd) = layernorm_new(
+        &z,
+        Some(&h1),
+        &p[lp.out_ln_weight.clone()],
+        &p[lp.out_ln_bias.clone()],
+        c.layer_norm_eps,
+        h,
+        train,
+    );
 
-    let cache = if dropout.is_some() {
+    let cache = if train {
         LayerCache {
             xq,
             q,
@@ -1072,6 +1176,30 @@ fn layer_backward<F: Real>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Evaluation's leaner forward (no kept activations, GELU in place, scratch attention
+    /// probabilities) computes exactly what the training forward does with dropout off.
+    #[test]
+    fn evaluation_gives_the_training_forwards_logits_bit_for_bit() {
+        let config = BertConfig::from_json_str(
+            r#"{"vocab_size": 50, "hidden_size": 24, "num_hidden_layers": 3, "num_attention_heads": 3,
+                "intermediate_size": 40, "max_position_embeddings": 64}"#,
+        )
+        .unwrap();
+        let model = crate::model::BertModel::random_init(&config, 5);
+        let seqs: Vec<Vec<u32>> =
+            [9usize, 17, 4].iter().map(|&n| (0..n).map(|j| (j * 7 % 50) as u32).collect()).collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
+        let batch = Batch::packed(&refs, &[1, 0, 1]);
+        let off = DropoutProbs { hidden: 0.0, attention: 0.0, classifier: 0.0 };
+        let rng = DropoutRng { seed: 1, stream: 0, step: 0 };
+        let train = forward(&config, &model.layout, &model.params, &batch, Some(Dropout::new(off, rng)));
+        let eval = forward::<f32>(&config, &model.layout, &model.params, &batch, None);
+        assert_eq!(eval.logits, train.logits);
+        assert_eq!(eval.losses, train.losses);
+        assert!(train.layers.iter().all(|l| !l.probs.is_empty() && !l.ln1_xhat.is_empty()));
+        assert!(eval.layers.is_empty());
+    }
 
     /// A micro-batch run in chunks (`split_by_attention`) gives the whole batch's losses and
     /// gradients up to summation order, with the same dropout masks.

@@ -56,6 +56,10 @@ pub trait Real:
     fn gelu_slice(x: &[Self], y: &mut [Self]) {
         y.iter_mut().zip(x).for_each(|(y, x)| *y = gelu(*x));
     }
+    /// x = GELU(x) elementwise.
+    fn gelu_in_place(x: &mut [Self]) {
+        x.iter_mut().for_each(|x| *x = gelu(*x));
+    }
     /// dx = dy · GELU'(x) elementwise.
     fn gelu_grad_slice(x: &[Self], dy: &[Self], dx: &mut [Self]) {
         for ((dx, x), dy) in dx.iter_mut().zip(x).zip(dy) {
@@ -101,6 +105,9 @@ impl Real for f32 {
     }
     fn gelu_slice(x: &[f32], y: &mut [f32]) {
         vmath::gelu(x, y)
+    }
+    fn gelu_in_place(x: &mut [f32]) {
+        vmath::gelu_in_place(x)
     }
     fn gelu_grad_slice(x: &[f32], dy: &[f32], dx: &mut [f32]) {
         vmath::gelu_grad(x, dy, dx)

@@ -115,6 +115,13 @@ fn gelu_body<L: Lanes>(x: &[f32], y: &mut [f32]) {
 }
 
 #[inline(always)]
+fn gelu_in_place_body<L: Lanes>(x: &mut [f32]) {
+    for i in (0..x.len()).step_by(LANES) {
+        gelu_lanes(L::load(x, i)).store(x, i);
+    }
+}
+
+#[inline(always)]
 fn gelu_grad_body<L: Lanes>(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     assert!(x.len() == dy.len() && x.len() == dx.len());
     for i in (0..x.len()).step_by(LANES) {
@@ -324,6 +331,12 @@ fn gelu_avx2(x: &[f32], y: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+fn gelu_in_place_avx2(x: &mut [f32]) {
+    gelu_in_place_body::<Avx2>(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
 fn gelu_grad_avx2(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     gelu_grad_body::<Avx2>(x, dy, dx)
 }
@@ -347,6 +360,16 @@ pub fn gelu(x: &[f32], y: &mut [f32]) {
         return unsafe { gelu_avx2(x, y) };
     }
     gelu_body::<Portable>(x, y)
+}
+
+/// x = GELU(x) elementwise (the same bits as `gelu`).
+pub fn gelu_in_place(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: as in `gelu`.
+        return unsafe { gelu_in_place_avx2(x) };
+    }
+    gelu_in_place_body::<Portable>(x)
 }
 
 /// dx = dy · GELU'(x) elementwise.
@@ -483,6 +506,9 @@ mod tests {
         unsafe { gelu_avx2(&x, &mut a) };
         gelu_body::<Portable>(&x, &mut b);
         assert_eq!(a, b);
+        let mut in_place = x.clone();
+        gelu_in_place(&mut in_place);
+        assert_eq!(in_place, a);
         unsafe { gelu_grad_avx2(&x, &dy, &mut a) };
         gelu_grad_body::<Portable>(&x, &dy, &mut b);
         assert_eq!(a, b);

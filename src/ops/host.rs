@@ -93,7 +93,7 @@ fn trial_attention(
     let (queries, keys) = attention_rows(layout, cls, h, t);
     let mut probs = vec![0.0f32; prob_count(seqs, layout.heads)];
     let (q, k, v) = (&q[queries], &k[keys.clone()], &v[keys]);
-    bert::attention_forward(q, k, v, seqs, layout.heads, h, &mut probs, ctx, dropout);
+    bert::attention_forward(q, k, v, seqs, layout.heads, h, Some(&mut probs), ctx, dropout);
     probs
 }
 
@@ -228,20 +228,16 @@ impl ArrayOps for HostOps {
         let (n, h) = (shape.rows, shape.hidden);
         for t in 0..shape.trials {
             let acts = t * shape.act_stride..t * shape.act_stride + n * h;
-            let mut sum = x[acts.clone()].to_vec();
-            if let Some(r) = residual {
-                sum.iter_mut().zip(&r[acts.clone()]).for_each(|(s, r)| *s += *r);
-            }
             let p = &params[t * shape.param_stride..];
             bert::layernorm_forward(
-                &sum,
+                &x[acts.clone()],
+                residual.map(|r| &r[acts.clone()]),
                 &p[shape.gamma..shape.gamma + h],
                 &p[shape.beta..shape.beta + h],
                 eps,
                 h,
                 &mut y[acts.clone()],
-                &mut xhat[acts],
-                &mut rstd[t * shape.row_stride..t * shape.row_stride + n],
+                Some((&mut xhat[acts], &mut rstd[t * shape.row_stride..t * shape.row_stride + n])),
             );
         }
         Ok(())
