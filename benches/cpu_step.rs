@@ -24,32 +24,36 @@ fn imdb_like_batch() -> Batch {
     Batch::packed(&refs, &labels)
 }
 
-fn bench(c: &mut Criterion) {
+/// A training step (forward + backward with dropout) and an evaluation forward of a randomly
+/// initialized model of `configs/<config>/config.json` on `batch`, as benchmarks
+/// `<group>/train_step_<suffix>` and `<group>/eval_forward_<suffix>` in examples/s.
+fn bench_model(c: &mut Criterion, group: &str, config: &str, batch: &Batch, suffix: &str, seconds: u64) {
     hpo_gpu::tune_allocator();
-    let config = BertConfig::from_file(std::path::Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/configs/bert-tiny/config.json"
-    )))
-    .expect("configs/bert-tiny/config.json");
+    let path = format!("{}/configs/{config}/config.json", env!("CARGO_MANIFEST_DIR"));
+    let config = BertConfig::from_file(std::path::Path::new(&path)).expect("the model's config.json");
     let model = BertModel::random_init(&config, 0);
-    let batch = imdb_like_batch();
-    let mut g = c.benchmark_group("bert_tiny_cpu");
+    let mut g = c.benchmark_group(group);
     g.sample_size(10)
-        .measurement_time(std::time::Duration::from_secs(3))
+        .measurement_time(std::time::Duration::from_secs(seconds))
         .warm_up_time(std::time::Duration::from_millis(500));
     g.throughput(Throughput::Elements(batch.seqs.len() as u64));
     let drop = Dropout::from_config(&config, DropoutRng { seed: 1, stream: 0, step: 0 });
     let mut grads = vec![0.0f32; model.layout.len];
-    g.bench_function("train_step_16_examples", |b| {
+    let loss_scale = 1.0 / batch.seqs.len() as f32;
+    g.bench_function(format!("train_step_{suffix}"), |b| {
         b.iter(|| {
-            let fwd = bert::forward(&model.config, &model.layout, &model.params, &batch, Some(drop));
-            bert::backward(&model.config, &model.layout, &model.params, &batch, &fwd, 1.0 / 16.0, &mut grads);
+            let fwd = bert::forward(&model.config, &model.layout, &model.params, batch, Some(drop));
+            bert::backward(&model.config, &model.layout, &model.params, batch, &fwd, loss_scale, &mut grads);
         })
     });
-    g.bench_function("eval_forward_16_examples", |b| {
-        b.iter(|| bert::forward(&model.config, &model.layout, &model.params, &batch, None).logits)
+    g.bench_function(format!("eval_forward_{suffix}"), |b| {
+        b.iter(|| bert::forward(&model.config, &model.layout, &model.params, batch, None).logits)
     });
     g.finish();
+}
+
+fn bench(c: &mut Criterion) {
+    bench_model(c, "bert_tiny_cpu", "bert-tiny", &imdb_like_batch(), "16_examples", 3);
 }
 
 /// The products of one layer, forward and backward, for `tokens` packed tokens of a model with
@@ -104,36 +108,12 @@ fn bench_gemm(c: &mut Criterion) {
 /// all-MiniLM-L6-v2's shape (384 hidden, 12 heads, 6 layers) on 16 IMDB reviews cut at 128
 /// tokens: every sequence is full, so packing skips nothing and the step is all arithmetic.
 fn bench_minilm(c: &mut Criterion) {
-    hpo_gpu::tune_allocator();
-    let config = BertConfig::from_file(std::path::Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/configs/all-MiniLM-L6-v2/config.json"
-    )))
-    .expect("configs/all-MiniLM-L6-v2/config.json");
-    let model = BertModel::random_init(&config, 0);
     let seqs: Vec<Vec<u32>> = (0..16)
         .map(|i| (0..128).map(|j| 1000 + ((i * 7919 + j * 104_729) % 29_000) as u32).collect())
         .collect();
     let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
     let labels: Vec<usize> = (0..seqs.len()).map(|i| i % 2).collect();
-    let batch = Batch::packed(&refs, &labels);
-    let mut g = c.benchmark_group("minilm_cpu");
-    g.sample_size(10)
-        .measurement_time(std::time::Duration::from_secs(4))
-        .warm_up_time(std::time::Duration::from_millis(500));
-    g.throughput(Throughput::Elements(batch.seqs.len() as u64));
-    let drop = Dropout::from_config(&config, DropoutRng { seed: 1, stream: 0, step: 0 });
-    let mut grads = vec![0.0f32; model.layout.len];
-    g.bench_function("train_step_16x128", |b| {
-        b.iter(|| {
-            let fwd = bert::forward(&model.config, &model.layout, &model.params, &batch, Some(drop));
-            bert::backward(&model.config, &model.layout, &model.params, &batch, &fwd, 1.0 / 16.0, &mut grads);
-        })
-    });
-    g.bench_function("eval_forward_16x128", |b| {
-        b.iter(|| bert::forward(&model.config, &model.layout, &model.params, &batch, None).logits)
-    });
-    g.finish();
+    bench_model(c, "minilm_cpu", "all-MiniLM-L6-v2", &Batch::packed(&refs, &labels), "16x128", 4);
 }
 
 /// One op at a time on the activations of one MiniLM layer (2,048 tokens: 16 sequences of 128)
@@ -158,7 +138,7 @@ fn bench_ops(c: &mut Criterion) {
         let mut y = vec![0.0f32; n * h];
         g.throughput(Throughput::Elements((n * h) as u64));
         g.bench_function(format!("{name}/linear_{n}x{h}x{h}"), |bch| {
-            bch.iter(|| bert::linear_forward(&x, &w[..h * h], &b[..h], n, h, h, &mut y))
+            bch.iter(|| bert::linear_new(&x, &w[..h * h], &b[..h], n, h, h))
         });
         let (gamma, beta) = (fill(h, 7), fill(h, 8));
         let (mut xhat, mut rstd) = (vec![0.0f32; n * h], vec![0.0f32; n]);

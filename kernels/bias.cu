@@ -1,5 +1,5 @@
 // The bias half of a linear layer (the GEMM half is cuBLAS): y += b per row, and db += Σ rows dy.
-// CPU twins: cpu::bert::linear_forward (its bias add), cpu::bert::linear_backward (its column sums).
+// CPU twins: cpu::bert::linear_new (its bias), cpu::bert::linear_backward (its column sums).
 //
 // y, dy are [T, n, m] (act_stride); bias, dbias point at the tensor in a trial's parameter /
 // gradient buffer (param_stride).

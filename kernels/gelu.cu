@@ -1,5 +1,5 @@
 // Bias + exact (erf) GELU after the FFN's first GEMM, and its backward with the bias gradient.
-// CPU twins: cpu::bert::gelu_forward (after linear_forward's bias add), cpu::bert::gelu_backward
+// CPU twins: cpu::bert::gelu_forward (after linear_new's bias), cpu::bert::gelu_backward
 // (and linear_backward's bias column sums for the FFN dense).
 //
 // x, pre, act, dy, dx are [T, n, m] (act_stride); bias and dbias point at the tensor inside a

@@ -341,7 +341,7 @@ fn bias_gelu_case<A: Act>(g: &Gpu, r: &mut StdRng, trials: usize, n: usize, m: u
     let dparams = up(g, &params);
     let x = round(uniform(r, trials * n * m, -3.0, 3.0));
 
-    // bias_add: y = x + b per row (linear_forward with a zero weight adds just the bias).
+    // bias_add: y = x + b per row (linear_new with a zero weight adds just the bias).
     let mut pre_cpu = x.clone();
     for t in 0..trials {
         let b = &params[t * p + off..t * p + off + m];
@@ -828,7 +828,7 @@ fn adamw_matches_cpu() {
 // ---------------------------------------------------------------------------------------------
 
 /// y = x·Wᵀ, dW = dyᵀ·x and dx = dy·W for T trials through `gemm_trials`, against the CPU's
-/// `linear_forward` / `linear_backward`.
+/// `linear_new` / `linear_backward`.
 #[allow(clippy::too_many_arguments)]
 fn gemm_case<T: Act>(
     g: &Gpu,
@@ -855,7 +855,7 @@ fn gemm_case<T: Act>(
         let xt = &x[t * n * k..(t + 1) * n * k];
         let w = &params[t * p + w_off..t * p + w_off + m * k];
         let dyt = &dy[t * n * m..(t + 1) * n * m];
-        bert::linear_forward(xt, w, &zeros, n, k, m, &mut y_cpu[t * n * m..(t + 1) * n * m]);
+        y_cpu[t * n * m..(t + 1) * n * m].copy_from_slice(&bert::linear_new(xt, w, &zeros, n, k, m));
         let mut db = vec![0f32; m];
         let dxt = &mut dx_cpu[t * n * k..(t + 1) * n * k];
         bert::linear_backward(

@@ -36,7 +36,7 @@ use crate::model::layout::{LayerParams, ParamLayout};
 /// rayon schedules the work.
 const REDUCE_CHUNK: usize = 64;
 
-/// Rows per parallel work item in row-wise passes that are cheap per row (filling biases).
+/// Rows per parallel work item when filling each row of a linear layer's output with its bias.
 const ROW_BLOCK: usize = 32;
 
 /// Σ f(x) in a fixed order: eight running sums side by side (which the compiler keeps in one
@@ -259,17 +259,9 @@ pub fn site_pooled(layers: usize) -> u32 {
 // Linear: y = x·Wᵀ + b
 // ---------------------------------------------------------------------------------------------
 
-/// x is (n, k), w is (m, k), b is (m), y is (n, m). The bias is written first and the product
-/// added onto it (one pass over y fewer than adding the bias after).
-pub fn linear_forward<F: Real>(x: &[F], w: &[F], b: &[F], n: usize, k: usize, m: usize, y: &mut [F]) {
-    y[..n * m]
-        .par_chunks_mut(m * ROW_BLOCK)
-        .for_each(|rows| rows.chunks_mut(m).for_each(|r| r.copy_from_slice(b)));
-    gemm(F::one(), Mat::rm(x, n, k), Mat::rm_t(w, m, k), F::one(), y, m);
-}
-
-/// `linear_forward` into a fresh (n, m) buffer, which is never zero-filled: its rows start as
-/// copies of the bias.
+/// y = x·Wᵀ + b into a fresh buffer: x is (n, k), w is (m, k), b is (m), y is (n, m). y is never
+/// zero-filled: its rows start as copies of the bias and the product is added onto them (no
+/// separate bias pass).
 pub fn linear_new<F: Real>(x: &[F], w: &[F], b: &[F], n: usize, k: usize, m: usize) -> Vec<F> {
     let mut y = Vec::with_capacity(n * m);
     y.spare_capacity_mut()[..n * m].par_chunks_mut(m * ROW_BLOCK).for_each(|rows| {

@@ -1,6 +1,6 @@
 //! The bias half of a linear layer (the GEMM half is `gemm.rs`): y += b, and db += Σ rows dy.
 //!
-//! CPU twins: the bias add in `cpu::bert::linear_forward`, the column sums in
+//! CPU twins: the bias of `cpu::bert::linear_new`, the column sums in
 //! `cpu::bert::linear_backward`.
 //! Kernels: `kernels/bias.cu`; `gelu.rs` fuses the FFN's bias with its GELU.
 

@@ -1,6 +1,6 @@
 //! Bias + exact GELU after the FFN's first GEMM, and its backward with the bias gradient.
 //!
-//! CPU twins: `cpu::bert::gelu_forward` (after `linear_forward`'s bias add) and
+//! CPU twins: `cpu::bert::gelu_forward` (after `linear_new`'s bias) and
 //! `cpu::bert::gelu_backward` (plus `linear_backward`'s column sums for the FFN bias).
 //! Kernels: `kernels/gelu.cu`.
 

@@ -1,7 +1,7 @@
 //! Row-major GEMMs for every trial at once: one cuBLAS strided-batched call over the trial
 //! dimension (fp32, fp32 with TF32 tensor cores, or bf16 storage with fp32 accumulation).
 //!
-//! CPU twin: the `gemm` calls of `cpu::bert::linear_forward` / `linear_backward` (through
+//! CPU twin: the `gemm` calls of `cpu::bert::linear_new` / `linear_backward` (through
 //! `cpu::real::gemm`).
 
 use anyhow::{Result, anyhow, ensure};
