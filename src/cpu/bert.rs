@@ -614,12 +614,17 @@ pub fn attention_backward<F: Real>(
                 h,
             )
         };
-        // dp = dctx · vᵀ, then through the dropout mask
+        // dp = dctx · vᵀ, then through the dropout mask — read off dropout(p) rather than drawn
+        // again: where dropout(p) is 0 the element was dropped (or p is 0, where the softmax
+        // backward below gives 0 whatever dp is).
         let mut dp = vec![F::zero(); lq * lk];
         let vt = Mat { data: &v[sq.k_start * h + a * d..], rows: d, cols: lk, rs: 1, cs: h };
         gemm(F::one(), dc, vt, F::zero(), &mut dp, lk);
-        if let Some(d) = dropout {
-            d.rng.apply(d.p, d.site, d.first + off, &mut dp);
+        if let Some(d) = dropout.filter(|d| d.p > 0.0) {
+            let keep_scale = F::of(1.0 / (1.0 - d.p));
+            dp.iter_mut()
+                .zip(pv)
+                .for_each(|(g, kept)| *g = if *kept == F::zero() { F::zero() } else { *g * keep_scale });
         }
         // softmax backward: ds = p ⊙ (dp − Σ dp⊙p), then the 1/√D scale
         for (dsr, pr) in dp.chunks_exact_mut(lk).zip(p.chunks_exact(lk)) {
