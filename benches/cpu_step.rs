@@ -2,14 +2,17 @@
 //! bert-tiny on a synthetic IMDB-shaped batch (16 sequences, 259 tokens on average, one of 512),
 //! and of all-MiniLM-L6-v2's shape on 16 full sequences of 128 tokens, reported in examples/s by
 //! criterion; each op of a layer alone (`cpu_ops`, elements per second); and the matrix multiply on the shapes the models use, by
-//! each library available (OpenBLAS, `matrixmultiply`), in FLOP/s ("elem/s").
+//! each library available (OpenBLAS, `matrixmultiply`), in FLOP/s ("elem/s"). Where oneDNN and the
+//! CPU's bf16 instructions are there, the models and products also run with `--precision bf16`
+//! (suffix `_bf16`, library `oneDNN_bf16`).
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use hpo_gpu::config::BertConfig;
 use hpo_gpu::cpu::bert::{self, Batch, Dropout};
 use hpo_gpu::cpu::blas::{GemmLibrary, gemm_library_name, use_gemm_library};
+use hpo_gpu::cpu::onednn;
 use hpo_gpu::cpu::philox::DropoutRng;
-use hpo_gpu::cpu::real::{Mat, gemm};
+use hpo_gpu::cpu::real::{Mat, gemm, linear_gemm};
 use hpo_gpu::model::BertModel;
 
 fn imdb_like_batch() -> Batch {
@@ -40,16 +43,44 @@ fn bench_model(c: &mut Criterion, group: &str, config: &str, batch: &Batch, suff
     let drop = Dropout::from_config(&config, DropoutRng { seed: 1, stream: 0, step: 0 });
     let mut grads = vec![0.0f32; model.layout.len];
     let loss_scale = 1.0 / batch.seqs.len() as f32;
-    g.bench_function(format!("train_step_{suffix}"), |b| {
-        b.iter(|| {
-            let fwd = bert::forward(&model.config, &model.layout, &model.params, batch, Some(drop));
-            bert::backward(&model.config, &model.layout, &model.params, batch, &fwd, loss_scale, &mut grads);
-        })
-    });
-    g.bench_function(format!("eval_forward_{suffix}"), |b| {
-        b.iter(|| bert::forward(&model.config, &model.layout, &model.params, batch, None).logits)
-    });
+    for precision in precisions() {
+        g.bench_function(format!("train_step_{suffix}{precision}"), |b| {
+            b.iter(|| {
+                let fwd = bert::forward(&model.config, &model.layout, &model.params, batch, Some(drop));
+                bert::backward(
+                    &model.config,
+                    &model.layout,
+                    &model.params,
+                    batch,
+                    &fwd,
+                    loss_scale,
+                    &mut grads,
+                );
+            })
+        });
+        g.bench_function(format!("eval_forward_{suffix}{precision}"), |b| {
+            b.iter(|| bert::forward(&model.config, &model.layout, &model.params, batch, None).logits)
+        });
+    }
+    onednn::disable_bf16();
     g.finish();
+}
+
+/// The precisions this machine runs, each switched on as the iterator reaches it: fp32 (no
+/// suffix), then "_bf16" where oneDNN and the CPU's bf16 instructions are there.
+fn precisions() -> impl Iterator<Item = &'static str> {
+    let bf16 = match onednn::enable_bf16() {
+        Ok(_) => true,
+        Err(why) => {
+            eprintln!("bf16 benchmarks skipped: {why}");
+            false
+        }
+    };
+    onednn::disable_bf16();
+    ["", "_bf16"].into_iter().take(1 + usize::from(bf16)).inspect(|p| match *p {
+        "_bf16" => drop(onednn::enable_bf16()),
+        _ => onednn::disable_bf16(),
+    })
 }
 
 fn bench(c: &mut Criterion) {
@@ -101,6 +132,13 @@ fn bench_gemm(c: &mut Criterion) {
             let id = BenchmarkId::new(format!("{name}_{m}x{k}x{n}"), gemm_library_name());
             g.bench_function(id, |bench| bench.iter(|| gemm(1.0, a, b, 0.0, &mut out, n)));
         }
+        // bf16 operands, as the linear layers run under --precision bf16 (the inputs' conversion
+        // included).
+        for precision in precisions().skip(1) {
+            let id = BenchmarkId::new(format!("{name}_{m}x{k}x{n}"), format!("oneDNN{precision}"));
+            g.bench_function(id, |bench| bench.iter(|| linear_gemm(a, b, 0.0, &mut out, n)));
+        }
+        onednn::disable_bf16();
     }
     g.finish();
 }

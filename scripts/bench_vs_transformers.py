@@ -18,7 +18,9 @@ If the binary is missing or fails, the transformers side is still reported and t
 exits with status 1, saying so.
 
 hpo-gpu's CPU matrix multiply follows HPO_GPU_GEMM (openblas | matrixmultiply) from the
-environment; the run records which library it used.
+environment; the run records which library it used. --precision bf16 runs hpo-gpu with
+`--precision bf16` and transformers with TrainingArguments(bf16=True) (CPU autocast);
+--transformers-precision fp32 keeps transformers in fp32 (the recipe as users run it).
 
   /work/main/.venv/bin/python scripts/bench_vs_transformers.py --batch-sizes 16,64
   /work/main/.venv/bin/python scripts/bench_vs_transformers.py --model ../shared/data/all-MiniLM-L6-v2 \
@@ -124,6 +126,7 @@ def run_transformers(args, train_rows, eval_rows, batch_size: int) -> dict:
             logging_strategy="no",
             report_to=[],
             use_cpu=True,
+            bf16=args.transformers_precision == "bf16",
             seed=42,
             disable_tqdm=True,
         )
@@ -179,6 +182,7 @@ def run_hpo_gpu(args, batch_size: int) -> dict:
             "--train-samples", str(args.train_samples), "--eval-samples", str(args.eval_samples),
             "--batch-size", str(batch_size), "--epochs", str(args.epochs),
             "--max-length", str(args.max_length), "--output", tmp, "--seed", "42",
+            "--precision", args.precision,
         ]
         print("+ " + shlex.join(cmd), file=sys.stderr, flush=True)
         t0 = time.perf_counter()
@@ -225,9 +229,16 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "cpu_vs_transformers.json")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="hpo-gpu's --precision (bf16: linear layers' products in bf16, AMX/AVX512_BF16)")
+    ap.add_argument("--transformers-precision", choices=["fp32", "bf16"],
+                    help="transformers' precision (bf16: TrainingArguments(bf16=True), CPU autocast); "
+                         "default: as --precision")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-hpo-gpu", action="store_true")
     args = ap.parse_args()
+    if args.transformers_precision is None:
+        args.transformers_precision = args.precision
     if args.model != "bert-tiny":
         folder = Path(args.model)
         missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (folder / f).is_file()]
@@ -279,6 +290,7 @@ def main() -> int:
                       if args.model == "bert-tiny" else f"{args.model} (pretrained encoder, new classifier head)"),
             "transformers_padding": "max_length (every example padded to max_length, as the recipe)",
             "eval_batch_size": "equal to the train batch size on both sides",
+            "precision": {"hpo_gpu": args.precision, "transformers": args.transformers_precision},
         },
         "machine": {
             "cpu_model": cpu_model(),
@@ -305,7 +317,8 @@ def main() -> int:
     print(f"CPU: {doc['machine']['cpu_model']}, {doc['machine']['logical_cores']} cores, "
           f"torch threads {doc['machine']['torch_threads']}; {doc['date_utc']}")
     print(f"workload: {args.model}, {args.train_samples} train / {args.eval_samples} eval examples, "
-          f"{args.epochs} epoch(s), max_length {args.max_length}; HPO_GPU_GEMM={os.environ.get('HPO_GPU_GEMM', '')}")
+          f"{args.epochs} epoch(s), max_length {args.max_length}; HPO_GPU_GEMM={os.environ.get('HPO_GPU_GEMM', '')}; "
+          f"precision: transformers {args.transformers_precision}, hpo-gpu {args.precision}")
     print(f"{'batch':>5} | {'train ex/s':^27} | {'eval ex/s':^27}")
     print(f"{'':>5} | {'transformers':>12} {'hpo-gpu':>8} {'ratio':>5} | {'transformers':>12} {'hpo-gpu':>8} {'ratio':>5}")
     for row in results:

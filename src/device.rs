@@ -13,6 +13,36 @@ pub enum Device {
     Cuda,
 }
 
+/// The precision of the CPU's linear-layer products (`--precision`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in fp32.
+    #[default]
+    Fp32,
+    /// The linear layers' products in bfloat16 (AMX or AVX512_BF16, through oneDNN), sums,
+    /// weights, optimizer state and every other op in fp32.
+    Bf16,
+}
+
+/// Turns `--precision bf16` on for this process, or says in one line why it cannot (the GPU
+/// path, a CPU without bf16 instructions, oneDNN missing). Call with the device that will run.
+pub fn resolve_precision(precision: Precision, device: Device) -> Result<()> {
+    match (precision, device) {
+        (Precision::Fp32, _) => Ok(()),
+        (Precision::Bf16, Device::Cuda) => {
+            bail!(
+                "--precision bf16 is for the CPU; the GPU path trains in fp32 (use --device cpu or --precision fp32)"
+            )
+        }
+        (Precision::Bf16, _) => {
+            let what = crate::cpu::onednn::enable_bf16()?;
+            eprintln!("note: linear layers' products in bf16 by {what}");
+            Ok(())
+        }
+    }
+}
+
 /// Resolves `--device` to the backend that will run: `cuda` must be usable; `auto` takes the GPU
 /// when it is usable and falls back to the CPU otherwise (saying why on stderr).
 pub fn resolve_device(requested: Device) -> Result<Device> {

@@ -332,6 +332,14 @@ static CASES: &[Case] = &[
         stderr: "error: invalid value 'tpu' for '--device <DEVICE>'",
     },
     Case {
+        id: "train-precision-unknown",
+        input: "unknown precision",
+        setup: none,
+        args: &["train", "@train", "--precision", "fp16"],
+        exit: 2,
+        stderr: "error: invalid value 'fp16' for '--precision <PRECISION>'",
+    },
+    Case {
         id: "train-threads-zero",
         input: "zero threads",
         setup: none,
@@ -928,6 +936,14 @@ static CASES: &[Case] = &[
         args: &["search", "@search", "--direction", "minimize"],
         exit: 1,
         stderr: "error: study \"s\" in sqlite:///<tmp>/study.db has direction MAXIMIZE, not MINIMIZE",
+    },
+    Case {
+        id: "search-precision-unknown",
+        input: "unknown precision",
+        setup: none,
+        args: &["search", "@search", "--precision", "fp16"],
+        exit: 2,
+        stderr: "error: invalid value 'fp16' for '--precision <PRECISION>'",
     },
     Case {
         id: "search-n-trials-zero",

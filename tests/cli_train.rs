@@ -14,11 +14,11 @@ fn stderr(o: &Output) -> String {
 }
 
 fn train_tiny(dir: &Path) -> (PathBuf, Output) {
-    train_tiny_with(dir, &[])
+    train_tiny_with(dir, &[], &[])
 }
 
-/// [`train_tiny`] with extra environment variables.
-fn train_tiny_with(dir: &Path, env: &[(&str, &str)]) -> (PathBuf, Output) {
+/// [`train_tiny`] with extra environment variables and flags.
+fn train_tiny_with(dir: &Path, env: &[(&str, &str)], flags: &[&str]) -> (PathBuf, Output) {
     let model = tiny_model(dir);
     let data = tiny_data(dir);
     let out = dir.join("final");
@@ -49,6 +49,7 @@ fn train_tiny_with(dir: &Path, env: &[(&str, &str)]) -> (PathBuf, Output) {
             "--device",
             "cpu",
         ])
+        .args(flags)
         .output()
         .expect("run hpo-gpu");
     (out, o)
@@ -67,11 +68,11 @@ fn epoch_losses(out: &Path) -> Vec<f64> {
 fn the_gemm_library_is_chosen_by_hpo_gpu_gemm() {
     let tmp = tempfile::tempdir().unwrap();
     let rust_dir = tmp.path().join("rust");
-    let (out, o) = train_tiny_with(&rust_dir, &[("HPO_GPU_GEMM", "matrixmultiply")]);
+    let (out, o) = train_tiny_with(&rust_dir, &[("HPO_GPU_GEMM", "matrixmultiply")], &[]);
     assert!(o.status.success(), "train failed: {}", stderr(&o));
     let reference = epoch_losses(&out);
     let blas_dir = tmp.path().join("blas");
-    let (out, o) = train_tiny_with(&blas_dir, &[("HPO_GPU_GEMM", "openblas")]);
+    let (out, o) = train_tiny_with(&blas_dir, &[("HPO_GPU_GEMM", "openblas")], &[]);
     if o.status.success() {
         let losses = epoch_losses(&out);
         for (epoch, (a, b)) in losses.iter().zip(&reference).enumerate() {
@@ -85,12 +86,75 @@ fn the_gemm_library_is_chosen_by_hpo_gpu_gemm() {
             "error: HPO_GPU_GEMM=openblas but libopenblas.so.0 cannot be loaded (apt-get install libopenblas0-pthread)"
         );
     }
-    let (_, o) = train_tiny_with(&tmp.path().join("bad"), &[("HPO_GPU_GEMM", "mkl")]);
+    let (_, o) = train_tiny_with(&tmp.path().join("bad"), &[("HPO_GPU_GEMM", "mkl")], &[]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert_eq!(
         stderr(&o).trim_end(),
         "error: HPO_GPU_GEMM=\"mkl\" is not a GEMM library (use openblas or matrixmultiply)"
     );
+}
+
+/// `--precision bf16` trains with the linear layers' products in bf16 (oneDNN on AMX or
+/// AVX512_BF16): the model learns to losses near fp32's but not equal to them (the operands
+/// really are rounded), and the metrics record it. Where it cannot run, one line says why
+/// (oneDNN missing, a CPU without bf16 instructions) and nothing is written.
+#[test]
+fn precision_bf16_trains_near_fp32_or_says_why_not() {
+    const NO_LIBRARY: &str = "error: --precision bf16 needs oneDNN 2.x, but /nonexistent/libdnnl.so.2 cannot be \
+                              loaded (apt-get install libdnnl2)";
+    const NO_INSTRUCTIONS: &str = "error: --precision bf16 needs a CPU with AMX or AVX512_BF16 instructions, and \
+                                   this one has neither (use --precision fp32)";
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, o) = train_tiny_with(&tmp.path().join("fp32"), &[], &[]);
+    assert!(o.status.success(), "train failed: {}", stderr(&o));
+    let reference = epoch_losses(&out);
+    let (out, o) = train_tiny_with(&tmp.path().join("bf16"), &[], &["--precision", "bf16"]);
+    let bf16_runs = o.status.success();
+    if bf16_runs {
+        assert!(
+            stderr(&o).contains("note: linear layers' products in bf16 by oneDNN bf16 ("),
+            "{}",
+            stderr(&o)
+        );
+        let losses = epoch_losses(&out);
+        assert_ne!(losses, reference, "bf16 gave fp32's losses bit for bit: were the products rounded?");
+        for (epoch, (a, b)) in losses.iter().zip(&reference).enumerate() {
+            assert!((a - b).abs() <= 0.1 * b.abs() + 0.02, "epoch {epoch}: bf16 loss {a}, fp32 {b}");
+        }
+        assert!(losses.last() < losses.first(), "bf16 did not learn: {losses:?}");
+        let metrics: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("training_metrics.json")).unwrap())
+                .unwrap();
+        assert_eq!(metrics["precision"], "bf16");
+    } else {
+        let err = stderr(&o);
+        assert!(std::env::var_os("HPO_GPU_REQUIRE_BF16").is_none(), "bf16 is required here: {err}");
+        assert!(
+            [NO_LIBRARY.replace("/nonexistent/libdnnl.so.2", "libdnnl.so.2"), NO_INSTRUCTIONS.into()]
+                .contains(&err.trim_end().to_string()),
+            "{err}"
+        );
+        assert!(!out.exists(), "a refused run wrote {}", out.display());
+    }
+    let (out, o) = train_tiny_with(
+        &tmp.path().join("no_library"),
+        &[("HPO_GPU_ONEDNN", "/nonexistent/libdnnl.so.2")],
+        &["--precision", "bf16"],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(stderr(&o).trim_end(), NO_LIBRARY);
+    assert!(!out.exists());
+    if bf16_runs {
+        // oneDNN's own switch caps the instructions it may use: as on a CPU without bf16.
+        let (out, o) = train_tiny_with(
+            &tmp.path().join("no_bf16"),
+            &[("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")],
+            &["--precision", "bf16"],
+        );
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert_eq!(stderr(&o).trim_end(), NO_INSTRUCTIONS);
+        assert!(!out.exists());
+    }
 }
 
 #[test]

@@ -10,7 +10,7 @@ use anyhow::{Result, bail};
 use crate::cli::pipeline::{ModelDataArgs, initial_model, prepare};
 use crate::cli::study::SearchStudyArgs;
 use crate::cli::train::HyperArgs;
-use crate::device::{Device, checked_device, resolve_device};
+use crate::device::{Device, Precision, checked_device, resolve_device, resolve_precision};
 use crate::distributions::Distribution;
 use crate::search::space::SearchSpace;
 use crate::study::driver::{LineProgress, run_study};
@@ -32,6 +32,10 @@ pub struct SearchArgs {
     pub study: SearchStudyArgs,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
+    /// fp32, or bf16 for the linear layers' products on CPUs with AMX or AVX512_BF16 (oneDNN;
+    /// weights and optimizer state stay fp32).
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
     /// Trials trained at once in a trial array (1: one after another, as the recipe does).
     #[arg(long, default_value_t = 1)]
     pub slots: usize,
@@ -68,6 +72,7 @@ pub fn space_batch_sizes(space: &SearchSpace, base: &TrainConfig) -> Result<Vec<
 
 pub fn run_search(args: &SearchArgs, out: &mut dyn Write) -> Result<()> {
     let device = resolve_device(args.device)?;
+    resolve_precision(args.precision, device)?;
     if args.slots == 0 {
         bail!("--slots must be at least 1");
     }

@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use serde_json::json;
 
 use crate::cli::pipeline::{ModelDataArgs, initial_model, prepare};
-use crate::device::{Device, checked_device, resolve_device};
+use crate::device::{Device, Precision, checked_device, resolve_device, resolve_precision};
 use crate::export::export_model;
 use crate::train::{BestBy, Objective, TrainConfig};
 use crate::trial::ParamSet;
@@ -124,6 +124,10 @@ pub struct TrainArgs {
     pub storage: String,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
+    /// fp32, or bf16 for the linear layers' products on CPUs with AMX or AVX512_BF16 (oneDNN;
+    /// weights and optimizer state stay fp32).
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
     /// Print the final metrics as JSON on stdout instead of text.
     #[arg(long)]
     pub json: bool,
@@ -226,6 +230,7 @@ fn best_trial_params(storage_url: &str, study_name: &str) -> Result<(u64, f64, c
 
 pub fn run_train(args: &TrainArgs, out: &mut dyn Write) -> Result<()> {
     let device = resolve_device(args.device)?;
+    resolve_precision(args.precision, device)?;
     let base = args.hyper.train_config();
     base.validate()?;
     // Checked again on export; here so a training run is not spent before the export refuses.
@@ -312,6 +317,7 @@ pub fn run_train(args: &TrainArgs, out: &mut dyn Write) -> Result<()> {
         "train_examples": train_examples,
         "eval_examples": eval_examples,
         "device": if device == Device::Cuda { "cuda" } else { "cpu" },
+        "precision": args.precision,
         "study": study_info,
     });
     export_model(

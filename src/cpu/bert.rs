@@ -27,7 +27,7 @@
 use rayon::prelude::*;
 
 use super::philox::DropoutRng;
-use super::real::{Mat, Real, SendPtr, gemm, gemm_serial_raw};
+use super::real::{Mat, Real, SendPtr, gemm, gemm_serial_raw, linear_gemm};
 use crate::config::BertConfig;
 use crate::model::layout::{LayerParams, ParamLayout};
 
@@ -273,7 +273,7 @@ pub fn linear_new<F: Real>(x: &[F], w: &[F], b: &[F], n: usize, k: usize, m: usi
     });
     // SAFETY: every one of the n·m elements was written just above.
     unsafe { y.set_len(n * m) };
-    gemm(F::one(), Mat::rm(x, n, k), Mat::rm_t(w, m, k), F::one(), &mut y, m);
+    linear_gemm(Mat::rm(x, n, k), Mat::rm_t(w, m, k), F::one(), &mut y, m);
     y
 }
 
@@ -291,11 +291,11 @@ pub fn linear_backward<F: Real>(
     dw: &mut [F],
     db: &mut [F],
 ) {
-    gemm(F::one(), Mat::rm_t(dy, n, m), Mat::rm(x, n, k), F::one(), dw, k);
+    linear_gemm(Mat::rm_t(dy, n, m), Mat::rm(x, n, k), F::one(), dw, k);
     add_column_sums(dy, m, db);
     if let Some((dx, accumulate)) = dx {
         let beta = if accumulate { F::one() } else { F::zero() };
-        gemm(F::one(), Mat::rm(dy, n, m), Mat::rm(w, m, k), beta, dx, k);
+        linear_gemm(Mat::rm(dy, n, m), Mat::rm(w, m, k), beta, dx, k);
     }
 }
 

@@ -1,0 +1,743 @@
+//! `--precision bf16`: the linear layers' matrix products in bfloat16 on CPUs that multiply it in
+//! hardware (AMX tiles, or AVX512_BF16), through oneDNN's matmul — the library PyTorch uses for
+//! the same work. Weights, optimizer state, activations and every other op stay fp32: only the
+//! two operands of a product are rounded to bf16 (nearest, ties to even), and the products are
+//! accumulated and written in fp32, as PyTorch's CPU autocast does for `nn.Linear`.
+//!
+//! oneDNN is opened at run time (`libdnnl.so.2`, Debian's `libdnnl2`, oneDNN 2.x's C API), not
+//! linked: the same binary runs where it is missing, and `--precision fp32` never needs it. It
+//! JIT-compiles one kernel per shape (milliseconds each), so a product is cut into blocks of at
+//! most [`BLOCK`]×[`BLOCK`] whose shapes repeat from batch to batch whatever the batch's token
+//! count: the last row block is padded to a multiple of 32 rows and the inner dimension to
+//! [`padded_inner`]. Each block runs single-threaded (oneDNN's OpenMP threads are set to one on
+//! every calling thread); rayon spreads the blocks over the cores, as it does for fp32.
+//!
+//! The attention products (per sequence and head, shapes as many as review lengths) stay fp32:
+//! they are 5 % of all-MiniLM-L6-v2's FLOPs at 128 tokens.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::ffi::{CStr, c_char, c_int, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use anyhow::{Result, bail};
+use rayon::prelude::*;
+
+use super::real::{Mat, SendPtr};
+
+/// Where oneDNN is looked up (a path or a name for `dlopen`); `libdnnl.so.2` when unset.
+pub const LIBRARY_ENV: &str = "HPO_GPU_ONEDNN";
+
+/// Rows and columns of the output blocks the products are cut into.
+pub const BLOCK: usize = 256;
+
+/// The inner dimension after zero padding: weight-side sizes (multiples of 64) stay as they are,
+/// token counts are rounded up so that their kernels repeat across batches.
+pub fn padded_inner(k: usize) -> usize {
+    if k > 1024 { k.next_multiple_of(256) } else { k.next_multiple_of(64) }
+}
+
+/// f32 → bf16, rounding to nearest with ties to even (NaN stays NaN), as PyTorch converts.
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() { ((bits >> 16) as u16) | 0x40 } else { rounded }
+}
+
+/// The f32 value of bf16 bits.
+pub fn bf16_value(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
+type Status = c_int;
+type Handle = *mut c_void;
+const SUCCESS: Status = 0;
+const ENGINE_CPU: c_int = 1;
+const STREAM_DEFAULT_FLAGS: u32 = 1;
+const DATA_BF16: c_int = 2;
+const DATA_F32: c_int = 3;
+const QUERY_IMPL_INFO_STR: c_int = 8;
+const ARG_SRC: c_int = 1;
+const ARG_DST: c_int = 17;
+const ARG_WEIGHTS: c_int = 33;
+const ARG_SCRATCHPAD: c_int = 80;
+const SCRATCHPAD_MODE_USER: c_int = 1;
+const QUERY_SCRATCHPAD_MD: c_int = 136;
+/// `dnnl_cpu_isa_avx512_core_bf16` and `dnnl_cpu_isa_avx512_core_amx`: bit masks, each ISA's
+/// value containing those of the ones below it.
+const ISA_BF16: u32 = 0xe7;
+const ISA_AMX: u32 = 0x3e7;
+
+/// Room for a `dnnl_memory_desc_t` (696 bytes in oneDNN 2.x) or a `dnnl_matmul_desc_t` (2,800):
+/// oneDNN fills them, we only pass their addresses.
+#[repr(C, align(16))]
+struct Desc([u8; 4096]);
+
+impl Desc {
+    fn boxed() -> Box<Desc> {
+        Box::new(Desc([0; 4096]))
+    }
+    fn ptr(&mut self) -> *mut c_void {
+        self.0.as_mut_ptr().cast()
+    }
+}
+
+#[repr(C)]
+struct ExecArg {
+    arg: c_int,
+    memory: Handle,
+}
+
+/// The C entry points used, looked up once.
+struct Api {
+    engine_create: unsafe extern "C" fn(*mut Handle, c_int, usize) -> Status,
+    stream_create: unsafe extern "C" fn(*mut Handle, Handle, u32) -> Status,
+    memory_desc_init_by_strides:
+        unsafe extern "C" fn(*mut c_void, c_int, *const i64, c_int, *const i64) -> Status,
+    matmul_desc_init: unsafe extern "C" fn(
+        *mut c_void,
+        *const c_void,
+        *const c_void,
+        *const c_void,
+        *const c_void,
+    ) -> Status,
+    primitive_attr_create: unsafe extern "C" fn(*mut Handle) -> Status,
+    primitive_attr_destroy: unsafe extern "C" fn(Handle) -> Status,
+    post_ops_create: unsafe extern "C" fn(*mut Handle) -> Status,
+    post_ops_destroy: unsafe extern "C" fn(Handle) -> Status,
+    post_ops_append_sum: unsafe extern "C" fn(Handle, f32) -> Status,
+    primitive_attr_set_post_ops: unsafe extern "C" fn(Handle, Handle) -> Status,
+    primitive_desc_create: unsafe extern "C" fn(*mut Handle, *const c_void, Handle, Handle, Handle) -> Status,
+    primitive_desc_query: unsafe extern "C" fn(Handle, c_int, c_int, *mut c_void) -> Status,
+    primitive_desc_destroy: unsafe extern "C" fn(Handle) -> Status,
+    primitive_desc_query_md: unsafe extern "C" fn(Handle, c_int, c_int) -> *const c_void,
+    memory_desc_get_size: unsafe extern "C" fn(*const c_void) -> usize,
+    primitive_attr_set_scratchpad_mode: unsafe extern "C" fn(Handle, c_int) -> Status,
+    primitive_create: unsafe extern "C" fn(*mut Handle, Handle) -> Status,
+    memory_create: unsafe extern "C" fn(*mut Handle, *const c_void, Handle, *mut c_void) -> Status,
+    memory_destroy: unsafe extern "C" fn(Handle) -> Status,
+    primitive_execute: unsafe extern "C" fn(Handle, Handle, c_int, *const ExecArg) -> Status,
+    stream_wait: unsafe extern "C" fn(Handle) -> Status,
+    effective_cpu_isa: unsafe extern "C" fn() -> u32,
+    /// libgomp's, reached through oneDNN's own dependencies.
+    omp_set_num_threads: Option<unsafe extern "C" fn(c_int)>,
+}
+
+/// The shape and layout of one block's product: the kernel oneDNN compiled for it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct BlockShape {
+    m: i64,
+    k: i64,
+    n: i64,
+    a_strides: [i64; 2],
+    b_strides: [i64; 2],
+    c_row_stride: i64,
+    accumulate: bool,
+}
+
+/// A compiled kernel, with the scratch memory it needs: its own per execution (scratchpad mode
+/// "user"), because oneDNN's shared library scratchpad makes blocks running on two threads at
+/// once overwrite each other's packed operands (seen: bf16 steps that differed run to run).
+#[derive(Clone, Copy)]
+struct Primitive {
+    handle: Handle,
+    /// The primitive descriptor, kept alive: `scratch_md` points into it.
+    _pd: Handle,
+    scratch_md: *const c_void,
+    scratch_bytes: usize,
+}
+// SAFETY: a oneDNN primitive is immutable once created and may be executed from several threads
+// at once, each with its own stream and scratch memory.
+unsafe impl Send for Primitive {}
+unsafe impl Sync for Primitive {}
+
+/// oneDNN, loaded, with its CPU engine and the kernels compiled so far.
+pub struct OneDnn {
+    api: Api,
+    engine: Handle,
+    isa: u32,
+    primitives: Mutex<HashMap<BlockShape, Primitive>>,
+    /// oneDNN's name for the kernel of the first block compiled, e.g. "brg:avx512_core_amx_bf16".
+    kernel: OnceLock<String>,
+}
+// SAFETY: the engine handle is only passed to oneDNN calls, which are thread-safe for it.
+unsafe impl Send for OneDnn {}
+unsafe impl Sync for OneDnn {}
+
+static LOADED: OnceLock<std::result::Result<OneDnn, String>> = OnceLock::new();
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// This thread's oneDNN stream (created on its first block; OpenMP set to one thread then).
+    static STREAM: Cell<Handle> = const { Cell::new(std::ptr::null_mut()) };
+    /// This thread's scratch memory for the kernels it runs.
+    static SCRATCH: std::cell::RefCell<Vec<CacheLine>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// 64 bytes, 64-aligned: the unit of scratch memory.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct CacheLine([u8; 64]);
+
+fn check(status: Status, what: &str) -> std::result::Result<(), String> {
+    if status == SUCCESS { Ok(()) } else { Err(format!("oneDNN {what} failed (status {status})")) }
+}
+
+// Each transmute's target is the `Api` field it initializes, declared once there.
+#[allow(clippy::missing_transmute_annotations)]
+fn open() -> std::result::Result<OneDnn, String> {
+    let name =
+        std::env::var(LIBRARY_ENV).ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "libdnnl.so.2".into());
+    let missing = || {
+        format!("--precision bf16 needs oneDNN 2.x, but {name} cannot be loaded (apt-get install libdnnl2)")
+    };
+    let c_name = std::ffi::CString::new(name.clone()).map_err(|_| missing())?;
+    // SAFETY: dlopen/dlsym with NUL-terminated names; the handle is never closed, so the function
+    // pointers stay valid for the life of the process. Each symbol is cast to the signature
+    // oneDNN 2.x's dnnl.h declares for it.
+    unsafe {
+        let handle = libc::dlopen(c_name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+        if handle.is_null() {
+            return Err(missing());
+        }
+        let sym = |symbol: &CStr| -> std::result::Result<*mut c_void, String> {
+            let p = libc::dlsym(handle, symbol.as_ptr());
+            if p.is_null() {
+                Err(format!("{name} has no {} (oneDNN 2.x is needed)", symbol.to_string_lossy()))
+            } else {
+                Ok(p)
+            }
+        };
+        macro_rules! f {
+            ($s:literal) => {
+                std::mem::transmute::<*mut c_void, _>(sym($s)?)
+            };
+        }
+        let omp = libc::dlsym(handle, c"omp_set_num_threads".as_ptr());
+        let api = Api {
+            engine_create: f!(c"dnnl_engine_create"),
+            stream_create: f!(c"dnnl_stream_create"),
+            memory_desc_init_by_strides: f!(c"dnnl_memory_desc_init_by_strides"),
+            matmul_desc_init: f!(c"dnnl_matmul_desc_init"),
+            primitive_attr_create: f!(c"dnnl_primitive_attr_create"),
+            primitive_attr_destroy: f!(c"dnnl_primitive_attr_destroy"),
+            post_ops_create: f!(c"dnnl_post_ops_create"),
+            post_ops_destroy: f!(c"dnnl_post_ops_destroy"),
+            post_ops_append_sum: f!(c"dnnl_post_ops_append_sum"),
+            primitive_attr_set_post_ops: f!(c"dnnl_primitive_attr_set_post_ops"),
+            primitive_desc_create: f!(c"dnnl_primitive_desc_create"),
+            primitive_desc_query: f!(c"dnnl_primitive_desc_query"),
+            primitive_desc_destroy: f!(c"dnnl_primitive_desc_destroy"),
+            primitive_desc_query_md: f!(c"dnnl_primitive_desc_query_md"),
+            memory_desc_get_size: f!(c"dnnl_memory_desc_get_size"),
+            primitive_attr_set_scratchpad_mode: f!(c"dnnl_primitive_attr_set_scratchpad_mode"),
+            primitive_create: f!(c"dnnl_primitive_create"),
+            memory_create: f!(c"dnnl_memory_create"),
+            memory_destroy: f!(c"dnnl_memory_destroy"),
+            primitive_execute: f!(c"dnnl_primitive_execute"),
+            stream_wait: f!(c"dnnl_stream_wait"),
+            effective_cpu_isa: f!(c"dnnl_get_effective_cpu_isa"),
+            omp_set_num_threads: (!omp.is_null())
+                .then(|| std::mem::transmute::<*mut c_void, unsafe extern "C" fn(c_int)>(omp)),
+        };
+        let isa = (api.effective_cpu_isa)();
+        if isa & ISA_BF16 != ISA_BF16 {
+            return Err("--precision bf16 needs a CPU with AMX or AVX512_BF16 instructions, and this one has neither \
+                        (use --precision fp32)"
+                .into());
+        }
+        let mut engine = std::ptr::null_mut();
+        check((api.engine_create)(&mut engine, ENGINE_CPU, 0), "engine_create")?;
+        Ok(OneDnn { api, engine, isa, primitives: Mutex::new(HashMap::new()), kernel: OnceLock::new() })
+    }
+}
+
+/// Turns bf16 products on for the whole process (`--precision bf16`), or says in one line why it
+/// cannot: oneDNN missing, or a CPU without bf16 instructions. Returns what will run them.
+pub fn enable_bf16() -> Result<String> {
+    match LOADED.get_or_init(open) {
+        Ok(lib) => {
+            ACTIVE.store(true, Ordering::Relaxed);
+            Ok(lib.describe())
+        }
+        Err(why) => bail!("{why}"),
+    }
+}
+
+/// Back to fp32 products (benchmarks compare both in one process).
+pub fn disable_bf16() {
+    ACTIVE.store(false, Ordering::Relaxed);
+}
+
+/// oneDNN when bf16 products are on.
+pub(crate) fn active() -> Option<&'static OneDnn> {
+    if !ACTIVE.load(Ordering::Relaxed) {
+        return None;
+    }
+    LOADED.get().and_then(|r| r.as_ref().ok())
+}
+
+impl OneDnn {
+    /// For logs and benchmark records, e.g. "oneDNN bf16 (AMX)".
+    pub fn describe(&self) -> String {
+        let unit = if self.isa & ISA_AMX == ISA_AMX { "AMX" } else { "AVX512_BF16" };
+        match self.kernel.get() {
+            Some(kernel) => format!("oneDNN bf16 ({unit}, {kernel})"),
+            None => format!("oneDNN bf16 ({unit})"),
+        }
+    }
+
+    /// The compiled kernel for `shape`, compiled now if it is new.
+    fn primitive(&self, shape: BlockShape) -> std::result::Result<Primitive, String> {
+        let mut primitives = self.primitives.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = primitives.get(&shape) {
+            return Ok(*p);
+        }
+        let api = &self.api;
+        let (mut a, mut b, mut c, mut op) = (Desc::boxed(), Desc::boxed(), Desc::boxed(), Desc::boxed());
+        // SAFETY: oneDNN 2.x C calls on descriptors large enough for what they write; every
+        // object created here is destroyed here, except the primitive and its descriptor, which
+        // are kept for good.
+        unsafe {
+            let dims = |r: i64, c: i64| [r, c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            let (a_dims, a_strides) = (dims(shape.m, shape.k), dims(shape.a_strides[0], shape.a_strides[1]));
+            let (b_dims, b_strides) = (dims(shape.k, shape.n), dims(shape.b_strides[0], shape.b_strides[1]));
+            let (c_dims, c_strides) = (dims(shape.m, shape.n), dims(shape.c_row_stride, 1));
+            let init = api.memory_desc_init_by_strides;
+            check(init(a.ptr(), 2, a_dims.as_ptr(), DATA_BF16, a_strides.as_ptr()), "memory_desc_init (A)")?;
+            check(init(b.ptr(), 2, b_dims.as_ptr(), DATA_BF16, b_strides.as_ptr()), "memory_desc_init (B)")?;
+            check(init(c.ptr(), 2, c_dims.as_ptr(), DATA_F32, c_strides.as_ptr()), "memory_desc_init (C)")?;
+            check(
+                (api.matmul_desc_init)(op.ptr(), a.ptr(), b.ptr(), std::ptr::null(), c.ptr()),
+                "matmul_desc_init",
+            )?;
+            let mut attr = std::ptr::null_mut();
+            check((api.primitive_attr_create)(&mut attr), "primitive_attr_create")?;
+            let user_scratch = (api.primitive_attr_set_scratchpad_mode)(attr, SCRATCHPAD_MODE_USER);
+            if user_scratch != SUCCESS {
+                (api.primitive_attr_destroy)(attr);
+                check(user_scratch, "primitive_attr_set_scratchpad_mode")?;
+            }
+            if shape.accumulate {
+                let mut post_ops = std::ptr::null_mut();
+                check((api.post_ops_create)(&mut post_ops), "post_ops_create")?;
+                let appended = (api.post_ops_append_sum)(post_ops, 1.0);
+                let set = (api.primitive_attr_set_post_ops)(attr, post_ops);
+                (api.post_ops_destroy)(post_ops);
+                check(appended, "post_ops_append_sum")?;
+                check(set, "primitive_attr_set_post_ops")?;
+            }
+            let mut pd = std::ptr::null_mut();
+            let created =
+                (api.primitive_desc_create)(&mut pd, op.ptr(), attr, self.engine, std::ptr::null_mut());
+            (api.primitive_attr_destroy)(attr);
+            check(created, "matmul primitive_desc_create")?;
+            let mut name: *const c_char = std::ptr::null();
+            if (api.primitive_desc_query)(
+                pd,
+                QUERY_IMPL_INFO_STR,
+                0,
+                (&mut name as *mut *const c_char).cast(),
+            ) == SUCCESS
+                && !name.is_null()
+            {
+                let name = CStr::from_ptr(name).to_string_lossy().into_owned();
+                let _ = self.kernel.set(name);
+            }
+            let mut handle = std::ptr::null_mut();
+            let made = (api.primitive_create)(&mut handle, pd);
+            if made != SUCCESS {
+                (api.primitive_desc_destroy)(pd);
+                check(made, "matmul primitive_create")?;
+            }
+            let scratch_md = (api.primitive_desc_query_md)(pd, QUERY_SCRATCHPAD_MD, 0);
+            let scratch_bytes = if scratch_md.is_null() { 0 } else { (api.memory_desc_get_size)(scratch_md) };
+            let primitive = Primitive { handle, _pd: pd, scratch_md, scratch_bytes };
+            primitives.insert(shape, primitive);
+            Ok(primitive)
+        }
+    }
+
+    /// This thread's stream; the first call on a thread also sets oneDNN's OpenMP to one
+    /// thread there (rayon already runs one block per core).
+    fn stream(&self) -> std::result::Result<Handle, String> {
+        let stream = STREAM.with(Cell::get);
+        if !stream.is_null() {
+            return Ok(stream);
+        }
+        let mut stream = std::ptr::null_mut();
+        // SAFETY: plain oneDNN / OpenMP calls; the stream lives as long as the thread.
+        unsafe {
+            if let Some(set) = self.api.omp_set_num_threads {
+                set(1);
+            }
+            check((self.api.stream_create)(&mut stream, self.engine, STREAM_DEFAULT_FLAGS), "stream_create")?;
+        }
+        STREAM.with(|s| s.set(stream));
+        Ok(stream)
+    }
+
+    /// C (its row stride `shape.c_row_stride`) = A·B (+ C when `shape.accumulate`) for one block.
+    ///
+    /// # Safety
+    /// `a`, `b` and `c` must address every element `shape` and its strides describe.
+    unsafe fn run_block(
+        &self,
+        shape: BlockShape,
+        a: *const u16,
+        b: *const u16,
+        c: *mut f32,
+    ) -> std::result::Result<(), String> {
+        let primitive = self.primitive(shape)?;
+        let stream = self.stream()?;
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let lines = primitive.scratch_bytes.div_ceil(64);
+            if scratch.len() < lines {
+                scratch.resize(lines, CacheLine([0; 64]));
+            }
+            // SAFETY: as below; the scratch memory is this thread's alone for the call.
+            unsafe {
+                self.execute(
+                    shape,
+                    primitive,
+                    stream,
+                    [a.cast_mut().cast(), b.cast_mut().cast(), c.cast()],
+                    scratch.as_mut_ptr().cast(),
+                )
+            }
+        })
+    }
+
+    /// Runs `primitive` on the three buffers (A, B, C as `shape` lays them out) and `scratch`.
+    ///
+    /// # Safety
+    /// As [`Self::run_block`]; `scratch` holds `primitive.scratch_bytes`.
+    unsafe fn execute(
+        &self,
+        shape: BlockShape,
+        primitive: Primitive,
+        stream: Handle,
+        buffers: [*mut c_void; 3],
+        scratch: *mut c_void,
+    ) -> std::result::Result<(), String> {
+        let api = &self.api;
+        let mut descs = [Desc::boxed(), Desc::boxed(), Desc::boxed()];
+        let dims = |r: i64, c: i64| [r, c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let layouts = [
+            (dims(shape.m, shape.k), dims(shape.a_strides[0], shape.a_strides[1]), DATA_BF16),
+            (dims(shape.k, shape.n), dims(shape.b_strides[0], shape.b_strides[1]), DATA_BF16),
+            (dims(shape.m, shape.n), dims(shape.c_row_stride, 1), DATA_F32),
+        ];
+        let mut memories = [std::ptr::null_mut(); 4];
+        // SAFETY: as `primitive`; the memories wrap the caller's buffers without copying and are
+        // destroyed before returning, after the stream has finished with them.
+        unsafe {
+            let mut status = SUCCESS;
+            for (i, (desc, (d, s, ty))) in descs.iter_mut().zip(layouts).enumerate() {
+                if status == SUCCESS {
+                    status = (api.memory_desc_init_by_strides)(desc.ptr(), 2, d.as_ptr(), ty, s.as_ptr());
+                }
+                if status == SUCCESS {
+                    status = (api.memory_create)(&mut memories[i], desc.ptr(), self.engine, buffers[i]);
+                }
+            }
+            let mut args = vec![
+                ExecArg { arg: ARG_SRC, memory: memories[0] },
+                ExecArg { arg: ARG_WEIGHTS, memory: memories[1] },
+                ExecArg { arg: ARG_DST, memory: memories[2] },
+            ];
+            if status == SUCCESS && primitive.scratch_bytes > 0 {
+                status = (api.memory_create)(&mut memories[3], primitive.scratch_md, self.engine, scratch);
+                args.push(ExecArg { arg: ARG_SCRATCHPAD, memory: memories[3] });
+            }
+            if status == SUCCESS {
+                status =
+                    (api.primitive_execute)(primitive.handle, stream, args.len() as c_int, args.as_ptr());
+                if status == SUCCESS {
+                    status = (api.stream_wait)(stream);
+                }
+            }
+            for mem in memories.into_iter().filter(|m| !m.is_null()) {
+                (api.memory_destroy)(mem);
+            }
+            check(status, "matmul execute")
+        }
+    }
+}
+
+/// f32 → bf16 for a slice, 16 at a time with AVX512_BF16's `vcvtneps2bf16` where the CPU has it
+/// (the same rounding as [`bf16_bits`], except that it flushes denormals to zero).
+pub fn to_bf16(src: &[f32], dst: &mut [u16]) {
+    assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512bf16") {
+        // SAFETY: the CPU has the instructions the function is compiled for.
+        return unsafe { to_bf16_avx512(src, dst) };
+    }
+    dst.iter_mut().zip(src).for_each(|(o, x)| *o = bf16_bits(*x));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+fn to_bf16_avx512(src: &[f32], dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let (src16, dst16) = (src.chunks_exact(16), dst.chunks_exact_mut(16));
+    let (src_tail, dst_tail) = (src16.remainder(), dst16.len() * 16);
+    for (x, y) in src16.zip(dst16) {
+        // SAFETY: 16 f32 read from and 16 u16 written to slices of exactly that length.
+        unsafe {
+            let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(x.as_ptr()));
+            _mm256_storeu_si256(y.as_mut_ptr().cast(), std::mem::transmute::<__m256bh, __m256i>(v));
+        }
+    }
+    dst[dst_tail..].iter_mut().zip(src_tail).for_each(|(o, x)| *o = bf16_bits(*x));
+}
+
+/// One operand converted to bf16 in the orientation it came in, padded with zeros; its buffer
+/// goes back to [`BUFFERS`] when dropped.
+struct Bf16Operand {
+    data: Vec<u16>,
+    /// Strides (row, column) of the logical matrix in `data`.
+    strides: [usize; 2],
+}
+
+/// Conversion buffers kept between products: every element is written each time, so reusing
+/// them saves zero-filling megabytes per product.
+static BUFFERS: Mutex<Vec<Vec<u16>>> = Mutex::new(Vec::new());
+
+impl Drop for Bf16Operand {
+    fn drop(&mut self) {
+        let mut buffers = BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
+        if buffers.len() < 8 {
+            buffers.push(std::mem::take(&mut self.data));
+        }
+    }
+}
+
+/// Converts `mat` to bf16 as a `rows_padded × cols_padded` matrix (the extra rows and columns
+/// zero), keeping its orientation. `None` when its layout is neither row- nor column-contiguous.
+fn convert(mat: Mat<f32>, rows_padded: usize, cols_padded: usize) -> Option<Bf16Operand> {
+    // Contiguous along columns: store rows of `cols_padded`; along rows: columns of `rows_padded`.
+    let (lines, line_len, valid_lines, valid_len, line_stride, strides) = if mat.cs == 1 {
+        (rows_padded, cols_padded, mat.rows, mat.cols, mat.rs, [cols_padded, 1])
+    } else if mat.rs == 1 {
+        (cols_padded, rows_padded, mat.cols, mat.rows, mat.cs, [1, rows_padded])
+    } else {
+        return None;
+    };
+    let mut data = BUFFERS.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+    data.resize(lines * line_len, 0);
+    let src = mat.data;
+    data.par_chunks_mut(line_len * 16).enumerate().for_each(|(chunk, out)| {
+        for (i, line) in out.chunks_mut(line_len).enumerate() {
+            let l = chunk * 16 + i;
+            let (values, padding) = line.split_at_mut(if l < valid_lines { valid_len } else { 0 });
+            if !values.is_empty() {
+                to_bf16(&src[l * line_stride..l * line_stride + valid_len], values);
+            }
+            padding.fill(0);
+        }
+    });
+    Some(Bf16Operand { data, strides })
+}
+
+/// C (m×n, row stride `ldc`) = A·B (+ C when `accumulate`) with A and B rounded to bf16 and the
+/// sums in fp32. `false` when nothing was done (bf16 off, or a layout this path does not take),
+/// so the caller multiplies in fp32.
+pub(crate) fn gemm_bf16(a: Mat<f32>, b: Mat<f32>, accumulate: bool, c: &mut [f32], ldc: usize) -> bool {
+    active().is_some_and(|lib| lib.gemm(a, b, accumulate, c, ldc))
+}
+
+impl OneDnn {
+    /// [`gemm_bf16`] with this library, whether or not bf16 is on for the process.
+    fn gemm(&self, a: Mat<f32>, b: Mat<f32>, accumulate: bool, c: &mut [f32], ldc: usize) -> bool {
+        let lib = self;
+        let (m, k, n) = (a.rows, a.cols, b.cols);
+        if m == 0 || n == 0 || k == 0 || k != b.rows {
+            return false;
+        }
+        assert!(c.len() >= (m - 1) * ldc + n, "gemm: output too small");
+        let (mp, kp) = (m.next_multiple_of(32), padded_inner(k));
+        let (Some(a16), Some(b16)) = (convert(a, mp, kp), convert(b, kp, n)) else { return false };
+        let blocks: Vec<(usize, usize)> = (0..m.div_ceil(BLOCK))
+            .flat_map(|r| (0..n.div_ceil(BLOCK)).map(move |c| (r * BLOCK, c * BLOCK)))
+            .collect();
+        let out = SendPtr(c.as_mut_ptr());
+        let failed =
+            blocks.into_par_iter().try_for_each_init(Vec::new, |scratch: &mut Vec<f32>, (r0, c0)| {
+                let (rows, cols) = ((m - r0).min(BLOCK), (n - c0).min(BLOCK));
+                let rows_padded = rows.next_multiple_of(32);
+                let shape = |c_row_stride: usize| BlockShape {
+                    m: rows_padded as i64,
+                    k: kp as i64,
+                    n: cols as i64,
+                    a_strides: a16.strides.map(|s| s as i64),
+                    b_strides: b16.strides.map(|s| s as i64),
+                    c_row_stride: c_row_stride as i64,
+                    accumulate,
+                };
+                // SAFETY: the block's elements of A16/B16 lie inside them (rows padded to `mp`, inner
+                // dimension to `kp`), and its C elements belong to this block alone.
+                unsafe {
+                    let a_block = a16.data.as_ptr().add(r0 * a16.strides[0]);
+                    let b_block = b16.data.as_ptr().add(c0 * b16.strides[1]);
+                    let c_block = out.get().add(r0 * ldc + c0);
+                    if rows_padded == rows {
+                        return lib.run_block(shape(ldc), a_block, b_block, c_block);
+                    }
+                    // The padded rows have nowhere to go in C: compute the block into scratch.
+                    scratch.clear();
+                    scratch.resize(rows_padded * cols, 0.0);
+                    if accumulate {
+                        for i in 0..rows {
+                            std::ptr::copy_nonoverlapping(
+                                c_block.add(i * ldc),
+                                scratch.as_mut_ptr().add(i * cols),
+                                cols,
+                            );
+                        }
+                    }
+                    lib.run_block(shape(cols), a_block, b_block, scratch.as_mut_ptr())?;
+                    for i in 0..rows {
+                        std::ptr::copy_nonoverlapping(
+                            scratch.as_ptr().add(i * cols),
+                            c_block.add(i * ldc),
+                            cols,
+                        );
+                    }
+                    Ok(())
+                }
+            });
+        if let Err(why) = failed {
+            // A failure after the checks at start-up is a broken installation, not bad input.
+            panic!("{why}");
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        assert_eq!(bf16_bits(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1).
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3·2^-8 is halfway between 1 + 2^-7 (odd) and 1 + 2^-6 (even): rounds up.
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(bf16_bits(1.0 + 1.5 / 256.0), 0x3f81);
+        assert_eq!(bf16_bits(-2.5), 0xc020);
+        assert!(bf16_value(bf16_bits(f32::NAN)).is_nan());
+        assert_eq!(bf16_value(bf16_bits(f32::INFINITY)), f32::INFINITY);
+        assert_eq!(bf16_value(bf16_bits(f32::MAX)), f32::INFINITY);
+        for x in [0.1f32, -3.7, 1e-30, 12345.678] {
+            let r = bf16_value(bf16_bits(x));
+            assert!(((r - x) / x).abs() <= 1.0 / 256.0, "{x} -> {r}");
+            assert_eq!(half::bf16::from_f32(x).to_bits(), bf16_bits(x), "{x}");
+        }
+    }
+
+    /// oneDNN for a test, without turning bf16 on for the other tests of this process; `None`
+    /// (after saying why) where it cannot run, which `HPO_GPU_REQUIRE_BF16=1` makes a failure.
+    fn onednn_for_test() -> Option<&'static OneDnn> {
+        match LOADED.get_or_init(open) {
+            Ok(lib) => Some(lib),
+            Err(why) if std::env::var("HPO_GPU_REQUIRE_BF16").as_deref() == Ok("1") => {
+                panic!("HPO_GPU_REQUIRE_BF16=1 but {why}")
+            }
+            Err(why) => {
+                eprintln!("SKIPPED: {why}");
+                None
+            }
+        }
+    }
+
+    fn random(len: usize, seed: u64) -> Vec<f32> {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect()
+    }
+
+    /// Every layout the linear layers use (B = Wᵀ forward, B = W for dx, A = dyᵀ for dw), with
+    /// padded row tails, column blocks, padded token counts, accumulation and a wide C.
+    #[test]
+    fn bf16_products_equal_exact_sums_of_the_rounded_operands() {
+        let Some(lib) = onednn_for_test() else { return };
+        let round = |x: f32| f64::from(bf16_value(bf16_bits(x)));
+        // (m, k, n, A transposed, B transposed, accumulate, extra C columns)
+        let cases = [
+            (300, 128, 300, false, true, false, 0),
+            (70, 384, 128, false, false, true, 3),
+            (96, 1000, 200, true, false, true, 0),
+            (1, 64, 1, false, true, false, 0),
+            (513, 1536, 40, false, true, true, 1),
+        ];
+        for (case, &(m, k, n, a_t, b_t, accumulate, extra)) in cases.iter().enumerate() {
+            let (a, b) = (random(m * k, 2 * case as u64), random(k * n, 2 * case as u64 + 1));
+            let a_view = if a_t { Mat::rm_t(&a, k, m) } else { Mat::rm(&a, m, k) };
+            let b_view = if b_t { Mat::rm_t(&b, n, k) } else { Mat::rm(&b, k, n) };
+            let ldc = n + extra;
+            let c0 = random(m * ldc, 99);
+            let mut c = c0.clone();
+            assert!(lib.gemm(a_view, b_view, accumulate, &mut c, ldc), "case {case}: layout refused");
+            for i in 0..m {
+                for j in 0..ldc {
+                    let got = f64::from(c[i * ldc + j]);
+                    if j >= n {
+                        assert_eq!(
+                            got,
+                            f64::from(c0[i * ldc + j]),
+                            "case {case}: C's padding at ({i}, {j}) written"
+                        );
+                        continue;
+                    }
+                    let (mut sum, mut size) = (0.0f64, 0.0f64);
+                    for p in 0..k {
+                        let x = a_view.data[i * a_view.rs + p * a_view.cs];
+                        let y = b_view.data[p * b_view.rs + j * b_view.cs];
+                        sum += round(x) * round(y);
+                        size += (round(x) * round(y)).abs();
+                    }
+                    if accumulate {
+                        sum += f64::from(c0[i * ldc + j]);
+                        size += f64::from(c0[i * ldc + j]).abs();
+                    }
+                    // Products of bf16 values are exact in fp32; only the fp32 sums round.
+                    let tolerance = (k as f64 + 2.0) * f64::from(f32::EPSILON) * size;
+                    assert!(
+                        (got - sum).abs() <= tolerance,
+                        "case {case} ({i}, {j}): {got} vs {sum} ± {tolerance}"
+                    );
+                }
+            }
+        }
+        // The operands really are rounded: 1 + 2⁻¹⁰ is 1 in bf16, so 64 such products sum to 64.
+        let (a, b) = (vec![1.0 + 1.0 / 1024.0; 64], vec![1.0f32; 64]);
+        let mut c = vec![0.0f32; 1];
+        assert!(lib.gemm(Mat::rm(&a, 1, 64), Mat::rm(&b, 64, 1), false, &mut c, 1));
+        assert_eq!(c[0], 64.0);
+        assert!(lib.describe().starts_with("oneDNN bf16 ("), "{}", lib.describe());
+    }
+
+    #[test]
+    fn slices_convert_as_single_values_do() {
+        let mut x = random(1000, 7);
+        x.extend([0.0, -0.0, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, f32::INFINITY, 3.0e38, 1e-30]);
+        let mut y = vec![0u16; x.len()];
+        to_bf16(&x, &mut y);
+        for (x, y) in x.iter().zip(&y) {
+            assert_eq!(*y, bf16_bits(*x), "{x}");
+        }
+    }
+
+    #[test]
+    fn inner_padding_keeps_weight_sizes_and_rounds_token_counts() {
+        assert_eq!([128, 384, 1536].map(padded_inner), [128, 384, 1536]);
+        assert_eq!([1, 100, 1000, 1025, 4000].map(padded_inner), [64, 128, 1024, 1280, 4096]);
+    }
+}
