@@ -50,6 +50,9 @@ pub fn resolve_device(requested: Device) -> Result<Device> {
     if device == Device::Cpu {
         // A bad HPO_GPU_GEMM is one line here, before any work.
         crate::cpu::blas::gemm_library()?;
+        if let Some(warning) = crate::cpu::blas::openblas_core_warning() {
+            eprintln!("note: {warning}");
+        }
     }
     Ok(device)
 }

@@ -143,6 +143,36 @@ pub fn use_gemm_library(library: GemmLibrary) -> Result<()> {
     Ok(())
 }
 
+/// A warning when OpenBLAS runs its generic SSE3 kernels ("Prescott") on a CPU with AVX2 or
+/// AVX-512: Debian's OpenBLAS 0.3.21 does not know CPUs newer than itself (seen: Emerald Rapids,
+/// at a quarter of `matrixmultiply`'s speed), and `OPENBLAS_CORETYPE` overrides its pick.
+pub fn openblas_core_warning() -> Option<String> {
+    let lib = openblas()?;
+    #[cfg(target_arch = "x86_64")]
+    let (avx2, avx512) =
+        (std::arch::is_x86_feature_detected!("avx2"), std::arch::is_x86_feature_detected!("avx512f"));
+    #[cfg(not(target_arch = "x86_64"))]
+    let (avx2, avx512) = (false, false);
+    core_warning(&lib.core, avx2, avx512)
+}
+
+fn core_warning(core: &str, avx2: bool, avx512: bool) -> Option<String> {
+    let better = if avx512 {
+        "SkylakeX"
+    } else if avx2 {
+        "Haswell"
+    } else {
+        return None;
+    };
+    (core == "Prescott").then(|| {
+        format!(
+            "OpenBLAS picked its generic kernels (Prescott) for this CPU, which has {}: \
+             set OPENBLAS_CORETYPE={better} to use them, or leave HPO_GPU_GEMM unset",
+            if avx512 { "AVX-512" } else { "AVX2" }
+        )
+    })
+}
+
 /// A description for logs and benchmark records, e.g. "OpenBLAS (Haswell)".
 pub fn gemm_library_name() -> String {
     match openblas() {
@@ -197,6 +227,18 @@ pub(crate) unsafe fn cblas_gemm<F: Copy>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generic_openblas_kernels_on_a_vector_cpu_are_flagged() {
+        let warning = core_warning("Prescott", true, true).expect("flagged");
+        assert!(warning.contains("OPENBLAS_CORETYPE=SkylakeX"), "{warning}");
+        assert!(
+            core_warning("Prescott", true, false).expect("flagged").contains("OPENBLAS_CORETYPE=Haswell")
+        );
+        assert_eq!(core_warning("Prescott", false, false), None);
+        assert_eq!(core_warning("SkylakeX", true, true), None);
+        assert_eq!(core_warning("Haswell", true, false), None);
+    }
 
     #[test]
     fn operands_map_to_cblas_layouts_or_are_refused() {

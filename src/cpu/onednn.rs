@@ -554,7 +554,6 @@ pub(crate) fn gemm_bf16(a: Mat<f32>, b: Mat<f32>, accumulate: bool, c: &mut [f32
 impl OneDnn {
     /// [`gemm_bf16`] with this library, whether or not bf16 is on for the process.
     fn gemm(&self, a: Mat<f32>, b: Mat<f32>, accumulate: bool, c: &mut [f32], ldc: usize) -> bool {
-        let lib = self;
         let (m, k, n) = (a.rows, a.cols, b.cols);
         if m == 0 || n == 0 || k == 0 || k != b.rows {
             return false;
@@ -586,7 +585,7 @@ impl OneDnn {
                     let b_block = b16.data.as_ptr().add(c0 * b16.strides[1]);
                     let c_block = out.get().add(r0 * ldc + c0);
                     if rows_padded == rows {
-                        return lib.run_block(shape(ldc), a_block, b_block, c_block);
+                        return self.run_block(shape(ldc), a_block, b_block, c_block);
                     }
                     // The padded rows have nowhere to go in C: compute the block into scratch.
                     scratch.clear();
@@ -600,7 +599,7 @@ impl OneDnn {
                             );
                         }
                     }
-                    lib.run_block(shape(cols), a_block, b_block, scratch.as_mut_ptr())?;
+                    self.run_block(shape(cols), a_block, b_block, scratch.as_mut_ptr())?;
                     for i in 0..rows {
                         std::ptr::copy_nonoverlapping(
                             scratch.as_ptr().add(i * cols),
