@@ -65,6 +65,8 @@ const ARG_WEIGHTS: c_int = 33;
 const ARG_SCRATCHPAD: c_int = 80;
 const SCRATCHPAD_MODE_USER: c_int = 1;
 const QUERY_SCRATCHPAD_MD: c_int = 136;
+/// `dnnl_query_src_md`, `dnnl_query_weights_md`, `dnnl_query_dst_md`: A, B and C.
+const QUERY_OPERAND_MDS: [c_int; 3] = [129, 131, 133];
 /// `dnnl_cpu_isa_avx512_core_bf16` and `dnnl_cpu_isa_avx512_core_amx`: bit masks, each ISA's
 /// value containing those of the ones below it.
 const ISA_BF16: u32 = 0xe7;
@@ -143,8 +145,10 @@ struct BlockShape {
 #[derive(Clone, Copy)]
 struct Primitive {
     handle: Handle,
-    /// The primitive descriptor, kept alive: `scratch_md` points into it.
+    /// The primitive descriptor, kept alive: the memory descriptors below point into it.
     _pd: Handle,
+    /// A's, B's and C's layouts, as `BlockShape` gave them.
+    operand_mds: [*const c_void; 3],
     scratch_md: *const c_void,
     scratch_bytes: usize,
 }
@@ -352,9 +356,10 @@ impl OneDnn {
                 (api.primitive_desc_destroy)(pd);
                 check(made, "matmul primitive_create")?;
             }
+            let operand_mds = QUERY_OPERAND_MDS.map(|what| (api.primitive_desc_query_md)(pd, what, 0));
             let scratch_md = (api.primitive_desc_query_md)(pd, QUERY_SCRATCHPAD_MD, 0);
             let scratch_bytes = if scratch_md.is_null() { 0 } else { (api.memory_desc_get_size)(scratch_md) };
-            let primitive = Primitive { handle, _pd: pd, scratch_md, scratch_bytes };
+            let primitive = Primitive { handle, _pd: pd, operand_mds, scratch_md, scratch_bytes };
             primitives.insert(shape, primitive);
             Ok(primitive)
         }
@@ -401,7 +406,6 @@ impl OneDnn {
             // SAFETY: as below; the scratch memory is this thread's alone for the call.
             unsafe {
                 self.execute(
-                    shape,
                     primitive,
                     stream,
                     [a.cast_mut().cast(), b.cast_mut().cast(), c.cast()],
@@ -411,37 +415,26 @@ impl OneDnn {
         })
     }
 
-    /// Runs `primitive` on the three buffers (A, B, C as `shape` lays them out) and `scratch`.
+    /// Runs `primitive` on the three buffers (A, B, C, laid out as it was compiled for) and `scratch`.
     ///
     /// # Safety
     /// As [`Self::run_block`]; `scratch` holds `primitive.scratch_bytes`.
     unsafe fn execute(
         &self,
-        shape: BlockShape,
         primitive: Primitive,
         stream: Handle,
         buffers: [*mut c_void; 3],
         scratch: *mut c_void,
     ) -> std::result::Result<(), String> {
         let api = &self.api;
-        let mut descs = [Desc::boxed(), Desc::boxed(), Desc::boxed()];
-        let dims = |r: i64, c: i64| [r, c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        let layouts = [
-            (dims(shape.m, shape.k), dims(shape.a_strides[0], shape.a_strides[1]), DATA_BF16),
-            (dims(shape.k, shape.n), dims(shape.b_strides[0], shape.b_strides[1]), DATA_BF16),
-            (dims(shape.m, shape.n), dims(shape.c_row_stride, 1), DATA_F32),
-        ];
         let mut memories = [std::ptr::null_mut(); 4];
         // SAFETY: as `primitive`; the memories wrap the caller's buffers without copying and are
         // destroyed before returning, after the stream has finished with them.
         unsafe {
             let mut status = SUCCESS;
-            for (i, (desc, (d, s, ty))) in descs.iter_mut().zip(layouts).enumerate() {
+            for ((md, buffer), memory) in primitive.operand_mds.into_iter().zip(buffers).zip(&mut memories) {
                 if status == SUCCESS {
-                    status = (api.memory_desc_init_by_strides)(desc.ptr(), 2, d.as_ptr(), ty, s.as_ptr());
-                }
-                if status == SUCCESS {
-                    status = (api.memory_create)(&mut memories[i], desc.ptr(), self.engine, buffers[i]);
+                    status = (api.memory_create)(memory, md, self.engine, buffer);
                 }
             }
             let mut args = vec![
