@@ -113,8 +113,10 @@ fn bench_gemm(c: &mut Criterion) {
     let mut shapes = model_shapes("bert_tiny_4096_tokens", 4096, 128, 512, 512, 64);
     shapes.extend(model_shapes("minilm_2048_tokens", 2048, 384, 1536, 128, 32));
     let mut libraries = vec![GemmLibrary::MatrixMultiply];
-    if use_gemm_library(GemmLibrary::OpenBlas).is_ok() {
-        libraries.push(GemmLibrary::OpenBlas);
+    for library in [GemmLibrary::OpenBlas, GemmLibrary::OneDnn] {
+        if use_gemm_library(library).is_ok() {
+            libraries.push(library);
+        }
     }
     let mut g = c.benchmark_group("cpu_gemm");
     g.sample_size(10)
@@ -130,7 +132,13 @@ fn bench_gemm(c: &mut Criterion) {
         for &library in &libraries {
             use_gemm_library(library).expect("checked above");
             let id = BenchmarkId::new(format!("{name}_{m}x{k}x{n}"), gemm_library_name());
-            g.bench_function(id, |bench| bench.iter(|| gemm(1.0, a, b, 0.0, &mut out, n)));
+            // oneDNN takes the linear layers' products only, so it is reached through theirs.
+            match library {
+                GemmLibrary::OneDnn => {
+                    g.bench_function(id, |bench| bench.iter(|| linear_gemm(a, b, 0.0, &mut out, n)))
+                }
+                _ => g.bench_function(id, |bench| bench.iter(|| gemm(1.0, a, b, 0.0, &mut out, n))),
+            };
         }
         // bf16 operands, as the linear layers run under --precision bf16 (the inputs' conversion
         // included).
@@ -140,6 +148,7 @@ fn bench_gemm(c: &mut Criterion) {
         }
         onednn::disable_bf16();
     }
+    use_gemm_library(GemmLibrary::MatrixMultiply).expect("always there");
     g.finish();
 }
 

@@ -17,8 +17,9 @@ and report train / eval examples per second and the ratio hpo-gpu / transformers
 If the binary is missing or fails, the transformers side is still reported and the script
 exits with status 1, saying so.
 
-hpo-gpu's CPU matrix multiply follows HPO_GPU_GEMM (openblas | matrixmultiply) from the
-environment; the run records which library it used. --precision bf16 runs hpo-gpu with
+hpo-gpu's CPU matrix multiply follows HPO_GPU_GEMM (onednn | openblas | matrixmultiply; unset:
+oneDNN on AVX-512 CPUs where libdnnl.so.2 loads, else matrixmultiply) from the environment; the
+run records which library it used (training_metrics.json's "gemm"). --precision bf16 runs hpo-gpu with
 `--precision bf16` and transformers with TrainingArguments(bf16=True) (CPU autocast);
 --transformers-precision fp32 keeps transformers in fp32 (the recipe as users run it).
 
@@ -304,7 +305,9 @@ def main() -> int:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "hpo_gpu_binary": str(args.hpo_gpu),
-            "hpo_gpu_gemm": os.environ.get("HPO_GPU_GEMM") or "matrixmultiply (the default)",
+            "hpo_gpu_gemm": next((r["hpo_gpu"]["training_metrics"].get("gemm") for r in results
+                                  if r.get("hpo_gpu") and r["hpo_gpu"].get("training_metrics")),
+                                 os.environ.get("HPO_GPU_GEMM") or "the default"),
             "repo_commit": git_commit(),
         },
         "results": results,
@@ -317,7 +320,7 @@ def main() -> int:
     print(f"CPU: {doc['machine']['cpu_model']}, {doc['machine']['logical_cores']} cores, "
           f"torch threads {doc['machine']['torch_threads']}; {doc['date_utc']}")
     print(f"workload: {args.model}, {args.train_samples} train / {args.eval_samples} eval examples, "
-          f"{args.epochs} epoch(s), max_length {args.max_length}; HPO_GPU_GEMM={os.environ.get('HPO_GPU_GEMM', '')}; "
+          f"{args.epochs} epoch(s), max_length {args.max_length}; GEMM {doc['versions']['hpo_gpu_gemm']}; "
           f"precision: transformers {args.transformers_precision}, hpo-gpu {args.precision}")
     print(f"{'batch':>5} | {'train ex/s':^27} | {'eval ex/s':^27}")
     print(f"{'':>5} | {'transformers':>12} {'hpo-gpu':>8} {'ratio':>5} | {'transformers':>12} {'hpo-gpu':>8} {'ratio':>5}")

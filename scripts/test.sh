@@ -6,8 +6,9 @@
 #   PostgreSQL (tests/study_postgres.rs), which must not skip (HPO_GPU_REQUIRE_POSTGRES=1)
 # - OpenBLAS (Debian's libopenblas0-pthread, installed as root when missing): the CPU's optional
 #   matrix multiply (HPO_GPU_GEMM=openblas), checked against matrixmultiply, which must not skip
-#   (HPO_GPU_REQUIRE_OPENBLAS=1); and oneDNN (libdnnl2, likewise) for --precision bf16, whose
-#   tests must not skip on a CPU with AMX or AVX512_BF16 (HPO_GPU_REQUIRE_BF16=1)
+#   (HPO_GPU_REQUIRE_OPENBLAS=1); and oneDNN (libdnnl2, likewise): its fp32 products
+#   (HPO_GPU_GEMM=onednn, HPO_GPU_REQUIRE_ONEDNN=1) and --precision bf16, whose tests must not
+#   skip on a CPU with AMX or AVX512_BF16 (HPO_GPU_REQUIRE_BF16=1)
 # - cargo test: unit, parity, gradient, data, storage, CLI and interop tests
 # - the GPU path (tests/gpu_*.rs) on the virtual CUDA device of vcuda/ (its own tests first), which
 #   runs our kernels on the host: found through LD_LIBRARY_PATH for those tests only, where they
@@ -34,7 +35,7 @@ export HPO_GPU_PYTHON="$PWD/.venv/bin/python"
 echo "== the virtual CUDA device (vcuda/): build and its own tests"
 vcuda_lib=$(scripts/build-vcuda.sh)
 cargo test -q --manifest-path vcuda/Cargo.toml --target-dir target/vcuda
-echo "== OpenBLAS (HPO_GPU_GEMM=openblas) and oneDNN (--precision bf16) for the CPU"
+echo "== OpenBLAS (HPO_GPU_GEMM=openblas) and oneDNN (HPO_GPU_GEMM=onednn, --precision bf16) for the CPU"
 loads() { .venv/bin/python -c "import ctypes; ctypes.CDLL('$1')" 2>/dev/null; }
 if { ! loads libopenblas.so.0 || ! loads libdnnl.so.2; } && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libopenblas0-pthread libdnnl2; } \
@@ -44,6 +45,9 @@ if loads libopenblas.so.0; then
   export HPO_GPU_REQUIRE_OPENBLAS=1
 else
   echo "note: libopenblas.so.0 is missing (not root, or no apt-get): the CPU tests run on matrixmultiply only" >&2
+fi
+if loads libdnnl.so.2; then
+  export HPO_GPU_REQUIRE_ONEDNN=1
 fi
 if ! grep -qwE 'amx_bf16|avx512_bf16' /proc/cpuinfo 2>/dev/null; then
   echo "note: this CPU has no AMX / AVX512_BF16: the --precision bf16 tests check its error line only" >&2

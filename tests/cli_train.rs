@@ -61,9 +61,16 @@ fn epoch_losses(out: &Path) -> Vec<f64> {
     metrics["epochs"].as_array().unwrap().iter().map(|e| e["train_loss"].as_f64().unwrap()).collect()
 }
 
+/// The library training_metrics.json says multiplied the matrices.
+fn gemm_recorded(out: &Path) -> String {
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("training_metrics.json")).unwrap()).unwrap();
+    metrics["gemm"].as_str().unwrap_or("(none)").to_string()
+}
+
 /// `HPO_GPU_GEMM` picks the CPU's matrix-multiply library: OpenBLAS (where libopenblas.so.0
-/// loads) and matrixmultiply train the same model to the same losses up to rounding; a name that
-/// is neither is one clear line.
+/// loads), oneDNN (where libdnnl.so.2 loads) and matrixmultiply train the same model to the same
+/// losses up to rounding; a missing library or a name that is none of them is one clear line.
 #[test]
 fn the_gemm_library_is_chosen_by_hpo_gpu_gemm() {
     let tmp = tempfile::tempdir().unwrap();
@@ -71,6 +78,7 @@ fn the_gemm_library_is_chosen_by_hpo_gpu_gemm() {
     let (out, o) = train_tiny_with(&rust_dir, &[("HPO_GPU_GEMM", "matrixmultiply")], &[]);
     assert!(o.status.success(), "train failed: {}", stderr(&o));
     let reference = epoch_losses(&out);
+    assert_eq!(gemm_recorded(&out), "matrixmultiply");
     let blas_dir = tmp.path().join("blas");
     let (out, o) = train_tiny_with(&blas_dir, &[("HPO_GPU_GEMM", "openblas")], &[]);
     if o.status.success() {
@@ -86,11 +94,38 @@ fn the_gemm_library_is_chosen_by_hpo_gpu_gemm() {
             "error: HPO_GPU_GEMM=openblas but libopenblas.so.0 cannot be loaded (apt-get install libopenblas0-pthread)"
         );
     }
+    let onednn_dir = tmp.path().join("onednn");
+    let (out, o) = train_tiny_with(&onednn_dir, &[("HPO_GPU_GEMM", "onednn")], &[]);
+    if o.status.success() {
+        let losses = epoch_losses(&out);
+        for (epoch, (a, b)) in losses.iter().zip(&reference).enumerate() {
+            assert!((a - b).abs() <= 1e-3 * b.abs(), "epoch {epoch}: oneDNN loss {a}, matrixmultiply {b}");
+        }
+        assert_eq!(gemm_recorded(&out), "oneDNN_f32");
+    } else {
+        let err = stderr(&o);
+        let required =
+            ["HPO_GPU_REQUIRE_ONEDNN", "HPO_GPU_REQUIRE_BF16"].iter().any(|v| std::env::var_os(v).is_some());
+        assert!(!required, "oneDNN is required here: {err}");
+        assert_eq!(
+            err.trim_end(),
+            "error: HPO_GPU_GEMM=onednn needs oneDNN 2.x, but libdnnl.so.2 cannot be loaded (apt-get install libdnnl2)"
+        );
+    }
+    let missing = [("HPO_GPU_GEMM", "onednn"), ("HPO_GPU_ONEDNN", "/nonexistent/libdnnl.so.2")];
+    let (out, o) = train_tiny_with(&tmp.path().join("no_onednn"), &missing, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).trim_end(),
+        "error: HPO_GPU_GEMM=onednn needs oneDNN 2.x, but /nonexistent/libdnnl.so.2 cannot be loaded (apt-get \
+         install libdnnl2)"
+    );
+    assert!(!out.exists(), "a refused run wrote {}", out.display());
     let (_, o) = train_tiny_with(&tmp.path().join("bad"), &[("HPO_GPU_GEMM", "mkl")], &[]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert_eq!(
         stderr(&o).trim_end(),
-        "error: HPO_GPU_GEMM=\"mkl\" is not a GEMM library (use openblas or matrixmultiply)"
+        "error: HPO_GPU_GEMM=\"mkl\" is not a GEMM library (use openblas, onednn or matrixmultiply)"
     );
 }
 

@@ -318,6 +318,8 @@ pub fn run_train(args: &TrainArgs, out: &mut dyn Write) -> Result<()> {
         "eval_examples": eval_examples,
         "device": if device == Device::Cuda { "cuda" } else { "cpu" },
         "precision": args.precision,
+        // The library behind the CPU's fp32 products (benchmarks compare them).
+        "gemm": (device == Device::Cpu).then(crate::cpu::blas::gemm_library_name),
         "study": study_info,
     });
     export_model(

@@ -1,5 +1,11 @@
-//! Which library multiplies matrices on the CPU: `matrixmultiply` (pure Rust, the default) or,
-//! with `HPO_GPU_GEMM=openblas`, OpenBLAS.
+//! Which library multiplies matrices on the CPU, by `HPO_GPU_GEMM`: `matrixmultiply` (pure Rust),
+//! `onednn` (oneDNN's f32 matmul, for the linear layers' products: [`super::onednn`]) or
+//! `openblas`. Unset, oneDNN where the CPU has AVX-512 and `libdnnl.so.2` loads, `matrixmultiply`
+//! elsewhere ([`default_choice`]).
+//!
+//! oneDNN computes a row of a product the same way wherever the row falls (fixed blocks; tested
+//! in `cpu::onednn`), as `matrixmultiply` does: that is what makes a trial in a trial array
+//! bit-identical to the same trial alone, and predictions independent of the batch.
 //!
 //! OpenBLAS is opened at run time (`libopenblas.so.0`, Debian's `libopenblas0-pthread`), not
 //! linked: the same binary runs where it is missing. Debian builds it with `DYNAMIC_ARCH`, so its
@@ -7,14 +13,11 @@
 //! It runs single-threaded here: [`super::real::gemm`] splits a product into blocks over rayon's
 //! threads itself.
 //!
-//! Why it is not the default (benchmarks/README.md has the numbers): on an AVX2 machine it is
-//! within ±15 % of `matrixmultiply` per shape and 0–8 % faster per training step; and its result
+//! Why OpenBLAS is never the default (benchmarks/README.md has the numbers): on an AVX2 machine it
+//! is within ±15 % of `matrixmultiply` per shape and 0–8 % faster per training step; and its result
 //! for one row of a product depends on where that row falls in the block (edge kernels), so the
-//! model's outputs would change in the last bits with the batch's make-up. `matrixmultiply`
-//! computes each row the same way wherever it is, which is what makes a trial in a trial array
-//! bit-identical to the same trial alone, and predictions independent of the batch; and with
-//! OpenBLAS four bias gradients of the transformers parity test drift past its 1e-4 tolerance
-//! (1.2–1.4e-4).
+//! model's outputs would change in the last bits with the batch's make-up; and with OpenBLAS four
+//! bias gradients of the transformers parity test drift past its 1e-4 tolerance (1.2–1.4e-4).
 
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::sync::OnceLock;
@@ -30,6 +33,9 @@ pub const GEMM_ENV: &str = "HPO_GPU_GEMM";
 pub enum GemmLibrary {
     OpenBlas,
     MatrixMultiply,
+    /// oneDNN's f32 matmul for the linear layers' products (the attention products stay with
+    /// `matrixmultiply`: many small shapes, each a kernel to compile).
+    OneDnn,
 }
 
 /// A CBLAS `?gemm` entry point.
@@ -62,16 +68,41 @@ const CBLAS_ROW_MAJOR: c_int = 101;
 const CBLAS_NO_TRANS: c_int = 111;
 const CBLAS_TRANS: c_int = 112;
 
-static CHOICE: OnceLock<std::result::Result<Option<OpenBlas>, String>> = OnceLock::new();
+/// What `HPO_GPU_GEMM` asks for, loaded.
+enum Choice {
+    MatrixMultiply,
+    OpenBlas(OpenBlas),
+    OneDnn,
+}
 
-fn load() -> std::result::Result<Option<OpenBlas>, String> {
+static CHOICE: OnceLock<std::result::Result<Choice, String>> = OnceLock::new();
+
+fn load() -> std::result::Result<Choice, String> {
     match std::env::var(GEMM_ENV).ok().as_deref() {
-        None | Some("") | Some("matrixmultiply") => Ok(None),
-        Some("openblas") => open_openblas().map(Some).ok_or_else(|| {
+        None | Some("") => Ok(default_choice()),
+        Some("matrixmultiply") => Ok(Choice::MatrixMultiply),
+        Some("openblas") => open_openblas().map(Choice::OpenBlas).ok_or_else(|| {
             format!("{GEMM_ENV}=openblas but libopenblas.so.0 cannot be loaded (apt-get install libopenblas0-pthread)")
         }),
-        Some(other) => Err(format!("{GEMM_ENV}={other:?} is not a GEMM library (use openblas or matrixmultiply)")),
+        Some("onednn") => match super::onednn::loaded() {
+            Ok(_) => Ok(Choice::OneDnn),
+            Err(why) => Err(format!("{GEMM_ENV}=onednn needs {why}")),
+        },
+        Some(other) => {
+            Err(format!("{GEMM_ENV}={other:?} is not a GEMM library (use openblas, onednn or matrixmultiply)"))
+        }
     }
+}
+
+/// With `HPO_GPU_GEMM` unset: oneDNN on CPUs with AVX-512 where `libdnnl.so.2` loads (there its
+/// products run 1.35–1.5× `matrixmultiply`'s speed on the forward shapes, a training step 1.05–1.3×
+/// as fast: benchmarks/README.md), `matrixmultiply` elsewhere (on AVX2 oneDNN is not measured yet).
+fn default_choice() -> Choice {
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx512 = false;
+    if avx512 && super::onednn::loaded().is_ok() { Choice::OneDnn } else { Choice::MatrixMultiply }
 }
 
 fn open_openblas() -> Option<OpenBlas> {
@@ -112,12 +143,25 @@ static OVERRIDE: AtomicU8 = AtomicU8::new(NO_OVERRIDE);
 const NO_OVERRIDE: u8 = 0;
 const OVERRIDE_MATRIXMULTIPLY: u8 = 1;
 const OVERRIDE_OPENBLAS: u8 = 2;
+const OVERRIDE_ONEDNN: u8 = 3;
 
 pub(crate) fn openblas() -> Option<&'static OpenBlas> {
     match OVERRIDE.load(Ordering::Relaxed) {
-        OVERRIDE_MATRIXMULTIPLY => None,
         OVERRIDE_OPENBLAS => REQUESTED.get().and_then(Option::as_ref),
-        _ => CHOICE.get_or_init(load).as_ref().ok().and_then(Option::as_ref),
+        NO_OVERRIDE => match CHOICE.get_or_init(load) {
+            Ok(Choice::OpenBlas(lib)) => Some(lib),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Whether the linear layers' fp32 products go to oneDNN.
+pub(crate) fn onednn_chosen() -> bool {
+    match OVERRIDE.load(Ordering::Relaxed) {
+        OVERRIDE_ONEDNN => true,
+        NO_OVERRIDE => matches!(CHOICE.get_or_init(load), Ok(Choice::OneDnn)),
+        _ => false,
     }
 }
 
@@ -125,18 +169,28 @@ pub(crate) fn openblas() -> Option<&'static OpenBlas> {
 /// calls this at start-up; the multiply itself falls back to `matrixmultiply` after such an error.
 pub fn gemm_library() -> Result<GemmLibrary> {
     CHOICE.get_or_init(load).as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(if openblas().is_some() { GemmLibrary::OpenBlas } else { GemmLibrary::MatrixMultiply })
+    Ok(if openblas().is_some() {
+        GemmLibrary::OpenBlas
+    } else if onednn_chosen() {
+        GemmLibrary::OneDnn
+    } else {
+        GemmLibrary::MatrixMultiply
+    })
 }
 
 /// Switches the library for the whole process, whatever `HPO_GPU_GEMM` says (benchmarks compare
-/// both in one run). Results of the two differ in the last bits, so nothing else should be
-/// multiplying meanwhile.
+/// them in one run). Results differ in the last bits, so nothing else should be multiplying
+/// meanwhile.
 pub fn use_gemm_library(library: GemmLibrary) -> Result<()> {
     let choice = match library {
         GemmLibrary::OpenBlas if REQUESTED.get_or_init(open_openblas).is_none() => {
             bail!("OpenBLAS is not available: libopenblas.so.0 cannot be loaded")
         }
         GemmLibrary::OpenBlas => OVERRIDE_OPENBLAS,
+        GemmLibrary::OneDnn => {
+            super::onednn::loaded().map_err(|why| anyhow::anyhow!("oneDNN is not available: {why}"))?;
+            OVERRIDE_ONEDNN
+        }
         GemmLibrary::MatrixMultiply => OVERRIDE_MATRIXMULTIPLY,
     };
     OVERRIDE.store(choice, Ordering::Relaxed);
@@ -177,6 +231,7 @@ fn core_warning(core: &str, avx2: bool, avx512: bool) -> Option<String> {
 pub fn gemm_library_name() -> String {
     match openblas() {
         Some(lib) => format!("OpenBLAS ({})", lib.core),
+        None if onednn_chosen() => "oneDNN_f32".to_string(),
         None => "matrixmultiply".to_string(),
     }
 }

@@ -29,7 +29,7 @@ use super::real::{Mat, SendPtr};
 /// Where oneDNN is looked up (a path or a name for `dlopen`); `libdnnl.so.2` when unset.
 pub const LIBRARY_ENV: &str = "HPO_GPU_ONEDNN";
 
-/// Rows and columns of the output blocks the products are cut into.
+/// Rows and columns of the output blocks bf16 products are cut into.
 pub const BLOCK: usize = 256;
 
 /// The inner dimension after zero padding: weight-side sizes (multiples of 64) stay as they are,
@@ -130,6 +130,8 @@ struct Api {
 /// The shape and layout of one block's product: the kernel oneDNN compiled for it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct BlockShape {
+    /// The operands' oneDNN data type (bf16 or f32); C is always f32.
+    operands: c_int,
     m: i64,
     k: i64,
     n: i64,
@@ -163,8 +165,9 @@ pub struct OneDnn {
     engine: Handle,
     isa: u32,
     primitives: Mutex<HashMap<BlockShape, Primitive>>,
-    /// oneDNN's name for the kernel of the first block compiled, e.g. "brg:avx512_core_amx_bf16".
-    kernel: OnceLock<String>,
+    /// oneDNN's name for the kernel of the first block compiled with bf16 and with f32 operands,
+    /// e.g. "brg:avx512_core_amx_bf16".
+    kernels: [OnceLock<String>; 2],
 }
 // SAFETY: the engine handle is only passed to oneDNN calls, which are thread-safe for it.
 unsafe impl Send for OneDnn {}
@@ -194,9 +197,7 @@ fn check(status: Status, what: &str) -> std::result::Result<(), String> {
 fn open() -> std::result::Result<OneDnn, String> {
     let name =
         std::env::var(LIBRARY_ENV).ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "libdnnl.so.2".into());
-    let missing = || {
-        format!("--precision bf16 needs oneDNN 2.x, but {name} cannot be loaded (apt-get install libdnnl2)")
-    };
+    let missing = || format!("oneDNN 2.x, but {name} cannot be loaded (apt-get install libdnnl2)");
     let c_name = std::ffi::CString::new(name.clone()).map_err(|_| missing())?;
     // SAFETY: dlopen/dlsym with NUL-terminated names; the handle is never closed, so the function
     // pointers stay valid for the life of the process. Each symbol is cast to the signature
@@ -209,7 +210,7 @@ fn open() -> std::result::Result<OneDnn, String> {
         let sym = |symbol: &CStr| -> std::result::Result<*mut c_void, String> {
             let p = libc::dlsym(handle, symbol.as_ptr());
             if p.is_null() {
-                Err(format!("{name} has no {} (oneDNN 2.x is needed)", symbol.to_string_lossy()))
+                Err(format!("oneDNN 2.x, but {name} has no {}", symbol.to_string_lossy()))
             } else {
                 Ok(p)
             }
@@ -247,27 +248,29 @@ fn open() -> std::result::Result<OneDnn, String> {
                 .then(|| std::mem::transmute::<*mut c_void, unsafe extern "C" fn(c_int)>(omp)),
         };
         let isa = (api.effective_cpu_isa)();
-        if isa & ISA_BF16 != ISA_BF16 {
-            return Err("--precision bf16 needs a CPU with AMX or AVX512_BF16 instructions, and this one has neither \
-                        (use --precision fp32)"
-                .into());
-        }
         let mut engine = std::ptr::null_mut();
         check((api.engine_create)(&mut engine, ENGINE_CPU, 0), "engine_create")?;
-        Ok(OneDnn { api, engine, isa, primitives: Mutex::new(HashMap::new()), kernel: OnceLock::new() })
+        Ok(OneDnn { api, engine, isa, primitives: Mutex::new(HashMap::new()), kernels: Default::default() })
     }
 }
 
 /// Turns bf16 products on for the whole process (`--precision bf16`), or says in one line why it
 /// cannot: oneDNN missing, or a CPU without bf16 instructions. Returns what will run them.
 pub fn enable_bf16() -> Result<String> {
-    match LOADED.get_or_init(open) {
-        Ok(lib) => {
-            ACTIVE.store(true, Ordering::Relaxed);
-            Ok(lib.describe())
-        }
-        Err(why) => bail!("{why}"),
+    let lib = loaded().map_err(|why| anyhow::anyhow!("--precision bf16 needs {why}"))?;
+    if !lib.has_bf16() {
+        bail!(
+            "--precision bf16 needs a CPU with AMX or AVX512_BF16 instructions, and this one has neither \
+             (use --precision fp32)"
+        );
     }
+    ACTIVE.store(true, Ordering::Relaxed);
+    Ok(lib.describe(DATA_BF16))
+}
+
+/// oneDNN, opened on first use, or the reason it cannot be ("oneDNN 2.x, but ... cannot be loaded").
+pub(crate) fn loaded() -> std::result::Result<&'static OneDnn, &'static str> {
+    LOADED.get_or_init(open).as_ref().map_err(String::as_str)
 }
 
 /// Back to fp32 products (benchmarks compare both in one process).
@@ -284,12 +287,26 @@ pub(crate) fn active() -> Option<&'static OneDnn> {
 }
 
 impl OneDnn {
-    /// For logs and benchmark records, e.g. "oneDNN bf16 (AMX)".
-    pub fn describe(&self) -> String {
-        let unit = if self.isa & ISA_AMX == ISA_AMX { "AMX" } else { "AVX512_BF16" };
-        match self.kernel.get() {
-            Some(kernel) => format!("oneDNN bf16 ({unit}, {kernel})"),
-            None => format!("oneDNN bf16 ({unit})"),
+    /// Whether the CPU multiplies bf16 in hardware (AMX or AVX512_BF16), as oneDNN sees it.
+    pub fn has_bf16(&self) -> bool {
+        self.isa & ISA_BF16 == ISA_BF16
+    }
+
+    /// For logs and benchmark records, e.g. "oneDNN bf16 (AMX, brg:avx512_core_amx_bf16)" or
+    /// "oneDNN f32 (brg:avx512_core)": the products of `data` type and the kernel of the first
+    /// one compiled.
+    pub fn describe(&self, data: c_int) -> String {
+        let (name, kernel) = if data == DATA_BF16 {
+            let unit = if self.isa & ISA_AMX == ISA_AMX { "AMX" } else { "AVX512_BF16" };
+            (format!("oneDNN bf16 ({unit}"), &self.kernels[0])
+        } else {
+            ("oneDNN f32 (".to_string(), &self.kernels[1])
+        };
+        match kernel.get() {
+            Some(kernel) if data == DATA_BF16 => format!("{name}, {kernel})"),
+            Some(kernel) => format!("{name}{kernel})"),
+            None if data == DATA_BF16 => format!("{name})"),
+            None => "oneDNN f32".to_string(),
         }
     }
 
@@ -310,8 +327,9 @@ impl OneDnn {
             let (b_dims, b_strides) = (dims(shape.k, shape.n), dims(shape.b_strides[0], shape.b_strides[1]));
             let (c_dims, c_strides) = (dims(shape.m, shape.n), dims(shape.c_row_stride, 1));
             let init = api.memory_desc_init_by_strides;
-            check(init(a.ptr(), 2, a_dims.as_ptr(), DATA_BF16, a_strides.as_ptr()), "memory_desc_init (A)")?;
-            check(init(b.ptr(), 2, b_dims.as_ptr(), DATA_BF16, b_strides.as_ptr()), "memory_desc_init (B)")?;
+            let data = shape.operands;
+            check(init(a.ptr(), 2, a_dims.as_ptr(), data, a_strides.as_ptr()), "memory_desc_init (A)")?;
+            check(init(b.ptr(), 2, b_dims.as_ptr(), data, b_strides.as_ptr()), "memory_desc_init (B)")?;
             check(init(c.ptr(), 2, c_dims.as_ptr(), DATA_F32, c_strides.as_ptr()), "memory_desc_init (C)")?;
             check(
                 (api.matmul_desc_init)(op.ptr(), a.ptr(), b.ptr(), std::ptr::null(), c.ptr()),
@@ -348,7 +366,7 @@ impl OneDnn {
                 && !name.is_null()
             {
                 let name = CStr::from_ptr(name).to_string_lossy().into_owned();
-                let _ = self.kernel.set(name);
+                let _ = self.kernels[usize::from(shape.operands != DATA_BF16)].set(name);
             }
             let mut handle = std::ptr::null_mut();
             let made = (api.primitive_create)(&mut handle, pd);
@@ -391,8 +409,8 @@ impl OneDnn {
     unsafe fn run_block(
         &self,
         shape: BlockShape,
-        a: *const u16,
-        b: *const u16,
+        a: *const c_void,
+        b: *const c_void,
         c: *mut f32,
     ) -> std::result::Result<(), String> {
         let primitive = self.primitive(shape)?;
@@ -489,30 +507,69 @@ fn to_bf16_avx512(src: &[f32], dst: &mut [u16]) {
     dst[dst_tail..].iter_mut().zip(src_tail).for_each(|(o, x)| *o = bf16_bits(*x));
 }
 
-/// One operand converted to bf16 in the orientation it came in, padded with zeros; its buffer
-/// goes back to [`BUFFERS`] when dropped.
-struct Bf16Operand {
-    data: Vec<u16>,
+/// The element type a product's operands are handed to oneDNN in: bf16 bits (`u16`) or f32.
+pub(crate) trait Operand: Copy + Default + Send + Sync + 'static {
+    /// oneDNN's name for the type.
+    const DATA_TYPE: c_int;
+    /// Rows and columns of the output blocks a product is cut into: the fastest on the
+    /// all-MiniLM-L6-v2 shapes measured (benchmarks/README.md).
+    const BLOCK: (usize, usize);
+    /// `src` in this type.
+    fn convert(src: &[f32], dst: &mut [Self]);
+    /// Whether f32 operands can be read where they are (no conversion).
+    const IN_PLACE: bool;
+    /// Buffers kept between products: every element is written each time, so reusing them
+    /// saves allocating and zero-filling megabytes per product.
+    fn pool() -> &'static Mutex<Vec<Vec<Self>>>;
+}
+
+impl Operand for u16 {
+    const DATA_TYPE: c_int = DATA_BF16;
+    const BLOCK: (usize, usize) = (BLOCK, BLOCK);
+    const IN_PLACE: bool = false;
+    fn convert(src: &[f32], dst: &mut [u16]) {
+        to_bf16(src, dst)
+    }
+    fn pool() -> &'static Mutex<Vec<Vec<u16>>> {
+        static POOL: Mutex<Vec<Vec<u16>>> = Mutex::new(Vec::new());
+        &POOL
+    }
+}
+
+impl Operand for f32 {
+    const DATA_TYPE: c_int = DATA_F32;
+    const BLOCK: (usize, usize) = (128, 512);
+    const IN_PLACE: bool = true;
+    fn convert(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src)
+    }
+    fn pool() -> &'static Mutex<Vec<Vec<f32>>> {
+        static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+        &POOL
+    }
+}
+
+/// One operand copied in the orientation it came in (converted to `T`), padded with zeros; its
+/// buffer goes back to `T::pool()` when dropped.
+struct PaddedOperand<T: Operand> {
+    data: Vec<T>,
     /// Strides (row, column) of the logical matrix in `data`.
     strides: [usize; 2],
 }
 
-/// Conversion buffers kept between products: every element is written each time, so reusing
-/// them saves zero-filling megabytes per product.
-static BUFFERS: Mutex<Vec<Vec<u16>>> = Mutex::new(Vec::new());
-
-impl Drop for Bf16Operand {
+impl<T: Operand> Drop for PaddedOperand<T> {
     fn drop(&mut self) {
-        let mut buffers = BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buffers = T::pool().lock().unwrap_or_else(|e| e.into_inner());
         if buffers.len() < 8 {
             buffers.push(std::mem::take(&mut self.data));
         }
     }
 }
 
-/// Converts `mat` to bf16 as a `rows_padded × cols_padded` matrix (the extra rows and columns
-/// zero), keeping its orientation. `None` when its layout is neither row- nor column-contiguous.
-fn convert(mat: Mat<f32>, rows_padded: usize, cols_padded: usize) -> Option<Bf16Operand> {
+/// Copies `mat` (converted to `T`) as a `rows_padded × cols_padded` matrix (the extra rows and
+/// columns zero), keeping its orientation. `None` when its layout is neither row- nor
+/// column-contiguous.
+fn convert<T: Operand>(mat: Mat<f32>, rows_padded: usize, cols_padded: usize) -> Option<PaddedOperand<T>> {
     // Contiguous along columns: store rows of `cols_padded`; along rows: columns of `rows_padded`.
     let (lines, line_len, valid_lines, valid_len, line_stride, strides) = if mat.cs == 1 {
         (rows_padded, cols_padded, mat.rows, mat.cols, mat.rs, [cols_padded, 1])
@@ -521,61 +578,98 @@ fn convert(mat: Mat<f32>, rows_padded: usize, cols_padded: usize) -> Option<Bf16
     } else {
         return None;
     };
-    let mut data = BUFFERS.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
-    data.resize(lines * line_len, 0);
+    let mut data = T::pool().lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+    data.resize(lines * line_len, T::default());
     let src = mat.data;
     data.par_chunks_mut(line_len * 16).enumerate().for_each(|(chunk, out)| {
         for (i, line) in out.chunks_mut(line_len).enumerate() {
             let l = chunk * 16 + i;
             let (values, padding) = line.split_at_mut(if l < valid_lines { valid_len } else { 0 });
             if !values.is_empty() {
-                to_bf16(&src[l * line_stride..l * line_stride + valid_len], values);
+                T::convert(&src[l * line_stride..l * line_stride + valid_len], values);
             }
-            padding.fill(0);
+            padding.fill(T::default());
         }
     });
-    Some(Bf16Operand { data, strides })
+    Some(PaddedOperand { data, strides })
 }
 
 /// C (m×n, row stride `ldc`) = A·B (+ C when `accumulate`) with A and B rounded to bf16 and the
 /// sums in fp32. `false` when nothing was done (bf16 off, or a layout this path does not take),
 /// so the caller multiplies in fp32.
 pub(crate) fn gemm_bf16(a: Mat<f32>, b: Mat<f32>, accumulate: bool, c: &mut [f32], ldc: usize) -> bool {
-    active().is_some_and(|lib| lib.gemm(a, b, accumulate, c, ldc))
+    active().is_some_and(|lib| lib.gemm::<u16>(a, b, accumulate, c, ldc))
+}
+
+/// C (m×n, row stride `ldc`) = A·B (+ C when `accumulate`) in fp32 by oneDNN's f32 matmul
+/// (`HPO_GPU_GEMM=onednn`). `false` when nothing was done (oneDNN not loaded, or a layout this
+/// path leaves to `matrixmultiply`).
+///
+/// A read transposed (the weight gradients, dyᵀ·x, whose inner dimension is the token count) is
+/// left to `matrixmultiply`: oneDNN was 0.95× its speed there, 1.35–1.5× on the forward
+/// products (benchmarks/README.md).
+pub(crate) fn gemm_f32(a: Mat<f32>, b: Mat<f32>, accumulate: bool, c: &mut [f32], ldc: usize) -> bool {
+    a.cs == 1 && loaded().is_ok_and(|lib| lib.gemm::<f32>(a, b, accumulate, c, ldc))
 }
 
 impl OneDnn {
-    /// [`gemm_bf16`] with this library, whether or not bf16 is on for the process.
-    fn gemm(&self, a: Mat<f32>, b: Mat<f32>, accumulate: bool, c: &mut [f32], ldc: usize) -> bool {
+    /// C = A·B (+ C when `accumulate`) with operands in `T`, whatever the process's settings.
+    fn gemm<T: Operand>(
+        &self,
+        a: Mat<f32>,
+        b: Mat<f32>,
+        accumulate: bool,
+        c: &mut [f32],
+        ldc: usize,
+    ) -> bool {
         let (m, k, n) = (a.rows, a.cols, b.cols);
         if m == 0 || n == 0 || k == 0 || k != b.rows {
             return false;
         }
         assert!(c.len() >= (m - 1) * ldc + n, "gemm: output too small");
         let (mp, kp) = (m.next_multiple_of(32), padded_inner(k));
-        let (Some(a16), Some(b16)) = (convert(a, mp, kp), convert(b, kp, n)) else { return false };
-        let blocks: Vec<(usize, usize)> = (0..m.div_ceil(BLOCK))
-            .flat_map(|r| (0..n.div_ceil(BLOCK)).map(move |c| (r * BLOCK, c * BLOCK)))
-            .collect();
+        // A in place (f32, unpadded inner dimension) has no rows past `m`: its last row block
+        // is padded on its own below. A copy is padded to `mp` rows.
+        let a_rows = if T::IN_PLACE && kp == k { m } else { mp };
+        let (Some(a_src), Some(b_src)) = (Source::<T>::new(a, a_rows, kp), Source::<T>::new(b, kp, n)) else {
+            return false;
+        };
+        let (bm, bn) = T::BLOCK;
+        let blocks: Vec<(usize, usize)> =
+            (0..m.div_ceil(bm)).flat_map(|r| (0..n.div_ceil(bn)).map(move |c| (r * bm, c * bn))).collect();
         let out = SendPtr(c.as_mut_ptr());
         let failed =
             blocks.into_par_iter().try_for_each_init(Vec::new, |scratch: &mut Vec<f32>, (r0, c0)| {
-                let (rows, cols) = ((m - r0).min(BLOCK), (n - c0).min(BLOCK));
+                let (rows, cols) = ((m - r0).min(bm), (n - c0).min(bn));
                 let rows_padded = rows.next_multiple_of(32);
+                // Rows past `m` exist only in a padded copy: an in-place A's last block copies
+                // its own rows.
+                let tail = match &a_src {
+                    Source::InPlace(a) if rows_padded != rows => {
+                        let rows_a = Mat { data: &a.data[r0 * a.rs..], rows, ..*a };
+                        Some(convert::<T>(rows_a, rows_padded, kp).expect("in place only when contiguous"))
+                    }
+                    _ => None,
+                };
+                let (a_block, a_strides) = match &tail {
+                    Some(copy) => (copy.data.as_ptr().cast(), copy.strides),
+                    None => (a_src.at(r0, 0), a_src.strides()),
+                };
                 let shape = |c_row_stride: usize| BlockShape {
+                    operands: T::DATA_TYPE,
                     m: rows_padded as i64,
                     k: kp as i64,
                     n: cols as i64,
-                    a_strides: a16.strides.map(|s| s as i64),
-                    b_strides: b16.strides.map(|s| s as i64),
+                    a_strides: a_strides.map(|s| s as i64),
+                    b_strides: b_src.strides().map(|s| s as i64),
                     c_row_stride: c_row_stride as i64,
                     accumulate,
                 };
-                // SAFETY: the block's elements of A16/B16 lie inside them (rows padded to `mp`, inner
-                // dimension to `kp`), and its C elements belong to this block alone.
+                // SAFETY: the block's elements of A and B lie inside them (rows padded to `mp`,
+                // inner dimension to `kp`, where padded), and its C elements belong to this block
+                // alone.
                 unsafe {
-                    let a_block = a16.data.as_ptr().add(r0 * a16.strides[0]);
-                    let b_block = b16.data.as_ptr().add(c0 * b16.strides[1]);
+                    let b_block = b_src.at(0, c0);
                     let c_block = out.get().add(r0 * ldc + c0);
                     if rows_padded == rows {
                         return self.run_block(shape(ldc), a_block, b_block, c_block);
@@ -611,6 +705,42 @@ impl OneDnn {
     }
 }
 
+/// An operand as oneDNN reads it: the caller's f32 where it needs no converting and its inner
+/// dimension no padding, else a padded copy.
+enum Source<'a, T: Operand> {
+    InPlace(Mat<'a, f32>),
+    Copied(PaddedOperand<T>),
+}
+
+impl<'a, T: Operand> Source<'a, T> {
+    /// `mat` as a `rows_padded × cols_padded` operand: in place when that is its size;
+    /// `None` when its layout is neither row- nor column-contiguous.
+    fn new(mat: Mat<'a, f32>, rows_padded: usize, cols_padded: usize) -> Option<Self> {
+        let contiguous = mat.cs == 1 || mat.rs == 1;
+        if T::IN_PLACE && contiguous && (rows_padded, cols_padded) == (mat.rows, mat.cols) {
+            Some(Source::InPlace(mat))
+        } else {
+            convert(mat, rows_padded, cols_padded).map(Source::Copied)
+        }
+    }
+
+    fn strides(&self) -> [usize; 2] {
+        match self {
+            Source::InPlace(mat) => [mat.rs, mat.cs],
+            Source::Copied(copy) => copy.strides,
+        }
+    }
+
+    /// The address of element (row, col).
+    fn at(&self, row: usize, col: usize) -> *const c_void {
+        let [rs, cs] = self.strides();
+        match self {
+            Source::InPlace(mat) => mat.data.as_ptr().wrapping_add(row * rs + col * cs).cast(),
+            Source::Copied(copy) => copy.data.as_ptr().wrapping_add(row * rs + col * cs).cast(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -637,7 +767,10 @@ mod tests {
     /// oneDNN for a test, without turning bf16 on for the other tests of this process; `None`
     /// (after saying why) where it cannot run, which `HPO_GPU_REQUIRE_BF16=1` makes a failure.
     fn onednn_for_test() -> Option<&'static OneDnn> {
-        match LOADED.get_or_init(open) {
+        let usable = loaded().map_err(str::to_string).and_then(|lib| {
+            if lib.has_bf16() { Ok(lib) } else { Err("the CPU has no bf16 instructions".to_string()) }
+        });
+        match usable {
             Ok(lib) => Some(lib),
             Err(why) if std::env::var("HPO_GPU_REQUIRE_BF16").as_deref() == Ok("1") => {
                 panic!("HPO_GPU_REQUIRE_BF16=1 but {why}")
@@ -655,15 +788,29 @@ mod tests {
         (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect()
     }
 
-    /// Every layout the linear layers use (B = Wᵀ forward, B = W for dx, A = dyᵀ for dw), with
-    /// padded row tails, column blocks, padded token counts, accumulation and a wide C.
-    #[test]
-    fn bf16_products_equal_exact_sums_of_the_rounded_operands() {
-        let Some(lib) = onednn_for_test() else { return };
-        let round = |x: f32| f64::from(bf16_value(bf16_bits(x)));
+    /// oneDNN's f32 products for a test, or `None` (after saying why) where it is missing, which
+    /// `HPO_GPU_REQUIRE_ONEDNN=1` (or `HPO_GPU_REQUIRE_BF16=1`) makes a failure.
+    fn onednn_f32_for_test() -> Option<&'static OneDnn> {
+        let required = ["HPO_GPU_REQUIRE_ONEDNN", "HPO_GPU_REQUIRE_BF16"]
+            .iter()
+            .any(|var| std::env::var(var).as_deref() == Ok("1"));
+        match loaded() {
+            Ok(lib) => Some(lib),
+            Err(why) if required => panic!("oneDNN is required here but {why}"),
+            Err(why) => {
+                eprintln!("SKIPPED: {why}");
+                None
+            }
+        }
+    }
+
+    /// Checks `T`'s products against sums in f64 of the operands as `round` sees them, on every
+    /// layout the linear layers use (B = Wᵀ forward, B = W for dx, A = dyᵀ for dw), with padded
+    /// row tails, several row and column blocks, padded token counts, accumulation and a wide C.
+    fn products_equal_exact_sums<T: Operand>(lib: &OneDnn, round: impl Fn(f32) -> f64) {
         // (m, k, n, A transposed, B transposed, accumulate, extra C columns)
         let cases = [
-            (300, 128, 300, false, true, false, 0),
+            (300, 128, 600, false, true, false, 0),
             (70, 384, 128, false, false, true, 3),
             (96, 1000, 200, true, false, true, 0),
             (1, 64, 1, false, true, false, 0),
@@ -676,7 +823,7 @@ mod tests {
             let ldc = n + extra;
             let c0 = random(m * ldc, 99);
             let mut c = c0.clone();
-            assert!(lib.gemm(a_view, b_view, accumulate, &mut c, ldc), "case {case}: layout refused");
+            assert!(lib.gemm::<T>(a_view, b_view, accumulate, &mut c, ldc), "case {case}: layout refused");
             for i in 0..m {
                 for j in 0..ldc {
                     let got = f64::from(c[i * ldc + j]);
@@ -699,7 +846,7 @@ mod tests {
                         sum += f64::from(c0[i * ldc + j]);
                         size += f64::from(c0[i * ldc + j]).abs();
                     }
-                    // Products of bf16 values are exact in fp32; only the fp32 sums round.
+                    // Only the fp32 products (exact for bf16 operands) and sums round.
                     let tolerance = (k as f64 + 2.0) * f64::from(f32::EPSILON) * size;
                     assert!(
                         (got - sum).abs() <= tolerance,
@@ -708,12 +855,61 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn bf16_products_equal_exact_sums_of_the_rounded_operands() {
+        let Some(lib) = onednn_for_test() else { return };
+        products_equal_exact_sums::<u16>(lib, |x| f64::from(bf16_value(bf16_bits(x))));
         // The operands really are rounded: 1 + 2⁻¹⁰ is 1 in bf16, so 64 such products sum to 64.
         let (a, b) = (vec![1.0 + 1.0 / 1024.0; 64], vec![1.0f32; 64]);
         let mut c = vec![0.0f32; 1];
-        assert!(lib.gemm(Mat::rm(&a, 1, 64), Mat::rm(&b, 64, 1), false, &mut c, 1));
+        assert!(lib.gemm::<u16>(Mat::rm(&a, 1, 64), Mat::rm(&b, 64, 1), false, &mut c, 1));
         assert_eq!(c[0], 64.0);
-        assert!(lib.describe().starts_with("oneDNN bf16 ("), "{}", lib.describe());
+        assert!(lib.describe(DATA_BF16).starts_with("oneDNN bf16 ("), "{}", lib.describe(DATA_BF16));
+    }
+
+    #[test]
+    fn f32_products_equal_exact_sums() {
+        let Some(lib) = onednn_f32_for_test() else { return };
+        products_equal_exact_sums::<f32>(lib, f64::from);
+        // Not rounded to bf16: 64 · (1 + 2⁻¹⁰) keeps its fraction.
+        let (a, b) = (vec![1.0 + 1.0 / 1024.0; 64], vec![1.0f32; 64]);
+        let mut c = vec![0.0f32; 1];
+        assert!(lib.gemm::<f32>(Mat::rm(&a, 1, 64), Mat::rm(&b, 64, 1), false, &mut c, 1));
+        assert_eq!(c[0], 64.0 + 64.0 / 1024.0);
+        assert!(lib.describe(DATA_F32).starts_with("oneDNN f32"), "{}", lib.describe(DATA_F32));
+        // The weight gradients' layout (A transposed) is left to matrixmultiply.
+        let x = random(64 * 32, 5);
+        assert!(!gemm_f32(Mat::rm_t(&x, 64, 32), Mat::rm(&x, 64, 32), false, &mut vec![0.0; 32 * 32], 32));
+    }
+
+    /// What keeps a trial in a trial array bit-identical to the same trial alone, and a review's
+    /// prediction independent of the batch it is in: a row's product is the same bits wherever
+    /// the row falls in A (another block, another place in a block, the padded last block).
+    #[test]
+    fn f32_products_of_a_row_do_not_depend_on_where_it_falls() {
+        let Some(lib) = onednn_f32_for_test() else { return };
+        for (k, n, b_t) in [(384, 1152, true), (128, 128, true), (1536, 384, true), (384, 1536, false)] {
+            let (m, shift) = (300, 37);
+            let (a, b) = (random(m * k, k as u64), random(k * n, n as u64));
+            let b_view = if b_t { Mat::rm_t(&b, n, k) } else { Mat::rm(&b, k, n) };
+            let mut whole = vec![0.0f32; m * n];
+            assert!(lib.gemm::<f32>(Mat::rm(&a, m, k), b_view, false, &mut whole, n));
+            // The same rows moved up by `shift`, and a single row alone.
+            let mut shifted = vec![0.0f32; (m - shift) * n];
+            assert!(lib.gemm::<f32>(Mat::rm(&a[shift * k..], m - shift, k), b_view, false, &mut shifted, n));
+            let mut single = vec![0.0f32; n];
+            assert!(lib.gemm::<f32>(Mat::rm(&a[200 * k..], 1, k), b_view, false, &mut single, n));
+            for i in shift..m {
+                assert!(
+                    whole[i * n..(i + 1) * n] == shifted[(i - shift) * n..(i - shift + 1) * n],
+                    "k {k} n {n}: row {i} differs once moved to row {}",
+                    i - shift
+                );
+            }
+            assert!(whole[200 * n..201 * n] == single[..], "k {k} n {n}: row 200 differs alone");
+        }
     }
 
     #[test]

@@ -53,9 +53,10 @@ pub trait Real:
     );
     /// OpenBLAS's GEMM for this type.
     fn cblas_gemm(lib: &OpenBlas) -> CblasGemm<Self>;
-    /// C = A·B (+ C when `accumulate`) with bf16 operands when `--precision bf16` is on (f32
-    /// only, [`super::onednn`]); `false` when it did nothing.
-    fn gemm_bf16(_a: Mat<Self>, _b: Mat<Self>, _accumulate: bool, _c: &mut [Self], _ldc: usize) -> bool {
+    /// C = A·B (+ C when `accumulate`) by oneDNN (f32 only, [`super::onednn`]): with bf16
+    /// operands when `--precision bf16` is on, else in fp32 when `HPO_GPU_GEMM=onednn`; `false`
+    /// when it did nothing.
+    fn gemm_onednn(_a: Mat<Self>, _b: Mat<Self>, _accumulate: bool, _c: &mut [Self], _ldc: usize) -> bool {
         false
     }
     /// y = GELU(x) elementwise (exact, erf-based, as BERT's "gelu").
@@ -109,8 +110,9 @@ impl Real for f32 {
     fn cblas_gemm(lib: &OpenBlas) -> CblasGemm<Self> {
         lib.sgemm
     }
-    fn gemm_bf16(a: Mat<f32>, b: Mat<f32>, accumulate: bool, c: &mut [f32], ldc: usize) -> bool {
+    fn gemm_onednn(a: Mat<f32>, b: Mat<f32>, accumulate: bool, c: &mut [f32], ldc: usize) -> bool {
         onednn::gemm_bf16(a, b, accumulate, c, ldc)
+            || (blas::onednn_chosen() && onednn::gemm_f32(a, b, accumulate, c, ldc))
     }
     fn gelu_slice(x: &[f32], y: &mut [f32]) {
         vmath::gelu(x, y)
@@ -263,11 +265,12 @@ pub fn gemm<F: Real>(alpha: F, a: Mat<F>, b: Mat<F>, beta: F, c: &mut [F], ldc: 
 }
 
 /// A linear layer's product (activations times weights, or their gradients): C = A·B + beta·C,
-/// `beta` 0 or 1. In bf16 when `--precision bf16` is on ([`super::onednn`]), else [`gemm`].
+/// `beta` 0 or 1. By oneDNN in bf16 when `--precision bf16` is on, or in fp32 when
+/// `HPO_GPU_GEMM=onednn` ([`super::onednn`]); else [`gemm`].
 pub fn linear_gemm<F: Real>(a: Mat<F>, b: Mat<F>, beta: F, c: &mut [F], ldc: usize) {
     let accumulate = beta == F::one();
     debug_assert!(accumulate || beta == F::zero(), "linear_gemm: beta is 0 or 1");
-    if !F::gemm_bf16(a, b, accumulate, c, ldc) {
+    if !F::gemm_onednn(a, b, accumulate, c, ldc) {
         gemm(F::one(), a, b, beta, c, ldc);
     }
 }
