@@ -80,26 +80,33 @@ def git_commit() -> str | None:
         return None
 
 
-def run_transformers(args, train_rows, eval_rows, batch_size: int) -> dict:
-    import numpy as np
-    import torch
-    from transformers import (BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast, Trainer,
-                              TrainingArguments)
+def padded_encoder(tokenizer_json: Path, max_length: int):
+    """The recipe's tokenization: rows -> Trainer examples, every one padded to max_length."""
+    from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(tokenizer_file(args)),
+        tokenizer_file=str(tokenizer_json),
         pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-        model_max_length=args.max_length, model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+        model_max_length=max_length, model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )
 
     def encode(rows):
-        enc = tok([r["text"] for r in rows], padding="max_length", truncation=True, max_length=args.max_length)
+        enc = tok([r["text"] for r in rows], padding="max_length", truncation=True, max_length=max_length)
         return [
             {"input_ids": enc["input_ids"][i], "token_type_ids": enc["token_type_ids"][i],
              "attention_mask": enc["attention_mask"][i], "labels": rows[i]["label"]}
             for i in range(len(rows))
         ]
 
+    return encode
+
+
+def run_transformers(args, train_rows, eval_rows, batch_size: int) -> dict:
+    import numpy as np
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+    encode = padded_encoder(tokenizer_file(args), args.max_length)
     t0 = time.perf_counter()
     train_ds, eval_ds = encode(train_rows), encode(eval_rows)
     tokenize_s = time.perf_counter() - t0

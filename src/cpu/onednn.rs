@@ -1,19 +1,23 @@
-//! `--precision bf16`: the linear layers' matrix products in bfloat16 on CPUs that multiply it in
-//! hardware (AMX tiles, or AVX512_BF16), through oneDNN's matmul — the library PyTorch uses for
-//! the same work. Weights, optimizer state, activations and every other op stay fp32: only the
-//! two operands of a product are rounded to bf16 (nearest, ties to even), and the products are
-//! accumulated and written in fp32, as PyTorch's CPU autocast does for `nn.Linear`.
+//! The linear layers' matrix products through oneDNN's matmul — the library PyTorch uses for the
+//! same work — in two forms:
+//! - fp32 (`HPO_GPU_GEMM=onednn`, the default on AVX-512 CPUs: `super::blas`): oneDNN's f32
+//!   kernels on the caller's f32 operands, read in place where they need no padding;
+//! - `--precision bf16`, on CPUs that multiply bf16 in hardware (AMX tiles, or AVX512_BF16): only
+//!   the two operands of a product are rounded to bf16 (nearest, ties to even), the products are
+//!   accumulated and written in fp32, as PyTorch's CPU autocast does for `nn.Linear`. Weights,
+//!   optimizer state, activations and every other op stay fp32.
 //!
 //! oneDNN is opened at run time (`libdnnl.so.2`, Debian's `libdnnl2`, oneDNN 2.x's C API), not
-//! linked: the same binary runs where it is missing, and `--precision fp32` never needs it. It
-//! JIT-compiles one kernel per shape (milliseconds each), so a product is cut into blocks of at
-//! most [`BLOCK`]×[`BLOCK`] whose shapes repeat from batch to batch whatever the batch's token
-//! count: the last row block is padded to a multiple of 32 rows and the inner dimension to
-//! [`padded_inner`]. Each block runs single-threaded (oneDNN's OpenMP threads are set to one on
-//! every calling thread); rayon spreads the blocks over the cores, as it does for fp32.
+//! linked: the same binary runs where it is missing (fp32 then uses `matrixmultiply`). It
+//! JIT-compiles one kernel per shape (milliseconds each), so a product is cut into output blocks
+//! of a fixed size per operand type (`Operand::BLOCK`) whose shapes repeat from batch to batch
+//! whatever the batch's token count: the last row block is padded to a multiple of 32 rows and
+//! the inner dimension to [`padded_inner`]. The fixed blocks also make a row's result the same
+//! wherever the row falls. Each block runs single-threaded (oneDNN's OpenMP threads are set to
+//! one on every calling thread); rayon spreads the blocks over the cores.
 //!
-//! The attention products (per sequence and head, shapes as many as review lengths) stay fp32:
-//! they are 5 % of all-MiniLM-L6-v2's FLOPs at 128 tokens.
+//! The attention products (per sequence and head, shapes as many as review lengths) stay with
+//! `matrixmultiply` in fp32: they are 5 % of all-MiniLM-L6-v2's FLOPs at 128 tokens.
 
 use std::cell::Cell;
 use std::collections::HashMap;
