@@ -95,7 +95,7 @@ fn load() -> std::result::Result<Choice, String> {
 }
 
 /// With `HPO_GPU_GEMM` unset: oneDNN on CPUs with AVX-512 where `libdnnl.so.2` loads (there its
-/// products run 1.35–1.5× `matrixmultiply`'s speed on the forward shapes, a training step 1.05–1.3×
+/// products run 1.35–1.5× `matrixmultiply`'s speed on the forward shapes, a training step 1.0–1.3×
 /// as fast: benchmarks/README.md), `matrixmultiply` elsewhere (on AVX2 oneDNN is not measured yet).
 fn default_choice() -> Choice {
     #[cfg(target_arch = "x86_64")]
