@@ -297,21 +297,17 @@ impl OneDnn {
     }
 
     /// For logs and benchmark records, e.g. "oneDNN bf16 (AMX, brg:avx512_core_amx_bf16)" or
-    /// "oneDNN f32 (brg:avx512_core)": the products of `data` type and the kernel of the first
-    /// one compiled.
-    pub fn describe(&self, data: c_int) -> String {
-        let (name, kernel) = if data == DATA_BF16 {
-            let unit = if self.isa & ISA_AMX == ISA_AMX { "AMX" } else { "AVX512_BF16" };
-            (format!("oneDNN bf16 ({unit}"), &self.kernels[0])
-        } else {
-            ("oneDNN f32 (".to_string(), &self.kernels[1])
-        };
-        match kernel.get() {
-            Some(kernel) if data == DATA_BF16 => format!("{name}, {kernel})"),
-            Some(kernel) => format!("{name}{kernel})"),
-            None if data == DATA_BF16 => format!("{name})"),
-            None => "oneDNN f32".to_string(),
+    /// "oneDNN f32 (gemm:jit)": the products of `data` type, with the kernel of the first one
+    /// compiled once there is one.
+    pub(crate) fn describe(&self, data: c_int) -> String {
+        let bf16 = data == DATA_BF16;
+        let mut details = Vec::new();
+        if bf16 {
+            details.push(if self.isa & ISA_AMX == ISA_AMX { "AMX" } else { "AVX512_BF16" }.to_string());
         }
+        details.extend(self.kernels[usize::from(!bf16)].get().cloned());
+        let name = if bf16 { "oneDNN bf16" } else { "oneDNN f32" };
+        if details.is_empty() { name.to_string() } else { format!("{name} ({})", details.join(", ")) }
     }
 
     /// The compiled kernel for `shape`, compiled now if it is new.
