@@ -635,6 +635,18 @@ impl OneDnn {
             return false;
         };
         let (bm, bn) = T::BLOCK;
+        // Rows past `m` exist only in a padded copy: an in-place A's last row block is copied
+        // once here, padded, for all its column blocks.
+        let tail_start = (m - 1) / bm * bm;
+        let tail_rows = m - tail_start;
+        let tail = match &a_src {
+            Source::InPlace(a) if tail_rows % 32 != 0 => {
+                let rows_a = Mat { data: &a.data[tail_start * a.rs..], rows: tail_rows, ..*a };
+                let copy = convert::<T>(rows_a, tail_rows.next_multiple_of(32), kp);
+                Some((tail_start, copy.expect("in place only when contiguous")))
+            }
+            _ => None,
+        };
         let blocks: Vec<(usize, usize)> =
             (0..m.div_ceil(bm)).flat_map(|r| (0..n.div_ceil(bn)).map(move |c| (r * bm, c * bn))).collect();
         let out = SendPtr(c.as_mut_ptr());
@@ -642,18 +654,9 @@ impl OneDnn {
             blocks.into_par_iter().try_for_each_init(Vec::new, |scratch: &mut Vec<f32>, (r0, c0)| {
                 let (rows, cols) = ((m - r0).min(bm), (n - c0).min(bn));
                 let rows_padded = rows.next_multiple_of(32);
-                // Rows past `m` exist only in a padded copy: an in-place A's last block copies
-                // its own rows.
-                let tail = match &a_src {
-                    Source::InPlace(a) if rows_padded != rows => {
-                        let rows_a = Mat { data: &a.data[r0 * a.rs..], rows, ..*a };
-                        Some(convert::<T>(rows_a, rows_padded, kp).expect("in place only when contiguous"))
-                    }
-                    _ => None,
-                };
                 let (a_block, a_strides) = match &tail {
-                    Some(copy) => (copy.data.as_ptr().cast(), copy.strides),
-                    None => (a_src.at(r0, 0), a_src.strides()),
+                    Some((start, copy)) if *start == r0 => (copy.data.as_ptr().cast(), copy.strides),
+                    _ => (a_src.at(r0, 0), a_src.strides()),
                 };
                 let shape = |c_row_stride: usize| BlockShape {
                     operands: T::DATA_TYPE,
