@@ -1,19 +1,26 @@
-//! exp, erf, GELU and softmax on f32 slices, eight lanes at a time.
+//! exp, erf, GELU and softmax on f32 slices, eight or sixteen lanes at a time.
 //!
-//! Each function is written once over eight lanes ([`Lanes`]) and built twice: on AVX2 + FMA
-//! registers (picked at run time) and on plain f32 arrays for other CPUs. Both run the same IEEE
-//! operations (a fused multiply-add is one rounding in both), so their results are the same bits; an element's result never depends on its neighbours
-//! or on where it sits in the slice. Accuracy (tests below, against f64): exp within 2 ulp, erf
-//! within 4e-7 absolute — what GELU's `1 + erf` keeps in f32.
+//! Each function is written once over a vector of lanes ([`Lanes`]) and built three times: on
+//! AVX-512 registers (16 lanes), on AVX2 + FMA registers (8 lanes) — picked at run time — and on
+//! plain f32 arrays for other CPUs. All run the same IEEE operations (a fused multiply-add is one
+//! rounding in each), and softmax adds its row in one order whatever the width, so every build
+//! gives the same bits; an element's result never depends on its neighbours or on where it sits
+//! in the slice. Accuracy (tests below, against f64): exp within 2 ulp, erf within 4e-7
+//! absolute — what GELU's `1 + erf` keeps in f32.
 
+/// The widest vector's lanes: softmax keeps one running sum per position modulo this.
+const MAX_LANES: usize = 16;
+/// The portable build's lanes.
 const LANES: usize = 8;
 
-/// Eight f32 lanes and the IEEE operations the functions below are written in. Each operation is
-/// exact or one rounding, the same in every implementation, so every implementation gives the
-/// same bits.
+/// A vector of f32 lanes and the IEEE operations the functions below are written in. Each
+/// operation is exact or one rounding, the same in every implementation, so every implementation
+/// gives the same bits.
 trait Lanes: Copy {
+    /// Lanes per vector: 8 or 16.
+    const N: usize;
     fn splat(v: f32) -> Self;
-    /// Lanes `i..i+8` of `x`, zeros past its end.
+    /// Lanes `i..i+N` of `x`, zeros past its end.
     fn load(x: &[f32], i: usize) -> Self;
     /// Writes the lanes to `y[i..]` (as many as fit).
     fn store(self, y: &mut [f32], i: usize);
@@ -33,7 +40,10 @@ trait Lanes: Copy {
     fn pow2(self) -> Self;
     /// `self` where `x ≥ bound`, 0 elsewhere (and where x is NaN).
     fn zero_below(self, x: Self, bound: f32) -> Self;
-    fn lanes(self) -> [f32; LANES];
+    /// The lanes, in `out[..N]`.
+    fn lanes(self, out: &mut [f32]) {
+        self.store(out, 0)
+    }
 }
 
 /// Horner's rule with coefficients from the highest power down.
@@ -109,14 +119,14 @@ fn gelu_grad_lanes<L: Lanes>(x: L, dy: L) -> L {
 #[inline(always)]
 fn gelu_body<L: Lanes>(x: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), y.len());
-    for i in (0..x.len()).step_by(LANES) {
+    for i in (0..x.len()).step_by(L::N) {
         gelu_lanes(L::load(x, i)).store(y, i);
     }
 }
 
 #[inline(always)]
 fn gelu_in_place_body<L: Lanes>(x: &mut [f32]) {
-    for i in (0..x.len()).step_by(LANES) {
+    for i in (0..x.len()).step_by(L::N) {
         gelu_lanes(L::load(x, i)).store(x, i);
     }
 }
@@ -124,42 +134,52 @@ fn gelu_in_place_body<L: Lanes>(x: &mut [f32]) {
 #[inline(always)]
 fn gelu_grad_body<L: Lanes>(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     assert!(x.len() == dy.len() && x.len() == dx.len());
-    for i in (0..x.len()).step_by(LANES) {
+    for i in (0..x.len()).step_by(L::N) {
         gelu_grad_lanes(L::load(x, i), L::load(dy, i)).store(dx, i);
     }
 }
 
-/// Sum of the lanes in a fixed order (pairs, then pairs of pairs).
+/// Σ row = the sixteen partial sums (each over the positions equal modulo 16, in order) added
+/// in a fixed tree: the order of every build, whatever its width.
 #[inline(always)]
-fn lane_sum(v: [f32; LANES]) -> f32 {
-    ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
+fn partial_sums_total(p: &[f32; MAX_LANES]) -> f32 {
+    let quarter = |a: usize| (p[a] + p[a + 8]) + (p[a + 4] + p[a + 12]);
+    (quarter(0) + quarter(2)) + (quarter(1) + quarter(3))
 }
 
+/// row = softmax(row): the maximum, then eˣ⁻ᵐᵃˣ with one running sum per position modulo 16
+/// (`MAX_LANES / N` vectors of sums), then each times 1/Σ.
 #[inline(always)]
 fn softmax_body<L: Lanes>(row: &mut [f32]) {
     let n = row.len();
-    let whole = n - n % LANES;
+    let whole = n - n % L::N;
     let mut m = L::splat(f32::NEG_INFINITY);
-    for i in (0..whole).step_by(LANES) {
+    for i in (0..whole).step_by(L::N) {
         m = m.max(L::load(row, i));
     }
-    let mut max = m.lanes().into_iter().fold(f32::NEG_INFINITY, f32::max);
-    max = row[whole..].iter().copied().fold(max, f32::max);
-    let mut sum = L::splat(0.0);
-    for i in (0..whole).step_by(LANES) {
-        let e = exp_lanes(L::load(row, i).sub(L::splat(max)));
-        sum = sum.add(e);
-        e.store(row, i);
+    let mut lanes = [f32::NEG_INFINITY; MAX_LANES];
+    m.lanes(&mut lanes);
+    let max = row[whole..].iter().chain(&lanes[..L::N]).copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sums = [L::splat(0.0); MAX_LANES / LANES];
+    for i in (0..n).step_by(MAX_LANES) {
+        for (h, sum) in sums.iter_mut().enumerate().take(MAX_LANES / L::N) {
+            let j = i + h * L::N;
+            if j >= n {
+                break;
+            }
+            let e = exp_lanes(L::load(row, j).sub(L::splat(max)));
+            e.store(row, j);
+            // Past the row's end, lanes add 0 (reloaded as zeros), which changes no sum.
+            *sum = sum.add(if j + L::N <= n { e } else { L::load(row, j) });
+        }
     }
-    let mut total = lane_sum(sum.lanes());
-    if whole < n {
-        let e = exp_lanes(L::load(row, whole).sub(L::splat(max)));
-        e.store(row, whole);
-        total += e.lanes()[..n - whole].iter().fold(0.0, |a, b| a + b);
+    let mut partial = [0.0; MAX_LANES];
+    for (h, sum) in sums.iter().enumerate().take(MAX_LANES / L::N) {
+        sum.lanes(&mut partial[h * L::N..]);
     }
-    let inv = L::splat(total);
-    for i in (0..n).step_by(LANES) {
-        L::load(row, i).div(inv).store(row, i);
+    let inv = L::splat(1.0 / partial_sums_total(&partial));
+    for i in (0..n).step_by(L::N) {
+        L::load(row, i).mul(inv).store(row, i);
     }
 }
 
@@ -183,6 +203,7 @@ impl Portable {
 }
 
 impl Lanes for Portable {
+    const N: usize = LANES;
     fn splat(v: f32) -> Self {
         Portable([v; LANES])
     }
@@ -231,9 +252,6 @@ impl Lanes for Portable {
     fn zero_below(self, x: Self, bound: f32) -> Self {
         self.each2(x, |v, x| if x >= bound { v } else { 0.0 })
     }
-    fn lanes(self) -> [f32; LANES] {
-        self.0
-    }
 }
 
 /// AVX2 + FMA lanes; only built into functions compiled with those features and called after
@@ -244,6 +262,7 @@ struct Avx2(std::arch::x86_64::__m256);
 
 #[cfg(target_arch = "x86_64")]
 impl Lanes for Avx2 {
+    const N: usize = LANES;
     #[inline(always)]
     fn splat(v: f32) -> Self {
         unsafe { Avx2(std::arch::x86_64::_mm256_set1_ps(v)) }
@@ -264,7 +283,12 @@ impl Lanes for Avx2 {
         match y.get_mut(i..i + LANES) {
             // SAFETY: eight writable f32s.
             Some(whole) => unsafe { std::arch::x86_64::_mm256_storeu_ps(whole.as_mut_ptr(), self.0) },
-            None => Portable(self.lanes()).store(y, i),
+            None => {
+                let mut lanes = [0.0; LANES];
+                // SAFETY: `lanes` holds eight f32s.
+                unsafe { std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), self.0) };
+                Portable(lanes).store(y, i)
+            }
         }
     }
     #[inline(always)]
@@ -314,13 +338,119 @@ impl Lanes for Avx2 {
         use std::arch::x86_64::*;
         unsafe { Avx2(_mm256_and_ps(self.0, _mm256_cmp_ps::<_CMP_GE_OQ>(x.0, _mm256_set1_ps(bound)))) }
     }
+}
+
+/// AVX-512 lanes; only built into functions compiled with AVX-512F and called after checking the
+/// CPU has it.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Avx512(std::arch::x86_64::__m512);
+
+#[cfg(target_arch = "x86_64")]
+impl Avx512 {
+    /// The mask of the lanes of `i..i+16` inside a slice of `len`.
     #[inline(always)]
-    fn lanes(self) -> [f32; LANES] {
-        let mut out = [0.0; LANES];
-        // SAFETY: `out` holds eight f32s.
-        unsafe { std::arch::x86_64::_mm256_storeu_ps(out.as_mut_ptr(), self.0) };
-        out
+    fn mask(len: usize, i: usize) -> u16 {
+        let n = (len - i).min(MAX_LANES);
+        if n == MAX_LANES { u16::MAX } else { (1u16 << n) - 1 }
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Avx512 {
+    const N: usize = MAX_LANES;
+    #[inline(always)]
+    fn splat(v: f32) -> Self {
+        unsafe { Avx512(std::arch::x86_64::_mm512_set1_ps(v)) }
+    }
+    #[inline(always)]
+    fn load(x: &[f32], i: usize) -> Self {
+        assert!(i < x.len());
+        // SAFETY: the mask covers only elements inside `x`; masked-off lanes are not read.
+        unsafe { Avx512(std::arch::x86_64::_mm512_maskz_loadu_ps(Self::mask(x.len(), i), x.as_ptr().add(i))) }
+    }
+    #[inline(always)]
+    fn store(self, y: &mut [f32], i: usize) {
+        assert!(i < y.len());
+        // SAFETY: as in `load`, for writes.
+        unsafe {
+            std::arch::x86_64::_mm512_mask_storeu_ps(y.as_mut_ptr().add(i), Self::mask(y.len(), i), self.0)
+        }
+    }
+    #[inline(always)]
+    fn add(self, o: Self) -> Self {
+        unsafe { Avx512(std::arch::x86_64::_mm512_add_ps(self.0, o.0)) }
+    }
+    #[inline(always)]
+    fn sub(self, o: Self) -> Self {
+        unsafe { Avx512(std::arch::x86_64::_mm512_sub_ps(self.0, o.0)) }
+    }
+    #[inline(always)]
+    fn mul(self, o: Self) -> Self {
+        unsafe { Avx512(std::arch::x86_64::_mm512_mul_ps(self.0, o.0)) }
+    }
+    #[inline(always)]
+    fn div(self, o: Self) -> Self {
+        unsafe { Avx512(std::arch::x86_64::_mm512_div_ps(self.0, o.0)) }
+    }
+    #[inline(always)]
+    fn fma(self, b: Self, c: Self) -> Self {
+        unsafe { Avx512(std::arch::x86_64::_mm512_fmadd_ps(self.0, b.0, c.0)) }
+    }
+    #[inline(always)]
+    fn max(self, o: Self) -> Self {
+        unsafe { Avx512(std::arch::x86_64::_mm512_max_ps(self.0, o.0)) }
+    }
+    #[inline(always)]
+    fn min(self, o: Self) -> Self {
+        unsafe { Avx512(std::arch::x86_64::_mm512_min_ps(self.0, o.0)) }
+    }
+    #[inline(always)]
+    fn round(self) -> Self {
+        use std::arch::x86_64::*;
+        unsafe { Avx512(_mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(self.0)) }
+    }
+    #[inline(always)]
+    fn pow2(self) -> Self {
+        use std::arch::x86_64::*;
+        unsafe {
+            let shifted = _mm512_castps_si512(_mm512_add_ps(self.0, _mm512_set1_ps(12_582_912.0)));
+            let biased = _mm512_add_epi32(shifted, _mm512_set1_epi32(127));
+            Avx512(_mm512_castsi512_ps(_mm512_slli_epi32::<23>(biased)))
+        }
+    }
+    #[inline(always)]
+    fn zero_below(self, x: Self, bound: f32) -> Self {
+        use std::arch::x86_64::*;
+        unsafe {
+            let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x.0, _mm512_set1_ps(bound));
+            Avx512(_mm512_maskz_mov_ps(keep, self.0))
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn gelu_avx512(x: &[f32], y: &mut [f32]) {
+    gelu_body::<Avx512>(x, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn gelu_in_place_avx512(x: &mut [f32]) {
+    gelu_in_place_body::<Avx512>(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn gelu_grad_avx512(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    gelu_grad_body::<Avx512>(x, dy, dx)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn softmax_avx512(row: &mut [f32]) {
+    softmax_body::<Avx512>(row)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -352,8 +482,18 @@ fn has_avx2_fma() -> bool {
     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
 }
 
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    std::is_x86_feature_detected!("avx512f")
+}
+
 /// y = GELU(x) elementwise (exact GELU, erf-based, as BERT's "gelu").
 pub fn gelu(x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        return unsafe { gelu_avx512(x, y) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
@@ -365,6 +505,11 @@ pub fn gelu(x: &[f32], y: &mut [f32]) {
 /// x = GELU(x) elementwise (the same bits as `gelu`).
 pub fn gelu_in_place(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        return unsafe { gelu_in_place_avx512(x) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: as in `gelu`.
         return unsafe { gelu_in_place_avx2(x) };
@@ -375,6 +520,11 @@ pub fn gelu_in_place(x: &mut [f32]) {
 /// dx = dy · GELU'(x) elementwise.
 pub fn gelu_grad(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        return unsafe { gelu_grad_avx512(x, dy, dx) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: as in `gelu`.
         return unsafe { gelu_grad_avx2(x, dy, dx) };
@@ -384,6 +534,11 @@ pub fn gelu_grad(x: &[f32], dy: &[f32], dx: &mut [f32]) {
 
 /// row = softmax(row) in place.
 pub fn softmax(row: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        return unsafe { softmax_avx512(row) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: as in `gelu`.
@@ -492,29 +647,51 @@ mod tests {
         }
     }
 
-    /// The AVX2 build and the plain build give the same bits (run where the CPU has AVX2).
+    /// The AVX2 and AVX-512 builds give the plain build's bits (each run where the CPU has it), on
+    /// lengths with every tail.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn the_vector_build_gives_the_portable_builds_bits() {
-        if !has_avx2_fma() {
-            eprintln!("skipped: this CPU lacks AVX2/FMA, so only the portable build runs");
-            return;
-        }
+    fn the_vector_builds_give_the_portable_builds_bits() {
         let x = grid(-12.0, 12.0, 100_003);
         let dy: Vec<f32> = x.iter().map(|v| v.sin()).collect();
-        let (mut a, mut b) = (vec![0.0; x.len()], vec![0.0; x.len()]);
-        unsafe { gelu_avx2(&x, &mut a) };
-        gelu_body::<Portable>(&x, &mut b);
-        assert_eq!(a, b);
+        let mut want = vec![0.0; x.len()];
+        gelu_body::<Portable>(&x, &mut want);
+        let mut want_grad = vec![0.0; x.len()];
+        gelu_grad_body::<Portable>(&x, &dy, &mut want_grad);
+        let rows: Vec<Vec<f32>> = (1..40).chain([127, 128, 129, 1001]).map(|n| x[..n].to_vec()).collect();
+        let mut want_softmax = rows.clone();
+        want_softmax.iter_mut().for_each(|r| softmax_body::<Portable>(r));
+        type Build = (
+            &'static str,
+            unsafe fn(&[f32], &mut [f32]),
+            unsafe fn(&[f32], &[f32], &mut [f32]),
+            unsafe fn(&mut [f32]),
+        );
+        let mut builds: Vec<Build> = Vec::new();
+        if has_avx2_fma() {
+            builds.push(("AVX2", gelu_avx2, gelu_grad_avx2, softmax_avx2));
+        }
+        if has_avx512() {
+            builds.push(("AVX-512", gelu_avx512, gelu_grad_avx512, softmax_avx512));
+        }
+        if builds.is_empty() {
+            eprintln!("skipped: this CPU lacks AVX2/FMA and AVX-512, so only the portable build runs");
+            return;
+        }
+        for (name, gelu_v, gelu_grad_v, softmax_v) in builds {
+            let mut y = vec![0.0; x.len()];
+            unsafe { gelu_v(&x, &mut y) };
+            assert_eq!(y, want, "{name} gelu");
+            unsafe { gelu_grad_v(&x, &dy, &mut y) };
+            assert_eq!(y, want_grad, "{name} gelu_grad");
+            for (row, want) in rows.iter().zip(&want_softmax) {
+                let mut got = row.clone();
+                unsafe { softmax_v(&mut got) };
+                assert_eq!(&got, want, "{name} softmax of {}", row.len());
+            }
+        }
         let mut in_place = x.clone();
         gelu_in_place(&mut in_place);
-        assert_eq!(in_place, a);
-        unsafe { gelu_grad_avx2(&x, &dy, &mut a) };
-        gelu_grad_body::<Portable>(&x, &dy, &mut b);
-        assert_eq!(a, b);
-        let (mut a, mut b) = (x[..1001].to_vec(), x[..1001].to_vec());
-        unsafe { softmax_avx2(&mut a) };
-        softmax_body::<Portable>(&mut b);
-        assert_eq!(a, b);
+        assert_eq!(in_place, want);
     }
 }
