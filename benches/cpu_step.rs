@@ -10,9 +10,10 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use hpo_gpu::config::BertConfig;
 use hpo_gpu::cpu::bert::{self, Batch, Dropout};
 use hpo_gpu::cpu::blas::{GemmLibrary, gemm_library_name, use_gemm_library};
+use hpo_gpu::cpu::fused_attention;
 use hpo_gpu::cpu::onednn;
 use hpo_gpu::cpu::philox::DropoutRng;
-use hpo_gpu::cpu::real::{Mat, gemm, linear_gemm};
+use hpo_gpu::cpu::real::{Head, Mat, attention_head_by_gemm, gemm, linear_gemm};
 use hpo_gpu::model::BertModel;
 
 fn imdb_like_batch() -> Batch {
@@ -219,5 +220,52 @@ fn bench_ops(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench, bench_minilm, bench_ops, bench_gemm);
+/// One sequence and head of attention (scores, softmax, context), on one thread as each
+/// (sequence, head) runs in the model (its work items fill the cores): the fused row-block kernel against the three whole passes (two GEMMs
+/// around a softmax) it replaced, on bert-tiny's and MiniLM's head shapes; FLOP/s of the two
+/// products ("elem/s").
+fn bench_attention_head(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu_attention_head");
+    g.sample_size(10)
+        .measurement_time(std::time::Duration::from_secs(2))
+        .warm_up_time(std::time::Duration::from_millis(300));
+    for (model, h, d, len) in
+        [("bert_tiny", 128, 64, 512), ("bert_tiny", 128, 64, 260), ("minilm", 384, 32, 128)]
+    {
+        let fill = |seed: usize| -> Vec<f32> {
+            (0..len * h).map(|i| (((i * 7919 + seed * 104_729) % 2000) as f32 * 1e-3 - 1.0) * 2.0).collect()
+        };
+        let (q, k, v) = (fill(1), fill(2), fill(3));
+        let head = Head {
+            q: &q,
+            k: &k,
+            v: &v,
+            stride: h,
+            q_len: len,
+            k_len: len,
+            d,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        let mut ctx = vec![0.0f32; len * h];
+        g.throughput(Throughput::Elements((4 * len * len * d) as u64));
+        let mut fused = fused_attention::Scratch::default();
+        g.bench_function(format!("{model}/fused/L{len}_d{d}"), |b| {
+            b.iter(|| unsafe {
+                fused_attention::head_forward(head, ctx.as_mut_ptr(), h, &mut fused, &mut |_, _| {})
+            })
+        });
+        let mut scores = Vec::new();
+        let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a one-thread pool");
+        g.bench_function(format!("{model}/by_gemm/L{len}_d{d}"), |b| {
+            one_thread.install(|| {
+                b.iter(|| unsafe {
+                    attention_head_by_gemm(head, ctx.as_mut_ptr(), h, &mut scores, &mut |_, _| {})
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_minilm, bench_ops, bench_gemm, bench_attention_head);
 criterion_main!(benches);

@@ -3,10 +3,11 @@
 //!
 //! This file is the model. It is meant to be read in one sitting and is the oracle every GPU kernel
 //! is checked against, so it favours clarity over speed: no processor-specific code here — the
-//! multithreaded GEMM (`real::gemm`) and the vectorized GELU/softmax (`Real`'s slice functions, in
-//! `vmath` for f32) live beside it — and rayon over rows or (sequence, head) pairs. Evaluation
-//! keeps nothing for a backward pass (no LayerNorm xhat, no attention probabilities, GELU in
-//! place); it computes the same bits as training with dropout off.
+//! multithreaded GEMM (`real::gemm`), the vectorized GELU/softmax (`Real`'s slice functions, in
+//! `vmath` for f32) and one (sequence, head) of attention (`Real::attention_head`: gemm, softmax,
+//! gemm for f64; `fused_attention` for f32) live beside it — and rayon over rows or (sequence,
+//! head) pairs. Evaluation keeps nothing for a backward pass (no LayerNorm xhat, no attention
+//! probabilities, GELU in place); it computes the same bits as training with dropout off.
 //!
 //! Shapes legend: B = sequences in the batch, N = packed token rows (the sum of the sequences'
 //! lengths), H = hidden size, A = attention heads, D = H/A head size, I = intermediate (FFN) size,
@@ -27,7 +28,7 @@
 use rayon::prelude::*;
 
 use super::philox::DropoutRng;
-use super::real::{Mat, Real, SendPtr, gemm, gemm_serial_raw, linear_gemm};
+use super::real::{Head, Mat, Real, SendPtr, gemm, gemm_serial_raw, linear_gemm};
 use crate::config::BertConfig;
 use crate::model::layout::{LayerParams, ParamLayout};
 
@@ -517,45 +518,36 @@ pub fn attention_forward<F: Real>(
     let (cp, clen) = (SendPtr(ctx.as_mut_ptr()), ctx.len());
     assert!(seqs.iter().all(|s| s.q_len > 0 && s.k_len > 0), "every sequence needs a query and a key");
     let work: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|s| (0..heads).map(move |a| (s, a))).collect();
-    work.into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<F>, (s, a)| {
+    work.into_par_iter().for_each_init(F::AttentionScratch::default, |scratch, (s, a)| {
         let sq = seqs[s];
         let (lq, lk) = (sq.q_len, sq.k_len);
         let off = sq.p_offset + a * lq * lk;
         assert!(off.saturating_add(lq * lk) <= plen && (sq.q_start + lq) * h <= clen);
-        // SAFETY: each (sequence, head) owns its probability block and the head's columns of its
-        // own query rows in ctx; no two work items touch the same elements, and ctx is only
-        // reached through raw pointers.
-        let p = match pp {
-            Some(pp) => unsafe { std::slice::from_raw_parts_mut(pp.get().add(off), lq * lk) },
-            None => {
-                scratch.resize(lq * lk, F::zero());
-                &mut scratch[..lq * lk]
+        let head = Head {
+            q: &q[sq.q_start * h + a * d..],
+            k: &k[sq.k_start * h + a * d..],
+            v: &v[sq.k_start * h + a * d..],
+            stride: h,
+            q_len: lq,
+            k_len: lk,
+            d,
+            scale,
+        };
+        // Keep the probabilities (training), then drop some out before they weigh V.
+        let mut each_block = |first: usize, block: &mut [F]| {
+            let at = off + first * lk;
+            if let Some(pp) = pp {
+                // SAFETY: each (sequence, head) owns its probability block (bounds asserted above).
+                unsafe { std::slice::from_raw_parts_mut(pp.get().add(at), block.len()) }
+                    .copy_from_slice(block);
+            }
+            if let Some(d) = dropout.filter(|d| d.p > 0.0) {
+                d.rng.apply(d.p, d.site, d.first + at, block);
             }
         };
-        let qv = Mat { data: &q[sq.q_start * h + a * d..], rows: lq, cols: d, rs: h, cs: 1 };
-        let kt = Mat { data: &k[sq.k_start * h + a * d..], rows: d, cols: lk, rs: 1, cs: h };
-        gemm(scale, qv, kt, F::zero(), p, lk);
-        p.chunks_exact_mut(lk).for_each(F::softmax_row);
-        let mut pd;
-        let pv: &[F] = match dropout {
-            Some(d) if d.p > 0.0 => {
-                pd = p.to_vec();
-                d.rng.apply(d.p, d.site, d.first + off, &mut pd);
-                &pd
-            }
-            _ => p,
-        };
-        let vv = Mat { data: &v[sq.k_start * h + a * d..], rows: lk, cols: d, rs: h, cs: 1 };
-        unsafe {
-            gemm_serial_raw(
-                F::one(),
-                Mat::rm(pv, lq, lk),
-                vv,
-                F::zero(),
-                cp.get().add(sq.q_start * h + a * d),
-                h,
-            )
-        };
+        // SAFETY: each (sequence, head) writes only the head's columns of its own query rows in
+        // ctx, which is reached only through raw pointers.
+        unsafe { F::attention_head(head, cp.get().add(sq.q_start * h + a * d), h, scratch, &mut each_block) };
     });
 }
 
@@ -712,8 +704,9 @@ pub fn embedding_backward<F: Real>(
 /// What one encoder layer keeps for its backward pass.
 #[derive(Default)]
 pub struct LayerCache<F> {
-    /// Input rows the queries come from (Nq, H): all of x, or the [CLS] rows in the last layer.
-    pub xq: Vec<F>,
+    /// The last layer's [CLS] rows (B, H), which its queries come from; `None` in the other
+    /// layers, whose queries come from every row of their input.
+    pub xq: Option<Vec<F>>,
     pub q: Vec<F>,
     pub k: Vec<F>,
     pub v: Vec<F>,
@@ -866,10 +859,12 @@ fn layer_forward<F: Real>(
 ) -> (Vec<F>, LayerCache<F>) {
     let (h, heads, inter) = (c.hidden_size, c.num_attention_heads, c.intermediate_size);
     let n = batch.rows();
-    let xq = if last { gather_rows(x, batch.seqs.iter().map(|s| s.start), h) } else { x.to_vec() };
+    // The query rows: the last layer's [CLS] rows, gathered; every row (x itself) elsewhere.
+    let gathered = last.then(|| gather_rows(x, batch.seqs.iter().map(|s| s.start), h));
+    let xq = gathered.as_deref().unwrap_or(x);
     let nq = xq.len() / h;
 
-    let q = linear_new(&xq, &p[lp.query_w.clone()], &p[lp.query_b.clone()], nq, h, h);
+    let q = linear_new(xq, &p[lp.query_w.clone()], &p[lp.query_b.clone()], nq, h, h);
     let k = linear_new(x, &p[lp.key_w.clone()], &p[lp.key_b.clone()], n, h, h);
     let v = linear_new(x, &p[lp.value_w.clone()], &p[lp.value_b.clone()], n, h, h);
 
@@ -887,7 +882,7 @@ fn layer_forward<F: Real>(
     apply_dropout(dropout, |p| p.hidden, site_attn_out(l), layer_rows(last), h, &mut y);
     let (h1, ln1_xhat, ln1_rstd) = layernorm_new(
         &y,
-        Some(&xq),
+        Some(xq),
         &p[lp.attn_ln_weight.clone()],
         &p[lp.attn_ln_bias.clone()],
         c.layer_norm_eps,
@@ -920,7 +915,7 @@ fn layer_forward<F: Real>(
 
     let cache = if train {
         LayerCache {
-            xq,
+            xq: gathered,
             q,
             k,
             v,
@@ -1155,7 +1150,8 @@ fn layer_backward<F: Real>(
     );
 
     // Q, K, V projections
-    linear_param_backward(&lc.xq, p, &lp.query_w, &lp.query_b, &dq, nq, h, h, Some((&mut dxq, true)), grads);
+    let xq = lc.xq.as_deref().unwrap_or(x);
+    linear_param_backward(xq, p, &lp.query_w, &lp.query_b, &dq, nq, h, h, Some((&mut dxq, true)), grads);
     let mut dx = vec![F::zero(); n * h];
     linear_param_backward(x, p, &lp.key_w, &lp.key_b, &dk, n, h, h, Some((&mut dx, false)), grads);
     linear_param_backward(x, p, &lp.value_w, &lp.value_b, &dv, n, h, h, Some((&mut dx, true)), grads);

@@ -16,8 +16,9 @@
 //! wherever the row falls. Each block runs single-threaded (oneDNN's OpenMP threads are set to
 //! one on every calling thread); rayon spreads the blocks over the cores.
 //!
-//! The attention products (per sequence and head, shapes as many as review lengths) stay with
-//! `matrixmultiply` in fp32: they are 5 % of all-MiniLM-L6-v2's FLOPs at 128 tokens.
+//! The attention products (per sequence and head, shapes as many as review lengths) are not
+//! oneDNN's: the forward's run fused with their softmax in fp32 (`super::fused_attention`), the
+//! backward's on `matrixmultiply`.
 
 use std::cell::Cell;
 use std::collections::HashMap;

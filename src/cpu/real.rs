@@ -1,6 +1,7 @@
 //! The floating-point type the CPU reference is generic over (f32 for training, f64 for
 //! finite-difference gradient checks), its matrix multiply (the library behind it: `blas`) and
-//! its elementwise GELU and softmax (f32's vectorized in `vmath`).
+//! its elementwise GELU and softmax (f32's vectorized in `vmath`), and one sequence and head of
+//! attention (f32's fused kernel in `fused_attention`).
 
 use std::fmt::Debug;
 use std::iter::Sum;
@@ -9,6 +10,7 @@ use std::ops::{AddAssign, DivAssign, MulAssign, SubAssign};
 use rayon::prelude::*;
 
 use super::blas::{self, CblasGemm, OpenBlas};
+use super::fused_attention;
 use super::onednn;
 use super::vmath;
 
@@ -73,6 +75,24 @@ pub trait Real:
             *dx = *dy * gelu_grad(*x);
         }
     }
+    /// Working memory of [`Real::attention_head`], reused from head to head on one thread.
+    type AttentionScratch: Default + Send;
+    /// One sequence and head of attention: the context rows (row i at `ctx + i·ldc`) =
+    /// softmax(scale·Q·Kᵀ)·V, `each_block(first, probs)` seeing the probabilities of consecutive
+    /// query rows from `first` (`k_len` each, row after row) after the softmax and before they
+    /// weigh V (to keep them, or to drop some out). f32 runs the fused
+    /// row-block kernel ([`fused_attention`]), f64 [`attention_head_by_gemm`].
+    ///
+    /// # Safety
+    /// `ctx` must be valid for writes at `i·ldc + c` (i < q_len, c < d), touched by no other
+    /// thread during the call.
+    unsafe fn attention_head(
+        head: Head<Self>,
+        ctx: *mut Self,
+        ldc: usize,
+        scratch: &mut Self::AttentionScratch,
+        each_block: &mut dyn FnMut(usize, &mut [Self]),
+    );
     /// row = softmax(row) in place.
     fn softmax_row(row: &mut [Self]) {
         let max = row.iter().copied().fold(Self::neg_infinity(), Self::max);
@@ -126,6 +146,16 @@ impl Real for f32 {
     fn softmax_row(row: &mut [f32]) {
         vmath::softmax(row)
     }
+    type AttentionScratch = fused_attention::Scratch;
+    unsafe fn attention_head(
+        head: Head<f32>,
+        ctx: *mut f32,
+        ldc: usize,
+        scratch: &mut fused_attention::Scratch,
+        each_block: &mut dyn FnMut(usize, &mut [f32]),
+    ) {
+        unsafe { fused_attention::head_forward(head, ctx, ldc, scratch, each_block) }
+    }
     unsafe fn gemm_raw(
         m: usize,
         k: usize,
@@ -158,6 +188,16 @@ impl Real for f64 {
     }
     fn cblas_gemm(lib: &OpenBlas) -> CblasGemm<Self> {
         lib.dgemm
+    }
+    type AttentionScratch = Vec<f64>;
+    unsafe fn attention_head(
+        head: Head<f64>,
+        ctx: *mut f64,
+        ldc: usize,
+        scratch: &mut Vec<f64>,
+        each_block: &mut dyn FnMut(usize, &mut [f64]),
+    ) {
+        unsafe { attention_head_by_gemm(head, ctx, ldc, scratch, each_block) }
     }
     unsafe fn gemm_raw(
         m: usize,
@@ -199,6 +239,46 @@ mod sys_erf {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 mod sys_erf {
     pub use libm::{erf, erff};
+}
+
+/// One sequence and head of attention's inputs: the head's columns of the query rows and of the
+/// key/value rows, each row `stride` elements after the previous one (the hidden size, heads side
+/// by side): `q[i·stride + c]` for i < q_len, c < d.
+#[derive(Clone, Copy)]
+pub struct Head<'a, F> {
+    pub q: &'a [F],
+    pub k: &'a [F],
+    pub v: &'a [F],
+    pub stride: usize,
+    pub q_len: usize,
+    pub k_len: usize,
+    pub d: usize,
+    /// 1/√d, applied to the scores.
+    pub scale: F,
+}
+
+/// [`Real::attention_head`] as three whole passes: scores = scale·Q·Kᵀ by [`gemm`] into
+/// `scores` (`q_len × k_len`), each row's softmax, then ctx = probs·V.
+///
+/// # Safety
+/// As [`Real::attention_head`].
+pub unsafe fn attention_head_by_gemm<F: Real>(
+    head: Head<F>,
+    ctx: *mut F,
+    ldc: usize,
+    scores: &mut Vec<F>,
+    each_block: &mut dyn FnMut(usize, &mut [F]),
+) {
+    let Head { q, k, v, stride, q_len, k_len, d, scale } = head;
+    scores.clear();
+    scores.resize(q_len * k_len, F::zero());
+    let qm = Mat { data: q, rows: q_len, cols: d, rs: stride, cs: 1 };
+    let kt = Mat { data: k, rows: d, cols: k_len, rs: 1, cs: stride };
+    gemm(scale, qm, kt, F::zero(), scores, k_len);
+    scores.chunks_exact_mut(k_len).for_each(F::softmax_row);
+    each_block(0, scores);
+    let vm = Mat { data: v, rows: k_len, cols: d, rs: stride, cs: 1 };
+    unsafe { gemm_serial_raw(F::one(), Mat::rm(scores, q_len, k_len), vm, F::zero(), ctx, ldc) };
 }
 
 /// A read-only row-major or transposed view: element (i, j) is at `i*rs + j*cs`.
