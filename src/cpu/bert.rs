@@ -570,14 +570,23 @@ pub fn attention_backward<F: Real>(
 ) {
     let d = h / heads;
     let scale = F::of(1.0 / (d as f64).sqrt());
-    dk.fill(F::zero());
-    dv.fill(F::zero());
     assert!(seqs.iter().all(|s| s.q_len > 0 && s.k_len > 0), "every sequence needs a query and a key");
     assert!(dk.len() == dv.len());
+    // Key rows no sequence attends (padding past its valid keys) get zero gradients; every other
+    // row is written whole below, each head's columns by one work item.
+    let mut next = 0;
+    for s in seqs {
+        assert!(s.k_start >= next, "sequences' keys come in order, apart");
+        dk[next * h..s.k_start * h].fill(F::zero());
+        dv[next * h..s.k_start * h].fill(F::zero());
+        next = s.k_start + s.k_len;
+    }
+    dk[next * h..].fill(F::zero());
+    dv[next * h..].fill(F::zero());
     let (nq_len, nk_len) = (dq.len(), dk.len());
     let (qp, kp, vp) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
     let work: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|s| (0..heads).map(move |a| (s, a))).collect();
-    work.into_par_iter().for_each(|(s, a)| {
+    work.into_par_iter().for_each_init(Vec::new, |dp: &mut Vec<F>, (s, a)| {
         let sq = seqs[s];
         let (lq, lk) = (sq.q_len, sq.k_len);
         let off = sq.p_offset + a * lq * lk;
@@ -609,9 +618,10 @@ pub fn attention_backward<F: Real>(
         // dp = dctx · vᵀ, then through the dropout mask — read off dropout(p) rather than drawn
         // again: where dropout(p) is 0 the element was dropped (or p is 0, where the softmax
         // backward below gives 0 whatever dp is).
-        let mut dp = vec![F::zero(); lq * lk];
+        dp.clear();
+        dp.resize(lq * lk, F::zero());
         let vt = Mat { data: &v[sq.k_start * h + a * d..], rows: d, cols: lk, rs: 1, cs: h };
-        gemm(F::one(), dc, vt, F::zero(), &mut dp, lk);
+        gemm(F::one(), dc, vt, F::zero(), dp, lk);
         if let Some(d) = dropout.filter(|d| d.p > 0.0) {
             let keep_scale = F::of(1.0 / (1.0 - d.p));
             dp.iter_mut()
@@ -629,7 +639,7 @@ pub fn attention_backward<F: Real>(
         unsafe {
             gemm_serial_raw(
                 F::one(),
-                Mat::rm(&dp, lq, lk),
+                Mat::rm(dp, lq, lk),
                 kv,
                 F::zero(),
                 qp.get().add(sq.q_start * h + a * d),
@@ -640,7 +650,7 @@ pub fn attention_backward<F: Real>(
         unsafe {
             gemm_serial_raw(
                 F::one(),
-                Mat::rm_t(&dp, lq, lk),
+                Mat::rm_t(dp, lq, lk),
                 qv,
                 F::zero(),
                 kp.get().add(sq.k_start * h + a * d),
@@ -1192,6 +1202,33 @@ mod tests {
         assert_eq!(eval.losses, train.losses);
         assert!(train.layers.iter().all(|l| !l.probs.is_empty() && !l.ln1_xhat.is_empty()));
         assert!(eval.layers.is_empty());
+    }
+
+    /// The attention backward overwrites every row of dk and dv: the valid keys' rows with their
+    /// gradients, padding rows with zeros, whatever the buffers held.
+    #[test]
+    fn attention_backward_overwrites_every_key_row() {
+        let (heads, h) = (2, 8);
+        let seqs = [Sequence { start: 0, len: 5, valid: 3 }, Sequence { start: 5, len: 4, valid: 4 }];
+        let (attn, nprobs) = attention_layout(&seqs, heads, false);
+        let n = 9;
+        let fill = |seed: usize| -> Vec<f64> {
+            (0..n * h).map(|i| ((i * 37 + seed * 11) % 17) as f64 / 8.0 - 1.0).collect()
+        };
+        let (q, k, v, dctx) = (fill(1), fill(2), fill(3), fill(4));
+        let mut probs = vec![0.0; nprobs];
+        let mut ctx = vec![0.0; n * h];
+        attention_forward(&q, &k, &v, &attn, heads, h, Some(&mut probs), &mut ctx, None);
+        let run = |start: f64| {
+            let (mut dq, mut dk, mut dv) = (vec![start; n * h], vec![start; n * h], vec![start; n * h]);
+            attention_backward(&q, &k, &v, &probs, &dctx, &attn, heads, h, &mut dq, &mut dk, &mut dv, None);
+            (dq, dk, dv)
+        };
+        let (zeroed, dirty) = (run(0.0), run(f64::NAN));
+        assert_eq!(zeroed, dirty);
+        // Rows 3 and 4 are the first sequence's padding: no query attends them.
+        assert!(zeroed.1[3 * h..5 * h].iter().chain(&zeroed.2[3 * h..5 * h]).all(|g| *g == 0.0));
+        assert!(zeroed.2[..3 * h].iter().any(|g| *g != 0.0));
     }
 
     /// A micro-batch run in chunks (`split_by_attention`) gives the whole batch's losses and
