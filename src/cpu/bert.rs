@@ -618,7 +618,7 @@ pub fn attention_backward<F: Real>(
         // dp = dctx · vᵀ, then through the dropout mask — read off dropout(p) rather than drawn
         // again: where dropout(p) is 0 the element was dropped (or p is 0, where the softmax
         // backward below gives 0 whatever dp is).
-        dp.clear();
+        // Sized only: the product overwrites every element (beta 0).
         dp.resize(lq * lk, F::zero());
         let vt = Mat { data: &v[sq.k_start * h + a * d..], rows: d, cols: lk, rs: 1, cs: h };
         gemm(F::one(), dc, vt, F::zero(), dp, lk);

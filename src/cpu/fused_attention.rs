@@ -114,8 +114,9 @@ unsafe fn head_body<const R: usize, const C: usize, K: OuterProducts<R, C>>(
         }
         (v_panels.as_slice(), C, k_len * C)
     };
-    // A block's scores (and then probabilities), `k_len` per row, rows end to end.
-    refill(scores, R * k_len);
+    // A block's scores (and then probabilities), `k_len` per row, rows end to end: every element
+    // is written by the product below before it is read, so the buffer is only sized.
+    scores.resize(R * k_len, 0.0);
     for i0 in (0..q_len).step_by(R) {
         let rows = R.min(q_len - i0);
         // The block's queries in place (row r, column c at r·stride + c); the last, short block

@@ -270,7 +270,7 @@ pub unsafe fn attention_head_by_gemm<F: Real>(
     each_block: &mut dyn FnMut(usize, &mut [F]),
 ) {
     let Head { q, k, v, stride, q_len, k_len, d, scale } = head;
-    scores.clear();
+    // Sized only: the product overwrites every element (beta 0).
     scores.resize(q_len * k_len, F::zero());
     let qm = Mat { data: q, rows: q_len, cols: d, rs: stride, cs: 1 };
     let kt = Mat { data: k, rows: d, cols: k_len, rs: 1, cs: stride };
