@@ -188,6 +188,20 @@ fn bench_ops(c: &mut Criterion) {
         g.bench_function(format!("{name}/linear_{n}x{h}x{h}"), |bch| {
             bch.iter(|| bert::linear_new(&x, &w[..h * h], &b[..h], n, h, h))
         });
+        // Q, K and V: three products against one of the stacked weights (what the model runs).
+        g.throughput(Throughput::Elements((3 * n * h) as u64));
+        g.bench_function(format!("{name}/qkv_three_linears_{n}x{h}x{h}"), |bch| {
+            bch.iter(|| {
+                let q = bert::linear_new(&x, &w[..h * h], &b[..h], n, h, h);
+                let k = bert::linear_new(&x, &w[h * h..2 * h * h], &b[h..2 * h], n, h, h);
+                let v = bert::linear_new(&x, &w[2 * h * h..], &b[2 * h..], n, h, h);
+                (q, k, v)
+            })
+        });
+        g.bench_function(format!("{name}/qkv_one_linear_{n}x{h}x{}", 3 * h), |bch| {
+            bch.iter(|| bert::linear_new(&x, &w, &b, n, h, 3 * h))
+        });
+        g.throughput(Throughput::Elements((n * h) as u64));
         let (gamma, beta) = (fill(h, 7), fill(h, 8));
         let (mut xhat, mut rstd) = (vec![0.0f32; n * h], vec![0.0f32; n]);
         g.bench_function(format!("{name}/layernorm_{n}x{h}"), |bch| {
@@ -214,7 +228,17 @@ fn bench_ops(c: &mut Criterion) {
         let mut probs = vec![0.0f32; nprobs];
         g.throughput(Throughput::Elements(nprobs as u64));
         g.bench_function(format!("{name}/attention_{heads}_heads"), |bch| {
-            bch.iter(|| bert::attention_forward(&q, &k, &v, &attn, heads, h, Some(&mut probs), &mut y, None))
+            bch.iter(|| {
+                bert::attention_forward(
+                    bert::Qkv::separate(&q, &k, &v, h),
+                    &attn,
+                    heads,
+                    h,
+                    Some(&mut probs),
+                    &mut y,
+                    None,
+                )
+            })
         });
     }
     g.finish();
@@ -240,7 +264,8 @@ fn bench_attention_head(c: &mut Criterion) {
             q: &q,
             k: &k,
             v: &v,
-            stride: h,
+            q_stride: h,
+            kv_stride: h,
             q_len: len,
             k_len: len,
             d,

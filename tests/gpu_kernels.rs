@@ -525,32 +525,11 @@ fn attention_case<A: Act>(g: &Gpu, r: &mut StdRng, c: &AttnCase) {
         let drop = c.dropout.then_some(bert::AttentionDropout { rng: &gens[t], p: p_drop, site, first: 0 });
         let (layout, nprobs) = &layouts[t];
         let mut probs = vec![0f32; *nprobs];
-        bert::attention_forward(
-            &q[qa.clone()],
-            &k[ka.clone()],
-            &v[ka.clone()],
-            layout,
-            heads,
-            h,
-            Some(&mut probs),
-            &mut ctx_cpu[qa.clone()],
-            drop,
-        );
-        let (dqt, dkt, dvt) = (&mut dq_cpu[qa.clone()], &mut dk_cpu[ka.clone()], &mut dv_cpu[ka.clone()]);
-        bert::attention_backward(
-            &q[qa.clone()],
-            &k[ka.clone()],
-            &v[ka],
-            &probs,
-            &dctx[qa],
-            layout,
-            heads,
-            h,
-            dqt,
-            dkt,
-            dvt,
-            drop,
-        );
+        let qkv = bert::Qkv::separate(&q[qa.clone()], &k[ka.clone()], &v[ka.clone()], h);
+        bert::attention_forward(qkv, layout, heads, h, Some(&mut probs), &mut ctx_cpu[qa.clone()], drop);
+        let (dqt, dkt, dvt) = (&mut dq_cpu[qa.clone()], &mut dk_cpu[ka.clone()], &mut dv_cpu[ka]);
+        let grads = bert::QkvGrads::separate(dqt, dkt, dvt, h);
+        bert::attention_backward(qkv, &probs, &dctx[qa], layout, heads, h, grads, drop);
     }
 
     let device_layouts: Vec<Vec<bert::AttnSeq>> = if c.per_trial_layout {

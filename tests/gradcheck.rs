@@ -5,7 +5,7 @@ mod common;
 
 use common::rel_err;
 use hpo_gpu::config::BertConfig;
-use hpo_gpu::cpu::bert::{self, AttnSeq, Batch, Dropout, Sequence};
+use hpo_gpu::cpu::bert::{self, AttnSeq, Batch, Dropout, Qkv, QkvGrads, QkvLayout, Sequence};
 use hpo_gpu::cpu::philox::DropoutRng;
 use hpo_gpu::model::layout::ParamLayout;
 use rand::{RngExt, SeedableRng, rngs::StdRng};
@@ -109,49 +109,27 @@ fn attention_backward_matches_finite_differences_with_padding_cls_and_dropout() 
     for cls_only in [false, true] {
         let (layout, np): (Vec<AttnSeq>, usize) = bert::attention_layout(&seqs, heads, cls_only);
         let nq = if cls_only { 2 } else { n };
-        let (mut q, mut k, mut v) = (randn(&mut rng, nq * h), randn(&mut rng, n * h), randn(&mut rng, n * h));
+        // Q, K and V in one buffer, as the model's one product lays them out (strided rows).
+        let at =
+            if cls_only { QkvLayout::keys_then_queries(n, nq, h) } else { QkvLayout::side_by_side(n, h) };
+        let mut qkv = randn(&mut rng, at.buffer_len());
         let dctx = randn(&mut rng, nq * h);
-        let run = |q: &[f64], k: &[f64], v: &[f64]| {
+        let dropout = Some(bert::AttentionDropout { rng: &drop, p: 0.2, site: 1, first: 0 });
+        let run = |qkv: &[f64]| {
             let (mut p, mut c) = (vec![0.0; np], vec![0.0; nq * h]);
-            bert::attention_forward(
-                q,
-                k,
-                v,
-                &layout,
-                heads,
-                h,
-                Some(&mut p),
-                &mut c,
-                Some(bert::AttentionDropout { rng: &drop, p: 0.2, site: 1, first: 0 }),
-            );
+            bert::attention_forward(Qkv::within(qkv, at), &layout, heads, h, Some(&mut p), &mut c, dropout);
             (p, c)
         };
-        let (probs, _) = run(&q, &k, &v);
-        let (mut dq, mut dk, mut dv) = (vec![0.0; nq * h], vec![0.0; n * h], vec![0.0; n * h]);
-        bert::attention_backward(
-            &q,
-            &k,
-            &v,
-            &probs,
-            &dctx,
-            &layout,
-            heads,
-            h,
-            &mut dq,
-            &mut dk,
-            &mut dv,
-            Some(bert::AttentionDropout { rng: &drop, p: 0.2, site: 1, first: 0 }),
-        );
-        let (k0, v0, q0) = (k.clone(), v.clone(), q.clone());
-        assert_close(
-            "dq",
-            &dq,
-            &numeric_grad(&mut q, &all(nq * h), &mut |q| dot(&run(q, &k0, &v0).1, &dctx)),
-        );
-        assert_close("dk", &dk, &numeric_grad(&mut k, &all(n * h), &mut |k| dot(&run(&q0, k, &v0).1, &dctx)));
-        assert_close("dv", &dv, &numeric_grad(&mut v, &all(n * h), &mut |v| dot(&run(&q0, &k0, v).1, &dctx)));
+        let (probs, _) = run(&qkv);
+        let mut dqkv = vec![f64::NAN; at.buffer_len()];
+        let grads = QkvGrads::within(&mut dqkv, at);
+        bert::attention_backward(Qkv::within(&qkv, at), &probs, &dctx, &layout, heads, h, grads, dropout);
+        let numeric = numeric_grad(&mut qkv, &all(at.buffer_len()), &mut |qkv| dot(&run(qkv).1, &dctx));
+        assert_close(if cls_only { "d[k | v], then dq" } else { "d[q | k | v]" }, &dqkv, &numeric);
         // The padded key (row 8) receives no gradient.
-        assert!(dk[8 * h..9 * h].iter().chain(&dv[8 * h..9 * h]).all(|g| *g == 0.0));
+        let kv_stride = if cls_only { 2 * h } else { 3 * h };
+        let key_col = if cls_only { 0 } else { h };
+        assert!(dqkv[8 * kv_stride + key_col..9 * kv_stride].iter().all(|g| *g == 0.0));
     }
 }
 

@@ -22,8 +22,15 @@
 //! **The last layer computes only the [CLS] rows** after its key/value projections: the pooler
 //! reads nothing else, so this gives the same logits and gradients as computing every row.
 //!
+//! **Q, K and V are one product** over the rows they share (their weights stacked per step, a
+//! copy of 3·H² values): each row `[q | k | v]`, or in the last layer `[k | v]` with the [CLS]
+//! queries after them (`QkvLayout`); attention reads them in place with row strides, and the
+//! backward forms their gradients in the same layout for one weight-gradient and one dX product.
+//!
 //! Dropout sites (for the counter-based generator): 0 = embeddings; for layer l, 1+3l = attention
 //! probabilities, 2+3l = attention output, 3+3l = FFN output; 1+3L = pooled output.
+
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -132,7 +139,7 @@ impl Batch {
     }
 
     /// The sequences `range` (consecutive in the packed rows) as a batch of their own.
-    fn select(&self, range: std::ops::Range<usize>) -> Batch {
+    fn select(&self, range: Range<usize>) -> Batch {
         let seqs = &self.seqs[range.clone()];
         let (Some(first), Some(last)) = (seqs.first(), seqs.last()) else { return Batch::default() };
         let rows = first.start..last.start + last.len;
@@ -260,22 +267,63 @@ pub fn site_pooled(layers: usize) -> u32 {
 // Linear: y = x·Wᵀ + b
 // ---------------------------------------------------------------------------------------------
 
-/// y = x·Wᵀ + b into a fresh buffer: x is (n, k), w is (m, k), b is (m), y is (n, m). y is never
-/// zero-filled: its rows start as copies of the bias and the product is added onto them (no
-/// separate bias pass).
+/// y = x·Wᵀ + b into a fresh buffer: x is (n, k), w is (m, k), b is (m), y is (n, m).
 pub fn linear_new<F: Real>(x: &[F], w: &[F], b: &[F], n: usize, k: usize, m: usize) -> Vec<F> {
     let mut y = Vec::with_capacity(n * m);
-    y.spare_capacity_mut()[..n * m].par_chunks_mut(m * ROW_BLOCK).for_each(|rows| {
+    linear_append(&mut y, x, w, b, n, k, m);
+    y
+}
+
+/// Appends y = x·Wᵀ + b (n rows of m) to `out`. y is never zero-filled: its rows start as copies
+/// of the bias and the product is added onto them (no separate bias pass).
+pub fn linear_append<F: Real>(out: &mut Vec<F>, x: &[F], w: &[F], b: &[F], n: usize, k: usize, m: usize) {
+    let first = out.len();
+    out.reserve(n * m);
+    out.spare_capacity_mut()[..n * m].par_chunks_mut(m * ROW_BLOCK).for_each(|rows| {
         for row in rows.chunks_mut(m) {
             row.iter_mut().zip(b).for_each(|(y, b)| {
                 y.write(*b);
             });
         }
     });
-    // SAFETY: every one of the n·m elements was written just above.
-    unsafe { y.set_len(n * m) };
-    linear_gemm(Mat::rm(x, n, k), Mat::rm_t(w, m, k), F::one(), &mut y, m);
-    y
+    // SAFETY: every one of the n·m elements past the old length was written just above.
+    unsafe { out.set_len(first + n * m) };
+    linear_gemm(Mat::rm(x, n, k), Mat::rm_t(w, m, k), F::one(), &mut out[first..], m);
+}
+
+/// The weights and biases of linears that read the same rows, stacked into one linear's
+/// `[Σ out, in]` weight and `[Σ out]` bias — one product instead of one per linear.
+fn stacked<F: Real>(p: &[F], parts: &[(&Range<usize>, &Range<usize>)]) -> (Vec<F>, Vec<F>) {
+    let w = parts.iter().flat_map(|(w, _)| &p[(*w).clone()]).copied().collect();
+    let b = parts.iter().flat_map(|(_, b)| &p[(*b).clone()]).copied().collect();
+    (w, b)
+}
+
+/// [`linear_param_backward`] of linears stacked by [`stacked`]: dy has their outputs side by side
+/// (n rows of Σ out); one product gives all their weight gradients, added into each one's ranges.
+#[allow(clippy::too_many_arguments)]
+fn stacked_param_backward<F: Real>(
+    x: &[F],
+    p: &[F],
+    parts: &[(&Range<usize>, &Range<usize>)],
+    dy: &[F],
+    n: usize,
+    k: usize,
+    dx: Option<(&mut [F], bool)>,
+    grads: &mut [F],
+) {
+    let (w, b) = stacked(p, parts);
+    let m = b.len();
+    let (mut dw, mut db) = (vec![F::zero(); m * k], vec![F::zero(); m]);
+    linear_backward(x, &w, dy, n, k, m, dx, &mut dw, &mut db);
+    let (mut dw, mut db) = (dw.as_slice(), db.as_slice());
+    for (w, b) in parts {
+        let (this_w, rest_w) = dw.split_at(w.len());
+        let (this_b, rest_b) = db.split_at(b.len());
+        grads[(*w).clone()].iter_mut().zip(this_w).for_each(|(g, d)| *g += *d);
+        grads[(*b).clone()].iter_mut().zip(this_b).for_each(|(g, d)| *g += *d);
+        (dw, db) = (rest_w, rest_b);
+    }
 }
 
 /// Accumulates dw += dyᵀ·x and db += Σ rows of dy; writes dx = dy·w when asked
@@ -494,14 +542,129 @@ pub fn attention_layout(seqs: &[Sequence], heads: usize, cls_only: bool) -> (Vec
     (out, p)
 }
 
-/// q and ctx are (Nq, H); k and v are (N, H); probs, when given (training), receives each
-/// sequence's `[A, q_len, k_len]` softmax(q·kᵀ/√D) block (before dropout). ctx = dropout(probs)·v
-/// per head.
+/// Where a layer's Q, K and V rows lie: row i of Q at `q[i·q_stride..]`, row j of K (of V) at
+/// `k[j·kv_stride..]` (`v[j·kv_stride..]`), H values each — three (rows, H) buffers, or views into
+/// one buffer that one product wrote with the projections side by side ([`QkvLayout`]).
+#[derive(Clone, Copy)]
+pub struct Qkv<'a, F> {
+    pub q: &'a [F],
+    pub k: &'a [F],
+    pub v: &'a [F],
+    pub q_stride: usize,
+    pub kv_stride: usize,
+}
+
+impl<'a, F> Qkv<'a, F> {
+    /// Three buffers of H-wide rows.
+    pub fn separate(q: &'a [F], k: &'a [F], v: &'a [F], h: usize) -> Self {
+        Qkv { q, k, v, q_stride: h, kv_stride: h }
+    }
+
+    /// Views into one buffer laid out as `at`.
+    pub fn within(buf: &'a [F], at: QkvLayout) -> Self {
+        assert!(buf.len() >= at.buffer_len(), "Q, K and V: the buffer is smaller than its layout");
+        let QkvLayout { q, k, v, q_stride, kv_stride, .. } = at;
+        Qkv { q: &buf[q..], k: &buf[k..], v: &buf[v..], q_stride, kv_stride }
+    }
+}
+
+/// Where Q, K and V lie inside one buffer: offsets of their first rows, row strides and row counts
+/// (N key/value rows, Nq query rows). Made only by the two constructors, whose regions never
+/// share an element.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct QkvLayout {
+    q: usize,
+    k: usize,
+    v: usize,
+    q_stride: usize,
+    kv_stride: usize,
+    rows: usize,
+    q_rows: usize,
+    h: usize,
+}
+
+impl QkvLayout {
+    /// Every row queries: one (N, 3H) product, each row `[q | k | v]`.
+    pub fn side_by_side(n: usize, h: usize) -> Self {
+        QkvLayout { q: 0, k: h, v: 2 * h, q_stride: 3 * h, kv_stride: 3 * h, rows: n, q_rows: n, h }
+    }
+
+    /// Only the [CLS] rows query (the last layer): an (N, 2H) product of rows `[k | v]`, then the
+    /// (Nq, H) query rows.
+    pub fn keys_then_queries(n: usize, nq: usize, h: usize) -> Self {
+        QkvLayout { q: 2 * n * h, k: 0, v: h, q_stride: h, kv_stride: 2 * h, rows: n, q_rows: nq, h }
+    }
+
+    /// Values in the whole buffer: up to the end of the region that ends last.
+    pub fn buffer_len(&self) -> usize {
+        let end = |first: usize, stride: usize, rows: usize| {
+            if rows == 0 { 0 } else { first + (rows - 1) * stride + self.h }
+        };
+        let kv = end(self.v, self.kv_stride, self.rows).max(end(self.k, self.kv_stride, self.rows));
+        kv.max(end(self.q, self.q_stride, self.q_rows))
+    }
+}
+
+/// Where [`attention_backward`] writes the gradients of Q, K and V: the places [`Qkv`] reads them
+/// from, in buffers the value borrows mutably.
+pub struct QkvGrads<'a, F> {
+    q: RowsOut<F>,
+    k: RowsOut<F>,
+    v: RowsOut<F>,
+    _borrow: std::marker::PhantomData<&'a mut [F]>,
+}
+
+/// `rows` rows of H values, `stride` apart from `first`; no other `RowsOut` of the same
+/// [`QkvGrads`] reaches them.
+#[derive(Clone, Copy)]
+struct RowsOut<F> {
+    first: SendPtr<F>,
+    stride: usize,
+    rows: usize,
+}
+
+impl<F> RowsOut<F> {
+    /// Element c of row r: inside the borrowed region, and so valid to write, where r < rows and
+    /// c < H, which the callers check.
+    fn at(self, r: usize, c: usize) -> *mut F {
+        debug_assert!(r < self.rows);
+        self.first.get().wrapping_add(r * self.stride + c)
+    }
+}
+
+impl<'a, F> QkvGrads<'a, F> {
+    /// Three buffers of H-wide rows.
+    pub fn separate(dq: &'a mut [F], dk: &'a mut [F], dv: &'a mut [F], h: usize) -> Self {
+        let rows = |b: &mut [F]| RowsOut { first: SendPtr(b.as_mut_ptr()), stride: h, rows: b.len() / h };
+        QkvGrads { q: rows(dq), k: rows(dk), v: rows(dv), _borrow: std::marker::PhantomData }
+    }
+
+    /// One buffer laid out as `at` (the same layout as the forward's Q, K and V).
+    pub fn within(buf: &'a mut [F], at: QkvLayout) -> Self {
+        assert!(buf.len() >= at.buffer_len(), "Q, K and V gradients: the buffer is smaller than its layout");
+        let base = buf.as_mut_ptr();
+        // SAFETY: every offset is inside `buf` (its length asserted just above); the layout's
+        // constructors keep Q's, K's and V's elements apart.
+        let part = |offset: usize, stride: usize, rows: usize| RowsOut {
+            first: SendPtr(unsafe { base.add(offset) }),
+            stride,
+            rows,
+        };
+        QkvGrads {
+            q: part(at.q, at.q_stride, at.q_rows),
+            k: part(at.k, at.kv_stride, at.rows),
+            v: part(at.v, at.kv_stride, at.rows),
+            _borrow: std::marker::PhantomData,
+        }
+    }
+}
+
+/// Q, K, V and ctx have H-wide rows (ctx (Nq, H) with stride H); probs, when given (training),
+/// receives each sequence's `[A, q_len, k_len]` softmax(q·kᵀ/√D) block (before dropout).
+/// ctx = dropout(probs)·v per head.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward<F: Real>(
-    q: &[F],
-    k: &[F],
-    v: &[F],
+    qkv: Qkv<'_, F>,
     seqs: &[AttnSeq],
     heads: usize,
     h: usize,
@@ -517,6 +680,7 @@ pub fn attention_forward<F: Real>(
     };
     let (cp, clen) = (SendPtr(ctx.as_mut_ptr()), ctx.len());
     assert!(seqs.iter().all(|s| s.q_len > 0 && s.k_len > 0), "every sequence needs a query and a key");
+    let Qkv { q, k, v, q_stride, kv_stride } = qkv;
     let work: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|s| (0..heads).map(move |a| (s, a))).collect();
     work.into_par_iter().for_each_init(F::AttentionScratch::default, |scratch, (s, a)| {
         let sq = seqs[s];
@@ -524,10 +688,11 @@ pub fn attention_forward<F: Real>(
         let off = sq.p_offset + a * lq * lk;
         assert!(off.saturating_add(lq * lk) <= plen && (sq.q_start + lq) * h <= clen);
         let head = Head {
-            q: &q[sq.q_start * h + a * d..],
-            k: &k[sq.k_start * h + a * d..],
-            v: &v[sq.k_start * h + a * d..],
-            stride: h,
+            q: &q[sq.q_start * q_stride + a * d..],
+            k: &k[sq.k_start * kv_stride + a * d..],
+            v: &v[sq.k_start * kv_stride + a * d..],
+            q_stride,
+            kv_stride,
             q_len: lq,
             k_len: lk,
             d,
@@ -551,40 +716,45 @@ pub fn attention_forward<F: Real>(
     });
 }
 
-/// Backward of `attention_forward`: given dctx (Nq, H), writes dq (Nq, H) and dk, dv (N, H).
-/// Rows of dk/dv outside every sequence's valid keys are set to zero.
+/// Backward of `attention_forward`: given dctx (Nq, H), writes the gradients of the sequences'
+/// query rows and of every key and value row into `grads`. Key/value rows outside every
+/// sequence's valid keys get zeros; query rows outside every sequence are left as they are.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<F: Real>(
-    q: &[F],
-    k: &[F],
-    v: &[F],
+    qkv: Qkv<'_, F>,
     probs: &[F],
     dctx: &[F],
     seqs: &[AttnSeq],
     heads: usize,
     h: usize,
-    dq: &mut [F],
-    dk: &mut [F],
-    dv: &mut [F],
+    grads: QkvGrads<'_, F>,
     dropout: Option<AttentionDropout<'_>>,
 ) {
     let d = h / heads;
     let scale = F::of(1.0 / (d as f64).sqrt());
     assert!(seqs.iter().all(|s| s.q_len > 0 && s.k_len > 0), "every sequence needs a query and a key");
-    assert!(dk.len() == dv.len());
+    let QkvGrads { q: gq, k: gk, v: gv, .. } = grads;
+    assert!(gk.rows == gv.rows);
     // Key rows no sequence attends (padding past its valid keys) get zero gradients; every other
     // row is written whole below, each head's columns by one work item.
+    let zero_rows = |rows: Range<usize>| {
+        for r in rows {
+            for g in [gk, gv] {
+                // SAFETY: r < rows (the ranges end at the last sequence's keys or at `rows`),
+                // and the H values of a row are the region's own.
+                unsafe { std::slice::from_raw_parts_mut(g.at(r, 0), h) }.fill(F::zero());
+            }
+        }
+    };
     let mut next = 0;
     for s in seqs {
-        assert!(s.k_start >= next, "sequences' keys come in order, apart");
-        dk[next * h..s.k_start * h].fill(F::zero());
-        dv[next * h..s.k_start * h].fill(F::zero());
+        assert!(s.k_start >= next && s.k_start + s.k_len <= gk.rows, "sequences' keys come in order, apart");
+        assert!(s.q_start + s.q_len <= gq.rows && s.q_start * h + s.q_len * h <= dctx.len());
+        zero_rows(next..s.k_start);
         next = s.k_start + s.k_len;
     }
-    dk[next * h..].fill(F::zero());
-    dv[next * h..].fill(F::zero());
-    let (nq_len, nk_len) = (dq.len(), dk.len());
-    let (qp, kp, vp) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
+    zero_rows(next..gk.rows);
+    let Qkv { q, k, v, q_stride, kv_stride } = qkv;
     let work: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|s| (0..heads).map(move |a| (s, a))).collect();
     work.into_par_iter().for_each_init(Vec::new, |dp: &mut Vec<F>, (s, a)| {
         let sq = seqs[s];
@@ -601,9 +771,9 @@ pub fn attention_backward<F: Real>(
             _ => p,
         };
         let dc = Mat { data: &dctx[sq.q_start * h + a * d..], rows: lq, cols: d, rs: h, cs: 1 };
-        assert!((sq.q_start + lq) * h <= nq_len && (sq.k_start + lk) * h <= nk_len);
-        // SAFETY: as in the forward, each (sequence, head) owns disjoint elements of dq, dk, dv,
-        // reached only through raw pointers.
+        // SAFETY (the three products below): each (sequence, head) writes only its head's columns
+        // of its own rows of dq, dk and dv (rows bounds-checked above), reached only through raw
+        // pointers.
         // dv = dropout(p)ᵀ · dctx
         unsafe {
             gemm_serial_raw(
@@ -611,8 +781,8 @@ pub fn attention_backward<F: Real>(
                 Mat::rm_t(pv, lq, lk),
                 dc,
                 F::zero(),
-                vp.get().add(sq.k_start * h + a * d),
-                h,
+                gv.at(sq.k_start, a * d),
+                gv.stride,
             )
         };
         // dp = dctx · vᵀ, then through the dropout mask — read off dropout(p) rather than drawn
@@ -620,7 +790,7 @@ pub fn attention_backward<F: Real>(
         // backward below gives 0 whatever dp is).
         // Sized only: the product overwrites every element (beta 0).
         dp.resize(lq * lk, F::zero());
-        let vt = Mat { data: &v[sq.k_start * h + a * d..], rows: d, cols: lk, rs: 1, cs: h };
+        let vt = Mat { data: &v[sq.k_start * kv_stride + a * d..], rows: d, cols: lk, rs: 1, cs: kv_stride };
         gemm(F::one(), dc, vt, F::zero(), dp, lk);
         if let Some(d) = dropout.filter(|d| d.p > 0.0) {
             let keep_scale = F::of(1.0 / (1.0 - d.p));
@@ -635,26 +805,19 @@ pub fn attention_backward<F: Real>(
                 *x = *pp * (*x - dot) * scale;
             }
         }
-        let kv = Mat { data: &k[sq.k_start * h + a * d..], rows: lk, cols: d, rs: h, cs: 1 };
+        let kv = Mat { data: &k[sq.k_start * kv_stride + a * d..], rows: lk, cols: d, rs: kv_stride, cs: 1 };
         unsafe {
-            gemm_serial_raw(
-                F::one(),
-                Mat::rm(dp, lq, lk),
-                kv,
-                F::zero(),
-                qp.get().add(sq.q_start * h + a * d),
-                h,
-            )
+            gemm_serial_raw(F::one(), Mat::rm(dp, lq, lk), kv, F::zero(), gq.at(sq.q_start, a * d), gq.stride)
         };
-        let qv = Mat { data: &q[sq.q_start * h + a * d..], rows: lq, cols: d, rs: h, cs: 1 };
+        let qv = Mat { data: &q[sq.q_start * q_stride + a * d..], rows: lq, cols: d, rs: q_stride, cs: 1 };
         unsafe {
             gemm_serial_raw(
                 F::one(),
                 Mat::rm_t(dp, lq, lk),
                 qv,
                 F::zero(),
-                kp.get().add(sq.k_start * h + a * d),
-                h,
+                gk.at(sq.k_start, a * d),
+                gk.stride,
             )
         };
     });
@@ -717,9 +880,9 @@ pub struct LayerCache<F> {
     /// The last layer's [CLS] rows (B, H), which its queries come from; `None` in the other
     /// layers, whose queries come from every row of their input.
     pub xq: Option<Vec<F>>,
-    pub q: Vec<F>,
-    pub k: Vec<F>,
-    pub v: Vec<F>,
+    /// Q, K and V of one product, laid out as `qkv_at`.
+    pub qkv: Vec<F>,
+    pub qkv_at: QkvLayout,
     pub attn: Vec<AttnSeq>,
     pub probs: Vec<F>,
     pub ctx: Vec<F>,
@@ -874,9 +1037,20 @@ fn layer_forward<F: Real>(
     let xq = gathered.as_deref().unwrap_or(x);
     let nq = xq.len() / h;
 
-    let q = linear_new(xq, &p[lp.query_w.clone()], &p[lp.query_b.clone()], nq, h, h);
-    let k = linear_new(x, &p[lp.key_w.clone()], &p[lp.key_b.clone()], n, h, h);
-    let v = linear_new(x, &p[lp.value_w.clone()], &p[lp.value_b.clone()], n, h, h);
+    // Q, K and V as one product over the rows they share: every row's [q | k | v], or, where only
+    // the [CLS] rows query, every row's [k | v] and then the queries.
+    let (qw, qb) = (&lp.query_w, &lp.query_b);
+    let (kv_parts, qkv_at) = if last {
+        (&[(&lp.key_w, &lp.key_b), (&lp.value_w, &lp.value_b)][..], QkvLayout::keys_then_queries(n, nq, h))
+    } else {
+        (&[(qw, qb), (&lp.key_w, &lp.key_b), (&lp.value_w, &lp.value_b)][..], QkvLayout::side_by_side(n, h))
+    };
+    let mut qkv = Vec::with_capacity(qkv_at.buffer_len());
+    let (w, b) = stacked(p, kv_parts);
+    linear_append(&mut qkv, x, &w, &b, n, h, b.len());
+    if last {
+        linear_append(&mut qkv, xq, &p[qw.clone()], &p[qb.clone()], nq, h, h);
+    }
 
     let train = dropout.is_some();
     let (attn, nprobs) = attention_layout(&batch.seqs, heads, last);
@@ -885,7 +1059,7 @@ fn layer_forward<F: Real>(
     let mut ctx = vec![F::zero(); nq * h];
     let attn_drop = dropout.map(|d| d.attention(l, last));
     let keep_probs = if train { Some(probs.as_mut_slice()) } else { None };
-    attention_forward(&q, &k, &v, &attn, heads, h, keep_probs, &mut ctx, attn_drop);
+    attention_forward(Qkv::within(&qkv, qkv_at), &attn, heads, h, keep_probs, &mut ctx, attn_drop);
 
     // Attention output: dense → dropout → + residual → LayerNorm
     let mut y = linear_new(&ctx, &p[lp.attn_out_w.clone()], &p[lp.attn_out_b.clone()], nq, h, h);
@@ -926,9 +1100,8 @@ fn layer_forward<F: Real>(
     let cache = if train {
         LayerCache {
             xq: gathered,
-            q,
-            k,
-            v,
+            qkv,
+            qkv_at,
             attn,
             probs,
             ctx,
@@ -1046,8 +1219,8 @@ pub fn backward<F: Real>(
 fn linear_param_backward<F: Real>(
     x: &[F],
     p: &[F],
-    w: &std::ops::Range<usize>,
-    b: &std::ops::Range<usize>,
+    w: &Range<usize>,
+    b: &Range<usize>,
     dy: &[F],
     n: usize,
     k: usize,
@@ -1060,7 +1233,7 @@ fn linear_param_backward<F: Real>(
 }
 
 /// Two disjoint mutable parameter ranges of one buffer.
-fn two_ranges<F>(g: &mut [F], a: std::ops::Range<usize>, b: std::ops::Range<usize>) -> (&mut [F], &mut [F]) {
+fn two_ranges<F>(g: &mut [F], a: Range<usize>, b: Range<usize>) -> (&mut [F], &mut [F]) {
     assert!(a.end <= b.start, "parameter ranges must be ordered and disjoint");
     let (lo, hi) = g.split_at_mut(b.start);
     (&mut lo[a], &mut hi[..b.end - b.start])
@@ -1152,28 +1325,30 @@ fn layer_backward<F: Real>(
         grads,
     );
 
-    // Attention
-    let (mut dq, mut dk, mut dv) = (vec![F::zero(); nq * h], vec![F::zero(); n * h], vec![F::zero(); n * h]);
+    // Attention, its Q, K and V gradients laid out as the forward's product
+    let mut dqkv = vec![F::zero(); lc.qkv_at.buffer_len()];
     let attn_drop = dropout.map(|d| d.attention(l, last));
-    attention_backward(
-        &lc.q, &lc.k, &lc.v, &lc.probs, &dctx, &lc.attn, heads, h, &mut dq, &mut dk, &mut dv, attn_drop,
-    );
+    let (qkv, qkv_grads) = (Qkv::within(&lc.qkv, lc.qkv_at), QkvGrads::within(&mut dqkv, lc.qkv_at));
+    attention_backward(qkv, &lc.probs, &dctx, &lc.attn, heads, h, qkv_grads, attn_drop);
 
-    // Q, K, V projections
-    let xq = lc.xq.as_deref().unwrap_or(x);
-    linear_param_backward(xq, p, &lp.query_w, &lp.query_b, &dq, nq, h, h, Some((&mut dxq, true)), grads);
-    let mut dx = vec![F::zero(); n * h];
-    linear_param_backward(x, p, &lp.key_w, &lp.key_b, &dk, n, h, h, Some((&mut dx, false)), grads);
-    linear_param_backward(x, p, &lp.value_w, &lp.value_b, &dv, n, h, h, Some((&mut dx, true)), grads);
+    // Q, K and V projections, as the forward stacked them; dxq holds the residual's gradient.
+    let (qw, qb) = (&lp.query_w, &lp.query_b);
+    let (kv, v) = ((&lp.key_w, &lp.key_b), (&lp.value_w, &lp.value_b));
     if last {
+        let (dkv, dq) = dqkv.split_at(2 * n * h);
+        let xq = lc.xq.as_deref().expect("the last layer keeps its [CLS] rows");
+        linear_param_backward(xq, p, qw, qb, dq, nq, h, h, Some((&mut dxq, true)), grads);
+        let mut dx = vec![F::zero(); n * h];
+        stacked_param_backward(x, p, &[kv, v], dkv, n, h, Some((&mut dx, false)), grads);
         for (i, s) in batch.seqs.iter().enumerate() {
             let (dst, src) = (&mut dx[s.start * h..(s.start + 1) * h], &dxq[i * h..(i + 1) * h]);
             dst.iter_mut().zip(src).for_each(|(a, b)| *a += *b);
         }
+        dx
     } else {
-        dx.iter_mut().zip(&dxq).for_each(|(a, b)| *a += *b);
+        stacked_param_backward(x, p, &[(qw, qb), kv, v], &dqkv, n, h, Some((&mut dxq, true)), grads);
+        dxq
     }
-    dx
 }
 
 #[cfg(test)]
@@ -1218,10 +1393,12 @@ mod tests {
         let (q, k, v, dctx) = (fill(1), fill(2), fill(3), fill(4));
         let mut probs = vec![0.0; nprobs];
         let mut ctx = vec![0.0; n * h];
-        attention_forward(&q, &k, &v, &attn, heads, h, Some(&mut probs), &mut ctx, None);
+        let qkv = Qkv::separate(&q, &k, &v, h);
+        attention_forward(qkv, &attn, heads, h, Some(&mut probs), &mut ctx, None);
         let run = |start: f64| {
             let (mut dq, mut dk, mut dv) = (vec![start; n * h], vec![start; n * h], vec![start; n * h]);
-            attention_backward(&q, &k, &v, &probs, &dctx, &attn, heads, h, &mut dq, &mut dk, &mut dv, None);
+            let grads = QkvGrads::separate(&mut dq, &mut dk, &mut dv, h);
+            attention_backward(qkv, &probs, &dctx, &attn, heads, h, grads, None);
             (dq, dk, dv)
         };
         let (zeroed, dirty) = (run(0.0), run(f64::NAN));

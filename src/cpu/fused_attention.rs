@@ -39,10 +39,10 @@ pub unsafe fn head_forward(
     scratch: &mut Scratch,
     each_block: &mut dyn FnMut(usize, &mut [f32]),
 ) {
-    let Head { q, k, v, stride, q_len, k_len, d, .. } = head;
-    assert!(q_len > 0 && k_len > 0 && d > 0 && stride >= d);
-    assert!(q.len() >= (q_len - 1) * stride + d, "fused attention: queries out of range");
-    assert!(k.len() >= (k_len - 1) * stride + d && v.len() >= (k_len - 1) * stride + d);
+    let Head { q, k, v, q_stride, kv_stride, q_len, k_len, d, .. } = head;
+    assert!(q_len > 0 && k_len > 0 && d > 0 && q_stride >= d && kv_stride >= d);
+    assert!(q.len() >= (q_len - 1) * q_stride + d, "fused attention: queries out of range");
+    assert!(k.len() >= (k_len - 1) * kv_stride + d && v.len() >= (k_len - 1) * kv_stride + d);
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
@@ -89,7 +89,7 @@ unsafe fn head_body<const R: usize, const C: usize, K: OuterProducts<R, C>>(
     scratch: &mut Scratch,
     each_block: &mut dyn FnMut(usize, &mut [f32]),
 ) {
-    let Head { q, k, v, stride, q_len, k_len, d, scale } = head;
+    let Head { q, k, v, q_stride, kv_stride, q_len, k_len, d, scale } = head;
     // Keys padded to whole panels of C.
     let kp = k_len.next_multiple_of(C);
     let Scratch { k_panels, v_panels, block, scores } = scratch;
@@ -98,17 +98,17 @@ unsafe fn head_body<const R: usize, const C: usize, K: OuterProducts<R, C>>(
     for j in 0..k_len {
         let first = (j / C) * d * C + j % C;
         let column = k_panels[first..].iter_mut().step_by(C);
-        column.zip(&k[j * stride..j * stride + d]).for_each(|(o, x)| *o = *x);
+        column.zip(&k[j * kv_stride..j * kv_stride + d]).for_each(|(o, x)| *o = *x);
     }
     // V's panels of C head columns (`[j < k_len][C]`, `v_rs` apart): V itself where d is whole
     // panels, else a copy padded with zero columns.
     let (v_source, v_rs, v_panel_step) = if d.is_multiple_of(C) {
-        (v, stride, C)
+        (v, kv_stride, C)
     } else {
         let dp = d.next_multiple_of(C);
         refill(v_panels, k_len * dp);
         for j in 0..k_len {
-            for (c, x) in v[j * stride..j * stride + d].iter().enumerate() {
+            for (c, x) in v[j * kv_stride..j * kv_stride + d].iter().enumerate() {
                 v_panels[(c / C) * k_len * C + j * C + c % C] = *x;
             }
         }
@@ -119,14 +119,14 @@ unsafe fn head_body<const R: usize, const C: usize, K: OuterProducts<R, C>>(
     scores.resize(R * k_len, 0.0);
     for i0 in (0..q_len).step_by(R) {
         let rows = R.min(q_len - i0);
-        // The block's queries in place (row r, column c at r·stride + c); the last, short block
+        // The block's queries in place (row r, column c at r·q_stride + c); the last, short block
         // copied transposed (`[c < d][R]`) with zero rows past q_len.
         let (queries, q_step, q_rs) = if rows == R {
-            (&q[i0 * stride..], 1, stride)
+            (&q[i0 * q_stride..], 1, q_stride)
         } else {
             refill(block, d * R);
             for r in 0..rows {
-                let row = &q[(i0 + r) * stride..(i0 + r) * stride + d];
+                let row = &q[(i0 + r) * q_stride..(i0 + r) * q_stride + d];
                 block[r..].iter_mut().step_by(R).zip(row).for_each(|(o, x)| *o = *x);
             }
             (block.as_slice(), R, 1)
@@ -298,12 +298,12 @@ mod tests {
     /// softmax(scale·q·kᵀ)·v in f64, with `change` applied to each probability row before it
     /// weighs v.
     fn reference(head: Head<f32>, change: impl Fn(usize, &mut [f64])) -> Vec<f64> {
-        let Head { q, k, v, stride, q_len, k_len, d, scale } = head;
+        let Head { q, k, v, q_stride, kv_stride, q_len, k_len, d, scale } = head;
         let mut out = vec![0.0; q_len * d];
         for i in 0..q_len {
             let mut p: Vec<f64> = (0..k_len)
                 .map(|j| {
-                    (0..d).map(|c| q[i * stride + c] as f64 * k[j * stride + c] as f64).sum::<f64>()
+                    (0..d).map(|c| q[i * q_stride + c] as f64 * k[j * kv_stride + c] as f64).sum::<f64>()
                         * scale as f64
                 })
                 .collect();
@@ -313,7 +313,7 @@ mod tests {
             p.iter_mut().for_each(|x| *x /= z);
             change(i, &mut p);
             for c in 0..d {
-                out[i * d + c] = (0..k_len).map(|j| p[j] * v[j * stride + c] as f64).sum();
+                out[i * d + c] = (0..k_len).map(|j| p[j] * v[j * kv_stride + c] as f64).sum();
             }
         }
         out
@@ -339,11 +339,11 @@ mod tests {
         x: &'a [f32],
         y: &'a [f32],
         z: &'a [f32],
-        stride: usize,
+        (q_stride, kv_stride): (usize, usize),
         shape: (usize, usize, usize),
     ) -> Head<'a, f32> {
         let (q_len, k_len, d) = shape;
-        Head { q: x, k: y, v: z, stride, q_len, k_len, d, scale: 1.0 / (d as f32).sqrt() }
+        Head { q: x, k: y, v: z, q_stride, kv_stride, q_len, k_len, d, scale: 1.0 / (d as f32).sqrt() }
     }
 
     #[test]
@@ -361,15 +361,15 @@ mod tests {
         .iter()
         .enumerate()
         {
-            // Heads side by side: the head's columns are the first d of each wider row.
-            let stride = d + 5;
-            let rows = q_len.max(k_len);
+            // Heads side by side: the head's columns are the first d of each wider row; keys and
+            // values as rows of a wider product (Q, K and V side by side).
+            let (q_stride, kv_stride) = (d + 5, 3 * d + 1);
             let (q, k, v) = (
-                fill(rows * stride, 3 * n as u64),
-                fill(rows * stride, 3 * n as u64 + 1),
-                fill(rows * stride, 3 * n as u64 + 2),
+                fill(q_len * q_stride, 3 * n as u64),
+                fill(k_len * kv_stride, 3 * n as u64 + 1),
+                fill(k_len * kv_stride, 3 * n as u64 + 2),
             );
-            let h = head(&q, &k, &v, stride, (q_len, k_len, d));
+            let h = head(&q, &k, &v, (q_stride, kv_stride), (q_len, k_len, d));
             // Drop every third probability of each row (as dropout would), scaling the rest.
             let (ctx, seen) = run(h, |i, row| {
                 row.iter_mut().enumerate().filter(|(j, _)| (i + j) % 3 == 0).for_each(|(_, p)| *p = 0.0);
@@ -397,10 +397,11 @@ mod tests {
     fn a_rows_result_does_not_depend_on_its_block() {
         let (stride, d, k_len) = (64, 64, 45);
         let (q, k, v) = (fill(20 * stride, 7), fill(k_len * stride, 8), fill(k_len * stride, 9));
-        let (all, _) = run(head(&q, &k, &v, stride, (20, k_len, d)), |_, _| {});
-        let (shifted, _) = run(head(&q[3 * stride..], &k, &v, stride, (17, k_len, d)), |_, _| {});
+        let strides = (stride, stride);
+        let (all, _) = run(head(&q, &k, &v, strides, (20, k_len, d)), |_, _| {});
+        let (shifted, _) = run(head(&q[3 * stride..], &k, &v, strides, (17, k_len, d)), |_, _| {});
         assert_eq!(&all[3 * d..], &shifted[..]);
-        let (alone, _) = run(head(&q[11 * stride..], &k, &v, stride, (1, k_len, d)), |_, _| {});
+        let (alone, _) = run(head(&q[11 * stride..], &k, &v, strides, (1, k_len, d)), |_, _| {});
         assert_eq!(&all[11 * d..12 * d], &alone[..]);
     }
 
@@ -413,8 +414,9 @@ mod tests {
         for &(q_len, k_len, d) in &[(13, 70, 64), (9, 33, 24), (1, 5, 32)] {
             let stride = d + 3;
             let rows = q_len.max(k_len);
-            let (q, k, v) = (fill(rows * stride, 1), fill(rows * stride, 2), fill(rows * stride, 3));
-            let h = head(&q, &k, &v, stride, (q_len, k_len, d));
+            let (q, k, v) =
+                (fill(rows * stride, 1), fill(rows * (stride + d), 2), fill(rows * (stride + d), 3));
+            let h = head(&q, &k, &v, (stride, stride + d), (q_len, k_len, d));
             let build = |f: HeadFn| {
                 let mut ctx = vec![0.0f32; q_len * d];
                 unsafe { f(h, ctx.as_mut_ptr(), d, &mut Scratch::default(), &mut |_, _| {}) };

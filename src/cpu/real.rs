@@ -242,14 +242,16 @@ mod sys_erf {
 }
 
 /// One sequence and head of attention's inputs: the head's columns of the query rows and of the
-/// key/value rows, each row `stride` elements after the previous one (the hidden size, heads side
-/// by side): `q[i·stride + c]` for i < q_len, c < d.
+/// key/value rows, rows `q_stride` (`kv_stride`) elements apart — the hidden size with the heads
+/// side by side, or more where Q, K and V came out of one product side by side:
+/// `q[i·q_stride + c]`, `k[j·kv_stride + c]` for i < q_len, j < k_len, c < d.
 #[derive(Clone, Copy)]
 pub struct Head<'a, F> {
     pub q: &'a [F],
     pub k: &'a [F],
     pub v: &'a [F],
-    pub stride: usize,
+    pub q_stride: usize,
+    pub kv_stride: usize,
     pub q_len: usize,
     pub k_len: usize,
     pub d: usize,
@@ -269,15 +271,15 @@ pub unsafe fn attention_head_by_gemm<F: Real>(
     scores: &mut Vec<F>,
     each_block: &mut dyn FnMut(usize, &mut [F]),
 ) {
-    let Head { q, k, v, stride, q_len, k_len, d, scale } = head;
+    let Head { q, k, v, q_stride, kv_stride, q_len, k_len, d, scale } = head;
     // Sized only: the product overwrites every element (beta 0).
     scores.resize(q_len * k_len, F::zero());
-    let qm = Mat { data: q, rows: q_len, cols: d, rs: stride, cs: 1 };
-    let kt = Mat { data: k, rows: d, cols: k_len, rs: 1, cs: stride };
+    let qm = Mat { data: q, rows: q_len, cols: d, rs: q_stride, cs: 1 };
+    let kt = Mat { data: k, rows: d, cols: k_len, rs: 1, cs: kv_stride };
     gemm(scale, qm, kt, F::zero(), scores, k_len);
     scores.chunks_exact_mut(k_len).for_each(F::softmax_row);
     each_block(0, scores);
-    let vm = Mat { data: v, rows: k_len, cols: d, rs: stride, cs: 1 };
+    let vm = Mat { data: v, rows: k_len, cols: d, rs: kv_stride, cs: 1 };
     unsafe { gemm_serial_raw(F::one(), Mat::rm(scores, q_len, k_len), vm, F::zero(), ctx, ldc) };
 }
 

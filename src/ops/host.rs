@@ -93,7 +93,8 @@ fn trial_attention(
     let (queries, keys) = attention_rows(layout, cls, h, t);
     let mut probs = vec![0.0f32; prob_count(seqs, layout.heads)];
     let (q, k, v) = (&q[queries], &k[keys.clone()], &v[keys]);
-    bert::attention_forward(q, k, v, seqs, layout.heads, h, Some(&mut probs), ctx, dropout);
+    let qkv = bert::Qkv::separate(q, k, v, h);
+    bert::attention_forward(qkv, seqs, layout.heads, h, Some(&mut probs), ctx, dropout);
     probs
 }
 
@@ -377,18 +378,18 @@ impl ArrayOps for HostOps {
             // Recompute the probabilities, as the GPU does from lse.
             let mut scratch = vec![0.0f32; queries.len()];
             let probs = trial_attention(layout, cls, h, t, (q, k, v), &mut scratch, None);
+            let qkv = bert::Qkv::separate(&q[queries.clone()], &k[keys.clone()], &v[keys.clone()], h);
+            let grads =
+                bert::QkvGrads::separate(&mut dq[queries.clone()], &mut dk[keys.clone()], &mut dv[keys], h);
+            let (seqs, dctx) = (blocks(layout, t, cls), &dctx[queries]);
             bert::attention_backward(
-                &q[queries.clone()],
-                &k[keys.clone()],
-                &v[keys.clone()],
+                qkv,
                 &probs,
-                &dctx[queries.clone()],
-                blocks(layout, t, cls),
+                dctx,
+                seqs,
                 layout.heads,
                 h,
-                &mut dq[queries],
-                &mut dk[keys.clone()],
-                &mut dv[keys],
+                grads,
                 attn_dropout(layout, t, site),
             );
         }
