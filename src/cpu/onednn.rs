@@ -579,10 +579,19 @@ fn convert<T: Operand>(mat: Mat<f32>, rows_padded: usize, cols_padded: usize) ->
     } else {
         return None;
     };
-    let mut data = T::pool().lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
-    data.resize(lines * line_len, T::default());
+    // The pool's longest buffer, grown where too short but never shrunk: after the first few
+    // products every buffer fits, and none is zero-filled again before being overwritten.
+    let mut data = {
+        let mut pool = T::pool().lock().unwrap_or_else(|e| e.into_inner());
+        let longest = (0..pool.len()).max_by_key(|&i| pool[i].len());
+        longest.map(|i| pool.swap_remove(i)).unwrap_or_default()
+    };
+    let len = lines * line_len;
+    if data.len() < len {
+        data.resize(len, T::default());
+    }
     let src = mat.data;
-    data.par_chunks_mut(line_len * 16).enumerate().for_each(|(chunk, out)| {
+    data[..len].par_chunks_mut(line_len * 16).enumerate().for_each(|(chunk, out)| {
         for (i, line) in out.chunks_mut(line_len).enumerate() {
             let l = chunk * 16 + i;
             let (values, padding) = line.split_at_mut(if l < valid_lines { valid_len } else { 0 });
@@ -679,8 +688,11 @@ impl OneDnn {
                         return self.run_block(shape(ldc), a_block, b_block, c_block);
                     }
                     // The padded rows have nowhere to go in C: compute the block into scratch.
-                    scratch.clear();
-                    scratch.resize(rows_padded * cols, 0.0);
+                    // Only grown: the product overwrites it (beta 0) or its rows are copied in
+                    // (accumulate); the padded rows' values are never read back.
+                    if scratch.len() < rows_padded * cols {
+                        scratch.resize(rows_padded * cols, 0.0);
+                    }
                     if accumulate {
                         for i in 0..rows {
                             std::ptr::copy_nonoverlapping(
