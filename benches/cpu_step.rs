@@ -242,6 +242,11 @@ fn bench_ops(c: &mut Criterion) {
             })
         });
     }
+    // Dropout's mask (Philox per 4 elements) on one MiniLM layer's attention probabilities.
+    let mut probs = fill(16 * 12 * 128 * 128, 12);
+    let rng = DropoutRng { seed: 42, stream: 0, step: 1 };
+    g.throughput(Throughput::Elements(probs.len() as u64));
+    g.bench_function(format!("dropout_{}", probs.len()), |bch| bch.iter(|| rng.apply(0.1, 4, 0, &mut probs)));
     // The optimizer step over every parameter (clipping's norm, then AdamW), at all-MiniLM-L6-v2's
     // 22.7 M parameters: memory-bound where vectorized.
     let n = 22_713_216;
