@@ -274,12 +274,20 @@ pub fn linear_new<F: Real>(x: &[F], w: &[F], b: &[F], n: usize, k: usize, m: usi
     y
 }
 
-/// Appends y = x·Wᵀ + b (n rows of m) to `out`. y is never zero-filled: its rows start as copies
-/// of the bias and the product is added onto them (no separate bias pass).
+/// Appends y = x·Wᵀ + b (n rows of m) to `out`. y is never zero-filled: oneDNN adds the bias in
+/// its product where it takes it; elsewhere y's rows start as copies of the bias and the product
+/// is added onto them (no separate bias pass either way).
 pub fn linear_append<F: Real>(out: &mut Vec<F>, x: &[F], w: &[F], b: &[F], n: usize, k: usize, m: usize) {
     let first = out.len();
     out.reserve(n * m);
-    out.spare_capacity_mut()[..n * m].par_chunks_mut(m * ROW_BLOCK).for_each(|rows| {
+    let (a, wt) = (Mat::rm(x, n, k), Mat::rm_t(w, m, k));
+    let fresh = &mut out.spare_capacity_mut()[..n * m];
+    if F::linear_onednn(a, wt, b, fresh, m) {
+        // SAFETY: oneDNN wrote every one of the n·m elements past the old length.
+        unsafe { out.set_len(first + n * m) };
+        return;
+    }
+    fresh.par_chunks_mut(m * ROW_BLOCK).for_each(|rows| {
         for row in rows.chunks_mut(m) {
             row.iter_mut().zip(b).for_each(|(y, b)| {
                 y.write(*b);
@@ -288,7 +296,7 @@ pub fn linear_append<F: Real>(out: &mut Vec<F>, x: &[F], w: &[F], b: &[F], n: us
     });
     // SAFETY: every one of the n·m elements past the old length was written just above.
     unsafe { out.set_len(first + n * m) };
-    linear_gemm(Mat::rm(x, n, k), Mat::rm_t(w, m, k), F::one(), &mut out[first..], m);
+    linear_gemm(a, wt, F::one(), &mut out[first..], m);
 }
 
 /// The weights and biases of linears that read the same rows, stacked into one linear's

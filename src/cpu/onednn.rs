@@ -67,11 +67,14 @@ const QUERY_IMPL_INFO_STR: c_int = 8;
 const ARG_SRC: c_int = 1;
 const ARG_DST: c_int = 17;
 const ARG_WEIGHTS: c_int = 33;
+const ARG_BIAS: c_int = 41;
 const ARG_SCRATCHPAD: c_int = 80;
 const SCRATCHPAD_MODE_USER: c_int = 1;
 const QUERY_SCRATCHPAD_MD: c_int = 136;
-/// `dnnl_query_src_md`, `dnnl_query_weights_md`, `dnnl_query_dst_md`: A, B and C.
+/// `dnnl_query_src_md`, `dnnl_query_weights_md`, `dnnl_query_dst_md`: A, B and C (and the
+/// weights' second, the bias).
 const QUERY_OPERAND_MDS: [c_int; 3] = [129, 131, 133];
+const QUERY_WEIGHTS_MD: c_int = 131;
 /// `dnnl_cpu_isa_avx512_core_bf16` and `dnnl_cpu_isa_avx512_core_amx`: bit masks, each ISA's
 /// value containing those of the ones below it.
 const ISA_BF16: u32 = 0xe7;
@@ -144,6 +147,8 @@ struct BlockShape {
     b_strides: [i64; 2],
     c_row_stride: i64,
     accumulate: bool,
+    /// Whether an f32 bias row is added to every row of C (in place of accumulating).
+    bias: bool,
 }
 
 /// A compiled kernel, with the scratch memory it needs: its own per execution (scratchpad mode
@@ -154,8 +159,8 @@ struct Primitive {
     handle: Handle,
     /// The primitive descriptor, kept alive: the memory descriptors below point into it.
     _pd: Handle,
-    /// A's, B's and C's layouts, as `BlockShape` gave them.
-    operand_mds: [*const c_void; 3],
+    /// A's, B's and C's layouts, as `BlockShape` gave them, and the bias's (null without one).
+    operand_mds: [*const c_void; 4],
     scratch_md: *const c_void,
     scratch_bytes: usize,
 }
@@ -319,6 +324,7 @@ impl OneDnn {
         }
         let api = &self.api;
         let (mut a, mut b, mut c, mut op) = (Desc::boxed(), Desc::boxed(), Desc::boxed(), Desc::boxed());
+        let mut bias = Desc::boxed();
         // SAFETY: oneDNN 2.x C calls on descriptors large enough for what they write; every
         // object created here is destroyed here, except the primitive and its descriptor, which
         // are kept for good.
@@ -332,10 +338,15 @@ impl OneDnn {
             check(init(a.ptr(), 2, a_dims.as_ptr(), data, a_strides.as_ptr()), "memory_desc_init (A)")?;
             check(init(b.ptr(), 2, b_dims.as_ptr(), data, b_strides.as_ptr()), "memory_desc_init (B)")?;
             check(init(c.ptr(), 2, c_dims.as_ptr(), DATA_F32, c_strides.as_ptr()), "memory_desc_init (C)")?;
-            check(
-                (api.matmul_desc_init)(op.ptr(), a.ptr(), b.ptr(), std::ptr::null(), c.ptr()),
-                "matmul_desc_init",
-            )?;
+            let bias_md = if shape.bias {
+                let (bias_dims, bias_strides) = (dims(1, shape.n), dims(shape.n, 1));
+                let made = init(bias.ptr(), 2, bias_dims.as_ptr(), DATA_F32, bias_strides.as_ptr());
+                check(made, "memory_desc_init (bias)")?;
+                bias.ptr().cast_const()
+            } else {
+                std::ptr::null()
+            };
+            check((api.matmul_desc_init)(op.ptr(), a.ptr(), b.ptr(), bias_md, c.ptr()), "matmul_desc_init")?;
             let mut attr = std::ptr::null_mut();
             check((api.primitive_attr_create)(&mut attr), "primitive_attr_create")?;
             let user_scratch = (api.primitive_attr_set_scratchpad_mode)(attr, SCRATCHPAD_MODE_USER);
@@ -375,7 +386,13 @@ impl OneDnn {
                 (api.primitive_desc_destroy)(pd);
                 check(made, "matmul primitive_create")?;
             }
-            let operand_mds = QUERY_OPERAND_MDS.map(|what| (api.primitive_desc_query_md)(pd, what, 0));
+            let [a_md, b_md, c_md] = QUERY_OPERAND_MDS.map(|what| (api.primitive_desc_query_md)(pd, what, 0));
+            let bias_md = if shape.bias {
+                (api.primitive_desc_query_md)(pd, QUERY_WEIGHTS_MD, 1)
+            } else {
+                std::ptr::null()
+            };
+            let operand_mds = [a_md, b_md, c_md, bias_md];
             let scratch_md = (api.primitive_desc_query_md)(pd, QUERY_SCRATCHPAD_MD, 0);
             let scratch_bytes = if scratch_md.is_null() { 0 } else { (api.memory_desc_get_size)(scratch_md) };
             let primitive = Primitive { handle, _pd: pd, operand_mds, scratch_md, scratch_bytes };
@@ -403,16 +420,18 @@ impl OneDnn {
         Ok(stream)
     }
 
-    /// C (its row stride `shape.c_row_stride`) = A·B (+ C when `shape.accumulate`) for one block.
+    /// C (its row stride `shape.c_row_stride`) = A·B (+ C when `shape.accumulate`, + the bias
+    /// row when `shape.bias`) for one block.
     ///
     /// # Safety
-    /// `a`, `b` and `c` must address every element `shape` and its strides describe.
+    /// `a`, `b`, `c` and `bias` must address every element `shape` and its strides describe.
     unsafe fn run_block(
         &self,
         shape: BlockShape,
         a: *const c_void,
         b: *const c_void,
         c: *mut f32,
+        bias: *const f32,
     ) -> std::result::Result<(), String> {
         let primitive = self.primitive(shape)?;
         let stream = self.stream()?;
@@ -427,14 +446,15 @@ impl OneDnn {
                 self.execute(
                     primitive,
                     stream,
-                    [a.cast_mut().cast(), b.cast_mut().cast(), c.cast()],
+                    [a.cast_mut().cast(), b.cast_mut().cast(), c.cast(), bias.cast_mut().cast()],
                     scratch.as_mut_ptr().cast(),
                 )
             }
         })
     }
 
-    /// Runs `primitive` on the three buffers (A, B, C, laid out as it was compiled for) and `scratch`.
+    /// Runs `primitive` on its buffers (A, B, C and the bias where it has one, laid out as it was
+    /// compiled for) and `scratch`.
     ///
     /// # Safety
     /// As [`Self::run_block`]; `scratch` holds `primitive.scratch_bytes`.
@@ -442,28 +462,28 @@ impl OneDnn {
         &self,
         primitive: Primitive,
         stream: Handle,
-        buffers: [*mut c_void; 3],
+        buffers: [*mut c_void; 4],
         scratch: *mut c_void,
     ) -> std::result::Result<(), String> {
         let api = &self.api;
-        let mut memories = [std::ptr::null_mut(); 4];
+        let mut memories = [std::ptr::null_mut(); 5];
         // SAFETY: as `primitive`; the memories wrap the caller's buffers without copying and are
         // destroyed before returning, after the stream has finished with them.
         unsafe {
             let mut status = SUCCESS;
-            for ((md, buffer), memory) in primitive.operand_mds.into_iter().zip(buffers).zip(&mut memories) {
-                if status == SUCCESS {
+            let mut args = Vec::with_capacity(5);
+            let operands = primitive.operand_mds.into_iter().zip(buffers).zip(&mut memories);
+            for (arg, ((md, buffer), memory)) in
+                [ARG_SRC, ARG_WEIGHTS, ARG_DST, ARG_BIAS].into_iter().zip(operands)
+            {
+                if status == SUCCESS && !md.is_null() {
                     status = (api.memory_create)(memory, md, self.engine, buffer);
+                    args.push(ExecArg { arg, memory: *memory });
                 }
             }
-            let mut args = vec![
-                ExecArg { arg: ARG_SRC, memory: memories[0] },
-                ExecArg { arg: ARG_WEIGHTS, memory: memories[1] },
-                ExecArg { arg: ARG_DST, memory: memories[2] },
-            ];
             if status == SUCCESS && primitive.scratch_bytes > 0 {
-                status = (api.memory_create)(&mut memories[3], primitive.scratch_md, self.engine, scratch);
-                args.push(ExecArg { arg: ARG_SCRATCHPAD, memory: memories[3] });
+                status = (api.memory_create)(&mut memories[4], primitive.scratch_md, self.engine, scratch);
+                args.push(ExecArg { arg: ARG_SCRATCHPAD, memory: memories[4] });
             }
             if status == SUCCESS {
                 status =
@@ -622,6 +642,27 @@ pub(crate) fn gemm_f32(a: Mat<f32>, b: Mat<f32>, accumulate: bool, c: &mut [f32]
     a.cs == 1 && loaded().is_ok_and(|lib| lib.gemm::<f32>(a, b, accumulate, c, ldc))
 }
 
+/// C (m×n, row stride `ldc`, its elements possibly uninitialized) = A·B + bias (one row, added
+/// to every row) in one oneDNN product per block — a linear layer's forward with no separate
+/// pass writing the bias first — in bf16 when `--precision bf16` is on, else in fp32 where
+/// `HPO_GPU_GEMM` chose oneDNN. `false` when nothing was done (C untouched).
+pub(crate) fn linear_with_bias(
+    a: Mat<f32>,
+    b: Mat<f32>,
+    bias: &[f32],
+    c: &mut [std::mem::MaybeUninit<f32>],
+    ldc: usize,
+) -> bool {
+    assert!(bias.len() >= b.cols, "linear: bias shorter than the output row");
+    let (out, len) = (c.as_mut_ptr().cast::<f32>(), c.len());
+    if let Some(lib) = active() {
+        return lib.gemm_into::<u16>(a, b, Some(bias), false, out, len, ldc);
+    }
+    a.cs == 1
+        && super::blas::onednn_chosen()
+        && loaded().is_ok_and(|lib| lib.gemm_into::<f32>(a, b, Some(bias), false, out, len, ldc))
+}
+
 impl OneDnn {
     /// C = A·B (+ C when `accumulate`) with operands in `T`, whatever the process's settings.
     fn gemm<T: Operand>(
@@ -632,11 +673,30 @@ impl OneDnn {
         c: &mut [f32],
         ldc: usize,
     ) -> bool {
+        self.gemm_into::<T>(a, b, None, accumulate, c.as_mut_ptr(), c.len(), ldc)
+    }
+
+    /// [`Self::gemm`] into `c_len` values at `c`, plus the `bias` row where given (then
+    /// `accumulate` is false and C's old values, possibly uninitialized, are never read).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_into<T: Operand>(
+        &self,
+        a: Mat<f32>,
+        b: Mat<f32>,
+        bias: Option<&[f32]>,
+        accumulate: bool,
+        c: *mut f32,
+        c_len: usize,
+        ldc: usize,
+    ) -> bool {
         let (m, k, n) = (a.rows, a.cols, b.cols);
         if m == 0 || n == 0 || k == 0 || k != b.rows {
             return false;
         }
-        assert!(c.len() >= (m - 1) * ldc + n, "gemm: output too small");
+        assert!(c_len >= (m - 1) * ldc + n, "gemm: output too small");
+        assert!(!(accumulate && bias.is_some()), "gemm: a bias or accumulating, not both");
+        assert!(bias.is_none_or(|b| b.len() >= n), "gemm: bias shorter than the output row");
+        let bias = bias.map(|b| SendPtr(b.as_ptr().cast_mut()));
         let (mp, kp) = (m.next_multiple_of(32), padded_inner(k));
         // A in place (f32, unpadded inner dimension) has no rows past `m`: its last row block
         // is padded on its own below. A copy is padded to `mp` rows.
@@ -659,7 +719,7 @@ impl OneDnn {
         };
         let blocks: Vec<(usize, usize)> =
             (0..m.div_ceil(bm)).flat_map(|r| (0..n.div_ceil(bn)).map(move |c| (r * bm, c * bn))).collect();
-        let out = SendPtr(c.as_mut_ptr());
+        let out = SendPtr(c);
         let failed =
             blocks.into_par_iter().try_for_each_init(Vec::new, |scratch: &mut Vec<f32>, (r0, c0)| {
                 let (rows, cols) = ((m - r0).min(bm), (n - c0).min(bn));
@@ -677,6 +737,7 @@ impl OneDnn {
                     b_strides: b_src.strides().map(|s| s as i64),
                     c_row_stride: c_row_stride as i64,
                     accumulate,
+                    bias: bias.is_some(),
                 };
                 // SAFETY: the block's elements of A and B lie inside them (rows padded to `mp`,
                 // inner dimension to `kp`, where padded), and its C elements belong to this block
@@ -684,8 +745,9 @@ impl OneDnn {
                 unsafe {
                     let b_block = b_src.at(0, c0);
                     let c_block = out.get().add(r0 * ldc + c0);
+                    let bias_block = bias.map_or(std::ptr::null(), |b| b.get().add(c0).cast_const());
                     if rows_padded == rows {
-                        return self.run_block(shape(ldc), a_block, b_block, c_block);
+                        return self.run_block(shape(ldc), a_block, b_block, c_block, bias_block);
                     }
                     // The padded rows have nowhere to go in C: compute the block into scratch.
                     // Only grown: the product overwrites it (beta 0) or its rows are copied in
@@ -702,7 +764,7 @@ impl OneDnn {
                             );
                         }
                     }
-                    self.run_block(shape(cols), a_block, b_block, scratch.as_mut_ptr())?;
+                    self.run_block(shape(cols), a_block, b_block, scratch.as_mut_ptr(), bias_block)?;
                     for i in 0..rows {
                         std::ptr::copy_nonoverlapping(
                             scratch.as_ptr().add(i * cols),
@@ -903,6 +965,44 @@ mod tests {
     /// What keeps a trial in a trial array bit-identical to the same trial alone, and a review's
     /// prediction independent of the batch it is in: a row's product is the same bits wherever
     /// the row falls in A (another block, another place in a block, the padded last block).
+    #[test]
+    fn a_bias_added_in_the_product_gives_the_bias_first_results() {
+        fn check<T: Operand>(lib: &OneDnn, what: &str, exact: bool) {
+            for (m, k, n) in [(300, 384, 1152), (45, 128, 128), (64, 1536, 384)] {
+                let (a, w, bias) = (random(m * k, k as u64), random(n * k, n as u64), random(n, 7));
+                let (a_view, w_view) = (Mat::rm(&a, m, k), Mat::rm_t(&w, n, k));
+                // Rows start as the bias, the product accumulated onto them.
+                let mut want: Vec<f32> = (0..m).flat_map(|_| bias.iter().copied()).collect();
+                assert!(lib.gemm::<T>(a_view, w_view, true, &mut want, n));
+                let mut got = vec![std::mem::MaybeUninit::new(f32::NAN); m * n];
+                let (out, len) = (got.as_mut_ptr().cast::<f32>(), got.len());
+                assert!(lib.gemm_into::<T>(a_view, w_view, Some(&bias), false, out, len, n));
+                let got: Vec<f32> = got.iter().map(|x| unsafe { x.assume_init() }).collect();
+                if exact {
+                    assert!(
+                        got == want,
+                        "{what} {m}x{k}x{n}: the bias in the product differs from bias first"
+                    );
+                }
+                // bf16's AMX kernels add the bias at another point of their fp32 sums: rounding
+                // differs by the sums' order (bounded by the terms' magnitudes), nothing more —
+                // a bias rounded to bf16 would be off by |bias|/512.
+                for (e, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let (i, j) = (e / n, e % n);
+                    let magnitude: f32 = (0..k).map(|p| (a[i * k + p] * w_view.data[j * k + p]).abs()).sum();
+                    let tolerance = 1e-6 * (magnitude + bias[j].abs()) + 1e-7;
+                    assert!((g - w).abs() <= tolerance, "{what} {m}x{k}x{n}: {g} vs {w}");
+                }
+            }
+        }
+        if let Some(lib) = onednn_f32_for_test() {
+            check::<f32>(lib, "f32", true);
+        }
+        if let Some(lib) = onednn_for_test() {
+            check::<u16>(lib, "bf16", false);
+        }
+    }
+
     #[test]
     fn f32_products_of_a_row_do_not_depend_on_where_it_falls() {
         let Some(lib) = onednn_f32_for_test() else { return };

@@ -61,6 +61,18 @@ pub trait Real:
     fn gemm_onednn(_a: Mat<Self>, _b: Mat<Self>, _accumulate: bool, _c: &mut [Self], _ldc: usize) -> bool {
         false
     }
+    /// C (its elements possibly uninitialized) = A·B + the bias row by oneDNN, the bias added in
+    /// its product, where [`Real::gemm_onednn`] would take the product; `false` (C untouched)
+    /// elsewhere.
+    fn linear_onednn(
+        _a: Mat<Self>,
+        _b: Mat<Self>,
+        _bias: &[Self],
+        _c: &mut [std::mem::MaybeUninit<Self>],
+        _ldc: usize,
+    ) -> bool {
+        false
+    }
     /// y = GELU(x) elementwise (exact, erf-based, as BERT's "gelu").
     fn gelu_slice(x: &[Self], y: &mut [Self]) {
         y.iter_mut().zip(x).for_each(|(y, x)| *y = gelu(*x));
@@ -133,6 +145,15 @@ impl Real for f32 {
     fn gemm_onednn(a: Mat<f32>, b: Mat<f32>, accumulate: bool, c: &mut [f32], ldc: usize) -> bool {
         onednn::gemm_bf16(a, b, accumulate, c, ldc)
             || (blas::onednn_chosen() && onednn::gemm_f32(a, b, accumulate, c, ldc))
+    }
+    fn linear_onednn(
+        a: Mat<f32>,
+        b: Mat<f32>,
+        bias: &[f32],
+        c: &mut [std::mem::MaybeUninit<f32>],
+        ldc: usize,
+    ) -> bool {
+        onednn::linear_with_bias(a, b, bias, c, ldc)
     }
     fn gelu_slice(x: &[f32], y: &mut [f32]) {
         vmath::gelu(x, y)
