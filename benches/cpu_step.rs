@@ -16,6 +16,7 @@ use hpo_gpu::cpu::onednn;
 use hpo_gpu::cpu::philox::DropoutRng;
 use hpo_gpu::cpu::real::{Head, Mat, attention_head_by_gemm, gemm, linear_gemm};
 use hpo_gpu::model::BertModel;
+use rayon::prelude::*;
 
 fn imdb_like_batch() -> Batch {
     let lens = [512usize, 180, 240, 512, 131, 300, 98, 512, 220, 160, 512, 75, 260, 190, 512, 200];
@@ -147,6 +148,43 @@ fn bench_gemm(c: &mut Criterion) {
         for precision in precisions().skip(1) {
             let id = BenchmarkId::new(format!("{name}_{m}x{k}x{n}"), format!("oneDNN{precision}"));
             g.bench_function(id, |bench| bench.iter(|| linear_gemm(a, b, 0.0, &mut out, n)));
+        }
+        onednn::disable_bf16();
+    }
+    use_gemm_library(GemmLibrary::MatrixMultiply).expect("always there");
+    g.finish();
+}
+
+/// A linear layer's forward through oneDNN, its bias added in the product (what the model runs)
+/// against rows that start as the bias with the product accumulated onto them (what it ran
+/// before), in f32 and in bf16, on MiniLM's and bert-tiny's forward shapes.
+fn bench_linear_bias(c: &mut Criterion) {
+    if use_gemm_library(GemmLibrary::OneDnn).is_err() {
+        eprintln!("cpu_linear_bias skipped: oneDNN (libdnnl.so.2) is not loaded");
+        return;
+    }
+    let mut g = c.benchmark_group("cpu_linear_bias");
+    g.sample_size(10)
+        .measurement_time(std::time::Duration::from_secs(2))
+        .warm_up_time(std::time::Duration::from_millis(300));
+    for (name, n, k, m) in [("minilm_ffn_up", 2048, 384, 1536), ("bert_tiny_qkv", 4096, 128, 384)] {
+        let x: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
+        let w: Vec<f32> = (0..m * k).map(|i| ((i * 104_729) % 1000) as f32 * 1e-3 - 0.5).collect();
+        let b: Vec<f32> = (0..m).map(|i| (i % 13) as f32 * 0.01).collect();
+        g.throughput(Throughput::Elements((2 * n * k * m) as u64));
+        for precision in precisions() {
+            let id = |how: &str| BenchmarkId::new(format!("{name}_{n}x{k}x{m}{precision}"), how);
+            g.bench_function(id("bias_in_product"), |bench| {
+                bench.iter(|| bert::linear_new(&x, &w, &b, n, k, m))
+            });
+            g.bench_function(id("bias_first"), |bench| {
+                bench.iter(|| {
+                    let mut y: Vec<f32> = Vec::with_capacity(n * m);
+                    y.par_extend((0..n).into_par_iter().flat_map_iter(|_| b.iter().copied()));
+                    linear_gemm(Mat::rm(&x, n, k), Mat::rm_t(&w, m, k), 1.0, &mut y, m);
+                    y
+                })
+            });
         }
         onednn::disable_bf16();
     }
@@ -313,5 +351,13 @@ fn bench_attention_head(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench, bench_minilm, bench_ops, bench_gemm, bench_attention_head);
+criterion_group!(
+    benches,
+    bench,
+    bench_minilm,
+    bench_ops,
+    bench_gemm,
+    bench_linear_bias,
+    bench_attention_head
+);
 criterion_main!(benches);
