@@ -764,17 +764,20 @@ pub fn attention_backward<F: Real>(
     zero_rows(next..gk.rows);
     let Qkv { q, k, v, q_stride, kv_stride } = qkv;
     let work: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|s| (0..heads).map(move |a| (s, a))).collect();
-    work.into_par_iter().for_each_init(Vec::new, |dp: &mut Vec<F>, (s, a)| {
+    // Per work group: the score gradients and, under dropout, the dropped-out probabilities —
+    // buffers reused from head to head instead of allocated per head.
+    let buffers = || (Vec::new(), Vec::new());
+    work.into_par_iter().for_each_init(buffers, |(dp, dropped): &mut (Vec<F>, Vec<F>), (s, a)| {
         let sq = seqs[s];
         let (lq, lk) = (sq.q_len, sq.k_len);
         let off = sq.p_offset + a * lq * lk;
         let p = &probs[off..off + lq * lk];
-        let mut pd;
         let pv: &[F] = match dropout {
             Some(d) if d.p > 0.0 => {
-                pd = p.to_vec();
-                d.rng.apply(d.p, d.site, d.first + off, &mut pd);
-                &pd
+                dropped.clear();
+                dropped.extend_from_slice(p);
+                d.rng.apply(d.p, d.site, d.first + off, dropped);
+                dropped
             }
             _ => p,
         };
